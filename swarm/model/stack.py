@@ -1,0 +1,120 @@
+"""A contiguous range of Mamba blocks (what a peer serves) and the client head (embeddings, norm_f, lm_head)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swarm.errors import ConfigError, UnknownTensor
+from swarm.kernels import Backend, backend_for
+from swarm.model.block import LayerState, MambaBlock, RMSNorm
+from swarm.model.config import MambaConfig
+
+
+def _load(module: nn.Module, tensors: Mapping[str, torch.Tensor], prefix: str, what: str) -> None:
+    """Copy `prefix + param_name` tensors into `module`, checking names and shapes with clear errors."""
+    for pname, param in module.named_parameters():
+        key = prefix + pname
+        if key not in tensors:
+            raise UnknownTensor(f"{what}: tensor {key!r} is missing from the model file")
+        src = tensors[key]
+        if tuple(src.shape) != tuple(param.shape):
+            raise ConfigError(f"{what}: tensor {key!r} has shape {tuple(src.shape)}, the config implies "
+                              f"{tuple(param.shape)}")
+        with torch.no_grad():
+            param.data = src.to(device=param.device).contiguous()
+
+
+
+
+class BlockStack(nn.Module):
+    """Blocks start..end-1 of a model. forward(hidden, states) runs T tokens through them all."""
+
+    def __init__(self, cfg: MambaConfig, start: int, end: int):
+        super().__init__()
+        cfg.check_blocks(start, end)
+        self.cfg, self.start, self.end = cfg, start, end
+        self.blocks = nn.ModuleList(MambaBlock(cfg) for _ in range(start, end))
+        self.kern: Backend | None = None
+
+    @classmethod
+    def from_tensors(cls, cfg: MambaConfig, start: int, end: int, tensors: Mapping[str, torch.Tensor],
+                     device: str | torch.device = "cpu", backend: str | None = None) -> "BlockStack":
+        """Build from canonical (HF) tensor names; weights keep the file's dtype unless already cast."""
+        with torch.device("meta"):
+            stack = cls(cfg, start, end)
+        stack.to_empty(device=device)
+        for j, block in enumerate(stack.blocks):
+            _load(block, tensors, f"backbone.layers.{start + j}.", f"block {start + j}")
+        stack.requires_grad_(False)
+        stack.set_backend(backend)
+        return stack
+
+    def set_backend(self, name: str | None) -> None:
+        from swarm.kernels import get_backend
+        dev = next(self.parameters()).device
+        self.kern = get_backend(name) if name else backend_for(dev)
+        for b in self.blocks:
+            b.mixer.prepare()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].mixer.in_proj.weight.dtype
+
+    def new_states(self, batch: int) -> list[LayerState]:
+        return [LayerState.zeros(self.cfg, batch, self.device) for _ in self.blocks]
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, states: list[LayerState]) -> torch.Tensor:
+        """hidden: (B, T, d_model) fp32 -> (B, T, d_model) fp32; each of `states` advances by T tokens."""
+        assert len(states) == len(self.blocks)
+        assert self.kern is not None
+        hidden = hidden.to(self.device, torch.float32)
+        for block, st in zip(self.blocks, states):
+            hidden = block(hidden, st, self.kern)
+        return hidden
+
+
+class Head(nn.Module):
+    """What the client holds: token embeddings, the final norm and the LM head (tied to the embeddings or not)."""
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @classmethod
+    def from_tensors(cls, cfg: MambaConfig, tensors: Mapping[str, torch.Tensor],
+                     device: str | torch.device = "cpu") -> "Head":
+        with torch.device("meta"):
+            head = cls(cfg)
+        head.to_empty(device=device)
+        _load(head.embeddings, tensors, "backbone.embeddings.", "head")
+        _load(head.norm_f, tensors, "backbone.norm_f.", "head")
+        if head.lm_head is not None:
+            _load(head.lm_head, tensors, "lm_head.", "head")
+        head.requires_grad_(False)
+        return head
+
+    @torch.inference_mode()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: (B, T) int64 -> hidden (B, T, d_model) fp32."""
+        return self.embeddings(ids.to(self.embeddings.weight.device)).float()
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (B, T, d_model) fp32 -> logits (B, T, vocab) fp32."""
+        w = self.norm_f.weight
+        from swarm.kernels.reference import rms_norm_ref
+        h = rms_norm_ref(hidden.to(w.device, w.dtype), w, self.norm_f.eps)
+        weight = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight).float()
