@@ -287,10 +287,13 @@ def _validate(meta: dict[str, Any], n: int, file_size: int | None, source: str) 
 
 
 def decode_tensor(info: TensorInfo, data: bytes | bytearray | memoryview, verify: bool = True) -> torch.Tensor:
-    """Turn a tensor's raw bytes into a torch tensor (canonical meaning: A_log, not GGUF's A), checking its sha256."""
+    """Turn a tensor's raw bytes into a torch tensor (canonical meaning: A_log, not GGUF's A), checking its sha256.
+
+    An empty `info.sha256` (safetensors has no checksums) skips the check.
+    """
     if len(data) != info.length:
         raise KnotFormatError(f"tensor {info.name!r}: got {len(data)} bytes, expected {info.length}")
-    if verify and sha256_hex(data) != info.sha256:
+    if verify and info.sha256 and sha256_hex(data) != info.sha256:
         raise ChecksumMismatch(f"tensor {info.name!r}: checksum mismatch (the file is corrupt or was changed)")
     dtype = info.torch_dtype
     if info.length == 0:
