@@ -1,0 +1,164 @@
+"""The numba CPU backend against the plain-torch reference kernels, and a BlockStack on it against one on the reference.
+
+Tolerances: fp32 inputs rtol 1e-5 / atol 1e-5 (outputs are O(1); the kernels differ from the reference only in
+summation order and a ~2e-7-accurate exp). bf16 inputs rtol/atol 2e-2 where the reference computes in bf16 (conv,
+norm): one bf16 rounding is 4e-3 relative and the two round in different places. The scan widens to fp32 in both,
+so its bf16 case keeps the fp32 tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swarm.kernels import cpu, reference
+from swarm.model import BlockStack, LayerState, MambaConfig
+
+FP32 = dict(rtol=1e-5, atol=1e-5)
+BF16 = dict(rtol=2e-2, atol=2e-2)
+
+# (batch, d_inner, tokens, d_state or d_conv): odd sizes, T=1 decode, serial and parallel paths (see cpu._SMALL)
+SHAPES = [(1, 7, 1, 4), (3, 33, 1, 4), (1, 65, 5, 3), (3, 130, 37, 4), (2, 300, 19, 16), (1, 1536, 1, 16)]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv1d_matches_reference(shape, with_bias, dtype):
+    b, i, t, k = shape
+    k = min(k, 4)
+    g = gen(hash((shape, with_bias)) % 2**31)
+    # x as the model passes it: a (B, I, T) transposed view of a (B, T, I) buffer
+    x = torch.randn(b, t, i, generator=g).to(dtype).transpose(1, 2)
+    state = torch.randn(b, i, k, generator=g)
+    w = torch.randn(i, k, generator=g) / k
+    bias = torch.randn(i, generator=g) if with_bias else None
+    st_ref, st_cpu = state.clone(), state.clone()
+    y_ref = reference.causal_conv1d_ref(x, st_ref, w, bias)
+    y_cpu = cpu.conv1d(x, st_cpu, w, bias)
+    assert y_cpu.shape == y_ref.shape and y_cpu.dtype == y_ref.dtype
+    tol = FP32 if dtype == torch.float32 else BF16
+    torch.testing.assert_close(y_cpu, y_ref, **tol)
+    torch.testing.assert_close(st_cpu, st_ref, **tol)
+
+
+def scan_inputs(shape, dtype, seed):
+    b, i, t, n = shape
+    g = gen(seed)
+    u = torch.randn(b, t, i, generator=g).to(dtype).transpose(1, 2)  # (B, I, T) views, as in the model
+    delta = (torch.randn(b, t, i, generator=g) * 2 - 1).to(dtype).transpose(1, 2)
+    delta[0, 0, :] = 25.0  # past softplus's threshold
+    z = torch.randn(b, t, i, generator=g).to(dtype).transpose(1, 2)
+    dbc = torch.randn(b, t, 3 + 2 * n, generator=g).to(dtype)
+    bm, cm = dbc[..., 3:3 + n], dbc[..., 3 + n:]  # strided slices, as split() gives them
+    A = -torch.exp(torch.randn(i, n, generator=g))
+    D = torch.randn(i, generator=g)
+    dt_bias = torch.randn(i, generator=g) * 0.5
+    state = torch.randn(b, i, n, generator=g)
+    return u, delta, A, bm, cm, D, z, dt_bias, state
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scan_matches_reference(shape, dtype):
+    *args, state = scan_inputs(shape, dtype, hash(shape) % 2**31)
+    st_ref, st_cpu = state.clone(), state.clone()
+    y_ref = reference.selective_scan_ref(*args, st_ref)
+    y_cpu = cpu.scan(*args, st_cpu)
+    assert y_cpu.shape == y_ref.shape and y_cpu.dtype == y_ref.dtype == torch.float32
+    torch.testing.assert_close(y_cpu, y_ref, **FP32)
+    torch.testing.assert_close(st_cpu, st_ref, **FP32)
+
+
+def test_scan_in_chunks_equals_one_pass():
+    """Decoding token by token from the state must give what one prefill pass gives."""
+    u, delta, A, bm, cm, D, z, dt_bias, state = scan_inputs((2, 40, 9, 16), torch.float32, 7)
+    st_one, st_steps = state.clone(), state.clone()
+    y_one = cpu.scan(u, delta, A, bm, cm, D, z, dt_bias, st_one)
+    ys = [cpu.scan(u[..., s:s + 1], delta[..., s:s + 1], A, bm[:, s:s + 1], cm[:, s:s + 1], D, z[..., s:s + 1],
+                   dt_bias, st_steps) for s in range(9)]
+    torch.testing.assert_close(torch.cat(ys, -1), y_one, rtol=0, atol=0)
+    torch.testing.assert_close(st_steps, st_one, rtol=0, atol=0)
+
+
+def test_scan_propagates_nan():
+    u, delta, A, bm, cm, D, z, dt_bias, state = scan_inputs((1, 8, 3, 4), torch.float32, 3)
+    delta[0, 2, 1] = float("nan")
+    y = cpu.scan(u, delta, A, bm, cm, D, z, dt_bias, state)
+    assert y[0, 2, 1:].isnan().all() and state[0, 2].isnan().all() and not y[0, 3].isnan().any()
+
+
+def test_noncontiguous_state_updated_in_place():
+    b, i, t, k = 2, 9, 3, 4
+    x = torch.randn(b, i, t)
+    big = torch.randn(b, i, 2 * k)
+    state = big[:, :, ::2]  # a strided view: the kernel must still write through to `big`
+    st_ref = state.clone()
+    y_ref = reference.causal_conv1d_ref(x, st_ref, torch.randn(i, k, generator=gen(1)), None)
+    y_cpu = cpu.conv1d(x, state, torch.randn(i, k, generator=gen(1)), None)
+    torch.testing.assert_close(y_cpu, y_ref, **FP32)
+    torch.testing.assert_close(big[:, :, ::2], st_ref, **FP32)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 768), (3, 37, 130), (2, 200, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_reference(shape, dtype):
+    g = gen(shape[1])
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    w = torch.randn(shape[-1], generator=g).to(dtype)
+    y_ref = reference.rms_norm_ref(x, w, 1e-5)
+    y_cpu = cpu.rms_norm(x, w, 1e-5)
+    assert y_cpu.shape == y_ref.shape and y_cpu.dtype == y_ref.dtype
+    torch.testing.assert_close(y_cpu, y_ref, **(FP32 if dtype == torch.float32 else BF16))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_linear_matches_torch(rows):
+    g = gen(rows)
+    x = torch.randn(rows, 1, 97, generator=g)
+    w = torch.randn(131, 97, generator=g) / 10
+    bias = torch.randn(131, generator=g)
+    torch.testing.assert_close(cpu.linear(x, w), F.linear(x, w), **FP32)
+    torch.testing.assert_close(cpu.linear(x, w, bias), F.linear(x, w, bias), **FP32)
+
+
+TINY = MambaConfig(vocab_size=64, hidden_size=48, state_size=8, num_layers=3, intermediate_size=96, conv_kernel=4,
+                   time_step_rank=3)
+
+
+def random_tensors(cfg: MambaConfig, seed: int) -> dict[str, torch.Tensor]:
+    """HF-named random weights for every block, scaled so activations stay O(1) through the stack."""
+    g = gen(seed)
+    proto = BlockStack(cfg, 0, cfg.num_layers)
+    out = {}
+    for name, p in proto.blocks.named_parameters():
+        j, rest = name.split(".", 1)
+        t = torch.randn(p.shape, generator=g)
+        if p.dim() == 2 or "conv1d.weight" in name:
+            t /= p.shape[-1] ** 0.5
+        if rest.endswith("A_log"):
+            t = torch.log(torch.rand(p.shape, generator=g) * 8 + 0.5)
+        out[f"backbone.layers.{j}.{rest}"] = t
+    return out
+
+
+def test_block_stack_cpu_matches_reference():
+    tensors = random_tensors(TINY, 0)
+    ref = BlockStack.from_tensors(TINY, 0, 3, tensors, backend="reference")
+    fast = BlockStack.from_tensors(TINY, 0, 3, tensors, backend="cpu")
+    s_ref, s_fast = ref.new_states(2), fast.new_states(2)
+    g = gen(1)
+    hidden = torch.randn(2, 11, TINY.hidden_size, generator=g)
+    torch.testing.assert_close(fast(hidden, s_fast), ref(hidden, s_ref), **FP32)  # prefill
+    for _ in range(5):  # decode
+        hidden = torch.randn(2, 1, TINY.hidden_size, generator=g)
+        torch.testing.assert_close(fast(hidden, s_fast), ref(hidden, s_ref), **FP32)
+    for a, b in zip(s_fast, s_ref):
+        torch.testing.assert_close(a.conv, b.conv, **FP32)
+        torch.testing.assert_close(a.ssm, b.ssm, **FP32)
+    assert isinstance(s_fast[0], LayerState)
