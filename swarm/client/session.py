@@ -1,0 +1,231 @@
+"""An inference session through a chain of peers: steps with deadlines, checkpoints, and O(K) failover."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from swarm import wire
+from swarm.client.failover import StepClock
+from swarm.client.generation import GenerationSession
+from swarm.client.routing import Hop
+from swarm.dht.records import PeerId
+from swarm.errors import NoRoute, PeerBusy, PeerUnavailable, ProtocolError, SwarmError
+
+if TYPE_CHECKING:
+    from swarm.client.swarm_client import SwarmClient
+
+log = logging.getLogger(__name__)
+_NET_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ProtocolError,
+               PeerUnavailable)
+
+
+@dataclass
+class SpanConn:
+    """One open inference stream: blocks start..end-1 on `peer`, and what is needed to rebuild it elsewhere."""
+
+    peer: PeerId
+    start: int
+    end: int
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    clock: StepClock
+    position: int = 0  # tokens in the peer's state
+    ckpt_position: int = 0  # the last checkpoint's position (0 with no states = the zero state)
+    ckpt_states: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    inputs: list[torch.Tensor] = field(default_factory=list)  # hidden inputs since the checkpoint, (1, T, D)
+    seq: int = 0
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:  # the stream may already be gone
+            pass
+
+
+class InferenceSession(GenerationSession):
+    """A session through the swarm. Sync API (generate/stream) over the client's event loop thread."""
+
+    def __init__(self, client: "SwarmClient", max_retries: int = 8):
+        super().__init__(client.head, client.tokenizer)
+        self.client = client
+        self.session_id = uuid.uuid4().hex
+        self.spans: list[SpanConn] = []
+        self.max_retries = max_retries
+        self.position = 0
+        self.stats: dict[str, Any] = {"recoveries": 0, "replayed_tokens": 0, "steps": 0, "banned": []}
+        self._culprit = PeerId("")  # the peer being talked to while (re)building a chain
+
+    # ---- public ---------------------------------------------------------------------------------------------
+
+    @property
+    def route(self) -> list[tuple[str, int, int]]:
+        return [(str(s.peer), s.start, s.end) for s in self.spans]
+
+    def close(self) -> None:
+        if self.spans:
+            self.client.run(self._close_all())
+
+    def __enter__(self) -> "InferenceSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- GenerationSession ----------------------------------------------------------------------------------
+
+    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.client.run(self._forward_async(hidden))
+
+    async def _forward_async(self, hidden: torch.Tensor) -> torch.Tensor:
+        n = self.client.num_layers
+        if not self.spans:
+            await self._build(0, n, [], 0, None)
+        block, h, tries = 0, hidden, 0
+        while block < n:
+            idx = next(i for i, s in enumerate(self.spans) if s.start == block)
+            span = self.spans[idx]
+            try:
+                h = await self._step(span, h)
+                block = span.end
+            except _NET_ERRORS as e:
+                tries += 1
+                if tries > self.max_retries:
+                    raise PeerUnavailable(f"gave up after {tries - 1} recoveries: {e}") from None
+                await self._recover(idx, e)
+        self.position += hidden.shape[1]
+        self.stats["steps"] += 1
+        return h
+
+    # ---- steps ----------------------------------------------------------------------------------------------
+
+    async def _step(self, span: SpanConn, hidden: torch.Tensor) -> torch.Tensor:
+        """Send one step; returns the span's output. Raises a _NET_ERRORS member on any failure."""
+        tokens = hidden.shape[1]
+        k = self.client.config.checkpoint_every
+        want_ckpt = tokens > 1 or span.position + tokens - span.ckpt_position >= k
+        span.seq += 1
+        ckpt_bytes = self.client.state_bytes(span.end - span.start) if want_ckpt else 0
+        timeout = span.clock.deadline(tokens, ckpt_bytes + hidden.numel() * 8)
+        t0 = time.perf_counter()
+        await wire.send(span.writer, wire.Step(span.seq, span.position, hidden, want_ckpt))
+        res = await asyncio.wait_for(_expect(span.reader, wire.StepResult), timeout=timeout)
+        if res.seq != span.seq or res.position != span.position + tokens:
+            raise ProtocolError(f"peer answered step {res.seq}@{res.position}, expected {span.seq}@"
+                                f"{span.position + tokens}")
+        if tuple(res.hidden.shape) != tuple(hidden.shape):
+            raise ProtocolError(f"peer returned hidden of shape {tuple(res.hidden.shape)}")
+        span.position = res.position
+        if want_ckpt:
+            remaining = max(0.5, timeout - (time.perf_counter() - t0))
+            ck = await asyncio.wait_for(_expect(span.reader, wire.Checkpoint), timeout=remaining)
+            if ck.position != span.position or len(ck.states) != span.end - span.start:
+                raise ProtocolError("peer sent a checkpoint for the wrong position or blocks")
+            span.ckpt_position, span.ckpt_states, span.inputs = ck.position, ck.states, []
+        else:
+            span.inputs.append(hidden)
+        span.clock.observe(time.perf_counter() - t0, tokens)
+        return res.hidden
+
+    # ---- routing and recovery -------------------------------------------------------------------------------
+
+    async def _open(self, hop: Hop) -> SpanConn:
+        from hivemind.p2p import PeerID
+        client = self.client
+        try:
+            _, reader, writer = await asyncio.wait_for(
+                client.p2p.call_binary_stream_handler(PeerID.from_base58(hop.peer), wire.INFERENCE_PROTOCOL),
+                timeout=client.config.connect_timeout)
+        except asyncio.TimeoutError:
+            raise PeerUnavailable(f"peer {hop.peer[:12]}: connect timed out") from None
+        except Exception as e:  # hivemind's dial errors are plain Exceptions
+            raise PeerUnavailable(f"peer {hop.peer[:12]}: cannot open a stream: {e}") from None
+        await wire.send(writer, wire.Open(self.session_id, hop.start, hop.end, 1))
+        await asyncio.wait_for(_expect(reader, wire.Opened), timeout=client.config.connect_timeout)
+        rec = client.view.servers.get(hop.peer)
+        expected = (hop.end - hop.start) / rec.throughput if rec and rec.throughput > 0 else 0.5
+        clock = StepClock(expected + client.rtt.get(hop.peer, 0.005), client.config.min_step_timeout)
+        return SpanConn(hop.peer, hop.start, hop.end, reader, writer, clock)
+
+    async def _build(self, start: int, end: int, inputs: list[torch.Tensor], ckpt_position: int,
+                     ckpt_states: list | None) -> list[SpanConn]:
+        """Open a chain for blocks start..end, restore the checkpoint and replay `inputs`; install it."""
+        for attempt in range(self.max_retries + 1):
+            hops = await self.client.route(start, end)
+            built: list[SpanConn] = []
+            try:
+                for hop in hops:
+                    self._culprit = hop.peer
+                    built.append(await self._open(hop))
+                await self._restore(built, start, inputs, ckpt_position, ckpt_states)
+            except _NET_ERRORS as e:
+                for s in built:
+                    s.close()
+                self.client.ban(self._culprit, e)
+                self.stats["banned"].append(str(self._culprit))
+                continue
+            self.spans = sorted([s for s in self.spans if s.end <= start or s.start >= end] + built,
+                                key=lambda s: s.start)
+            return built
+        raise PeerUnavailable(f"could not open a chain for blocks {start}:{end} after {self.max_retries + 1} "
+                              "attempts")
+
+    async def _restore(self, spans: list[SpanConn], start: int, inputs: list[torch.Tensor], ckpt_position: int,
+                       ckpt_states: list | None) -> None:
+        for s in spans:
+            self._culprit = s.peer
+            if ckpt_states is not None:
+                part = ckpt_states[s.start - start:s.end - start]
+                await wire.send(s.writer, wire.ImportState(ckpt_position, part))
+                ack = await asyncio.wait_for(_expect(s.reader, wire.Ack), timeout=self.client.config.connect_timeout
+                                             + self.client.state_bytes(s.end - s.start) / 20e6)
+                if ack.position != ckpt_position:
+                    raise ProtocolError("peer acknowledged the wrong position")
+                s.ckpt_states = part
+            s.position = s.ckpt_position = ckpt_position
+        if inputs:
+            h = torch.cat(inputs, dim=1)  # (1, T since checkpoint, D)
+            self.stats["replayed_tokens"] += h.shape[1]
+            for s in spans:
+                self._culprit = s.peer
+                h = await self._step(s, h)
+
+    async def _recover(self, idx: int, error: BaseException) -> None:
+        span = self.spans[idx]
+        self.client.ban(span.peer, error)
+        self.stats["recoveries"] += 1
+        self.stats["banned"].append(str(span.peer))
+        log.warning("peer %s (blocks %d:%d) failed: %s; re-routing, replaying %d token(s)", span.peer[:12],
+                    span.start, span.end, error, sum(x.shape[1] for x in span.inputs))
+        span.close()
+        await self.client.refresh_view()
+        await self._build(span.start, span.end, span.inputs, span.ckpt_position, span.ckpt_states)
+
+    async def _close_all(self) -> None:
+        for s in self.spans:
+            try:
+                await asyncio.wait_for(wire.send(s.writer, wire.Close()), timeout=1)
+            except Exception:  # best effort: the peer expires idle sessions anyway
+                pass
+            s.close()
+        self.spans = []
+
+
+async def _expect(reader: asyncio.StreamReader, kind: type) -> Any:
+    msg = await wire.recv(reader)
+    if isinstance(msg, wire.Error):
+        if msg.code == "busy":
+            raise PeerBusy(msg.message)
+        raise PeerUnavailable(f"peer error ({msg.code}): {msg.message}")
+    if not isinstance(msg, kind):
+        raise ProtocolError(f"expected {kind.TAG!r}, got {msg.TAG!r}")
+    return msg
+
+
+__all__ = ["InferenceSession", "NoRoute", "SwarmError"]

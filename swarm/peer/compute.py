@@ -1,0 +1,123 @@
+"""The peer's compute loop: one worker thread runs the blocks; decode steps of several sessions share a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from swarm.model import BlockStack, LayerState
+from swarm.peer.sessions import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    session: Session
+    hidden: torch.Tensor  # (batch, T, d_model) fp32
+    future: asyncio.Future
+
+
+def run_span(stack: BlockStack, start: int, end: int, hidden: torch.Tensor, states: list[LayerState]) -> torch.Tensor:
+    """Run blocks start..end-1 (absolute indices inside the stack's range). hidden: (B, T, D) fp32."""
+    lo = start - stack.start
+    if lo == 0 and end == stack.end:
+        return stack(hidden, states)
+    with torch.inference_mode():
+        hidden = hidden.to(stack.device, torch.float32)
+        for block, st in zip(stack.blocks[lo:end - stack.start], states):
+            hidden = block(hidden, st, stack.kern)
+    return hidden
+
+
+class Batcher:
+    """Queues steps; the worker thread takes every waiting decode step of the same span as one batch."""
+
+    def __init__(self, stack: BlockStack, max_batch: int, corrupt: float = 0.0):
+        self.stack, self.max_batch, self.corrupt = stack, max_batch, corrupt
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
+        self.batches = 0
+        self.batched_steps = 0
+
+    async def submit(self, session: Session, hidden: torch.Tensor) -> torch.Tensor:
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Job(session, hidden, fut))
+        return await fut
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            while not self.queue.empty() and len(jobs) < self.max_batch:
+                jobs.append(self.queue.get_nowait())
+            for group in self._groups(jobs):
+                try:
+                    outs = await loop.run_in_executor(self.pool, self._compute, group)
+                except Exception as e:  # a bad step fails its own sessions only
+                    log.warning("step failed for %d session(s): %s", len(group), e)
+                    for j in group:
+                        if not j.future.done():
+                            j.future.set_exception(e)
+                    continue
+                for j, out in zip(group, outs):
+                    if not j.future.done():
+                        j.future.set_result(out)
+
+    def _groups(self, jobs: list[_Job]) -> list[list[_Job]]:
+        """Decode steps (T == 1) over the same span batch together; anything else runs alone."""
+        groups: dict[tuple[int, int], list[_Job]] = {}
+        alone: list[list[_Job]] = []
+        for j in jobs:
+            if j.hidden.shape[1] == 1:
+                groups.setdefault((j.session.start, j.session.end), []).append(j)
+            else:
+                alone.append([j])
+        return list(groups.values()) + alone
+
+    def _compute(self, group: list[_Job]) -> list[torch.Tensor]:
+        s0 = group[0].session
+        if len(group) == 1:
+            out = run_span(self.stack, s0.start, s0.end, group[0].hidden, s0.states)
+            return [self._maybe_corrupt(out)]
+        # several sessions: concatenate their states along the batch, run once, scatter back
+        sizes = [j.session.batch for j in group]
+        hidden = torch.cat([j.hidden for j in group], dim=0)  # (sum B, 1, D)
+        states = [LayerState(torch.cat([j.session.states[i].conv for j in group]),
+                             torch.cat([j.session.states[i].ssm for j in group]))
+                  for i in range(len(s0.states))]
+        out = run_span(self.stack, s0.start, s0.end, hidden, states)
+        for i, st in enumerate(states):
+            for j, conv, ssm in zip(group, st.conv.split(sizes), st.ssm.split(sizes)):
+                j.session.states[i].conv.copy_(conv)
+                j.session.states[i].ssm.copy_(ssm)
+        self.batches += 1
+        self.batched_steps += len(group)
+        return [self._maybe_corrupt(o) for o in out.split(sizes)]
+
+    def _maybe_corrupt(self, out: torch.Tensor) -> torch.Tensor:
+        if self.corrupt:
+            out = out + self.corrupt * torch.randn_like(out)
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def measure_throughput(stack: BlockStack, steps: int = 5) -> float:
+    """Tokens per second through one block: decode steps of batch 1 over the whole stack."""
+    states = stack.new_states(1)
+    hidden = torch.zeros(1, 1, stack.cfg.hidden_size, device=stack.device)
+    stack(hidden, states)  # warm-up (kernel compile, allocator)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        stack(hidden, states)
+    if stack.device.type == "cuda":
+        torch.cuda.synchronize()
+    per_step = (time.perf_counter() - t0) / steps
+    return (stack.end - stack.start) / max(per_step, 1e-9)
