@@ -415,7 +415,13 @@ class ModelSource:
         self._files.append(self._new_file(loc))
         head = await self._head(0)
         if head[:4] != knot.MAGIC:
-            await self._open_safetensors([loc], head)
+            try:
+                await self._open_safetensors([loc], head)
+            except KnotFormatError:
+                if urllib.parse.urlparse(loc).path.endswith(".safetensors"):
+                    raise
+                raise KnotFormatError(f"{loc}: bad magic {head[:4]!r}, expected {knot.MAGIC!r} (not a KNOT file, "
+                                      "nor a safetensors file)") from None
             return
         hdr = knot.parse_header(head, self._files[0].size, loc)
         if bad := [n for n, i in hdr.tensors.items() if not re.fullmatch(r"[0-9a-f]{64}", i.sha256)]:
@@ -465,7 +471,8 @@ class ModelSource:
         elif len(head) >= 8:
             need = 8 + struct.unpack("<Q", head[:8])[0]
         else:
-            raise KnotFormatError(f"{f.location}: {len(head)} bytes is too short for a KNOT or safetensors file")
+            raise KnotFormatError(f"{f.location}: truncated: {len(head)} bytes is too short for a KNOT or "
+                                  "safetensors file")
         have = len(head)
         if have < need <= min(f.size if f.size is not None else need, knot.MAX_HEADER_LEN + 8):
             head += await self._retry(f.location, lambda: f.read(have, need))
