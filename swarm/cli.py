@@ -114,6 +114,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             if not a.json:
                 sys.stdout.write(tokenizer.decode([tok]) if tokenizer.available else f"{tok} ")
                 sys.stdout.flush()
+        final_route = session.route if route is not None else None
     finally:
         if route is not None:
             session.close()
@@ -124,7 +125,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         out = {"tokens": tokens, "text": tokenizer.decode(tokens) if tokenizer.available else None,
                "seconds": round(dt, 4), "tokens_per_s": round(rate, 2)}
         if route is not None:
-            out["route"] = [list(r) for r in session.route]
+            out["route"] = [list(r) for r in final_route]
             out["recoveries"] = session.stats.get("recoveries", 0)
             out["replayed_tokens"] = session.stats.get("replayed_tokens", 0)
         print(json.dumps(out))

@@ -69,7 +69,7 @@ class Proc:
         """SIGTERM (a clean OFFLINE announcement), then SIGKILL after `timeout`; also resumes a stopped one."""
         if self.popen.poll() is None:
             self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
+            self.popen.send_signal(signal.SIGTERM)  # the main process only: it shuts its DHT child down itself
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -109,6 +109,34 @@ def start_peer(model: str, blocks: str, initial_peers: list[str], name: str = "p
     if wait_online:
         p.wait_for(lambda line: line.startswith("ONLINE"), timeout, "coming ONLINE")
     return p
+
+
+def start_peers(model: str, ranges: dict[str, str], initial_peers: list[str], extra: list[str] | None = None,
+                timeout: float = 120.0) -> list[Proc]:
+    """Start several peers at once (name -> "A:B") and wait until every one is ONLINE."""
+    procs = [start_peer(model, blocks, initial_peers, name, extra, wait_online=False) for name, blocks in ranges.items()]
+    try:
+        for p in procs:
+            p.wait_for(lambda line: line.startswith("ONLINE"), timeout, "coming ONLINE")
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+    return procs
+
+
+def stop_all(procs: list[Proc], timeout: float = 10.0) -> None:
+    """Stop several processes at once: SIGTERM to each, then wait (each announces OFFLINE in parallel)."""
+    for p in procs:
+        if p.popen.poll() is None:
+            p.signal(signal.SIGCONT)
+            p.popen.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.stop(timeout)
+
+
+def peer_id_of(proc: Proc) -> str:
+    return proc.maddrs[0].rsplit("/", 1)[-1]
 
 
 class FileServer:

@@ -23,7 +23,9 @@ def make_hf_model(folder: str, name: str = "tied", seed: int = 0, **save_kw):
     torch.manual_seed(seed)
     model = transformers.MambaForCausalLM(transformers.MambaConfig(**CONFIGS[name])).eval()
     with torch.no_grad():  # make the SSM matter: larger dt and non-trivial D than the default init
-        for layer in model.backbone.layers:
+        for layer in model.backbone.layers:  # and let the blocks, not the residual embedding, drive the logits
+            layer.mixer.out_proj.weight.mul_(6)
+            layer.mixer.in_proj.weight.mul_(2)
             layer.mixer.D.uniform_(-1, 1)
             layer.norm.weight.uniform_(0.5, 1.5)
         model.backbone.norm_f.weight.uniform_(0.5, 1.5)

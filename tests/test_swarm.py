@@ -1,0 +1,148 @@
+"""The swarm end to end: a bootstrap node and peers as real `swarm` subprocesses on 127.0.0.1, served by HTTP Range."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import hf_greedy
+
+from swarm.client import ClientConfig, SwarmClient
+from swarm.errors import NoRoute
+from swarm.launch import FileServer, peer_id_of, start_bootstrap, start_peer, start_peers, stop_all
+
+pytestmark = pytest.mark.slow
+PROMPT = [4, 8, 15, 16, 23, 42]
+FAST = ["--update-period", "2"]  # records expire after 6 s
+
+
+@pytest.fixture(scope="module")
+def swarm_env(hf_models):
+    """A file server for the KNOTs and a bootstrap node; peers are started per test."""
+    folder = os.path.dirname(hf_models["noconvbias_rank"][2])
+    with FileServer(folder) as files:
+        boot = start_bootstrap()
+        try:
+            yield files, boot, hf_models["noconvbias_rank"]
+        finally:
+            boot.stop()
+
+
+@pytest.fixture
+def peers():
+    started = []
+    yield started
+    stop_all(started)
+
+
+def _client(boot, **kw):
+    return SwarmClient(initial_peers=boot.maddrs, config=ClientConfig(**kw))
+
+
+@pytest.mark.parametrize("split", [["0:5"], ["0:2", "2:5"], ["0:1", "1:3", "3:5"], ["0:2", "2:3", "3:4", "4:5"]])
+def test_greedy_through_peers_equals_transformers(swarm_env, peers, split):
+    files, boot, (model, _, knot) = swarm_env
+    url = files.url(os.path.basename(knot))
+    peers += start_peers(url, {f"p{i}": blocks for i, blocks in enumerate(split)}, boot.maddrs, FAST)
+    ref, ref_logits = hf_greedy(model, PROMPT, 10)
+    client = _client(boot)
+    try:
+        with client.session() as s:
+            s.keep_logits = True
+            first = s.generate(PROMPT, 4)
+            logits = list(s.last_logits)
+            rest = s.generate(None, 6)  # continues from the session's state
+            logits += s.last_logits
+            assert len(s.route) == len(split)
+        assert first + rest == ref
+        import torch
+        assert (torch.stack(logits) - ref_logits).abs().max().item() < 1e-4
+    finally:
+        client.close()
+
+
+def test_sigkill_mid_generation_recovers_with_identical_tokens(swarm_env, peers):
+    files, boot, (model, _, knot) = swarm_env
+    url = files.url(os.path.basename(knot))
+    peers += start_peers(url, {"a": "0:3", "b": "3:5", "backup": "2:5"}, boot.maddrs, FAST)
+    ref, _ = hf_greedy(model, PROMPT, 24)
+    client = _client(boot, checkpoint_every=4)
+    try:
+        with client.session() as s:
+            out = s.generate(PROMPT, 6)
+            by_id = {peer_id_of(p): p for p in peers}
+            victim = by_id[s.route[-1][0]]
+            victim.kill()  # dies without a word
+            out += s.generate(None, 18)
+            assert s.stats["recoveries"] >= 1
+            assert 0 < s.stats["replayed_tokens"] <= 4  # at most K tokens, not the whole prefix
+            assert peer_id_of(victim) not in [p for p, _, _ in s.route]
+        assert out == ref
+    finally:
+        client.close()
+
+
+def test_sigstop_frozen_peer_hits_the_deadline(swarm_env, peers):
+    files, boot, (model, _, knot) = swarm_env
+    url = files.url(os.path.basename(knot))
+    peers += start_peers(url, {"x": "0:5", "y": "0:5"}, boot.maddrs, FAST)
+    ref, _ = hf_greedy(model, PROMPT, 12)
+    client = _client(boot, min_step_timeout=1.5)
+    try:
+        with client.session() as s:
+            out = s.generate(PROMPT, 5)
+            frozen = next(p for p in peers if peer_id_of(p) == s.route[0][0])
+            frozen.signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+            out += s.generate(None, 7)
+            assert time.monotonic() - t0 < 15
+            assert s.stats["recoveries"] == 1
+        assert out == ref
+    finally:
+        client.close()
+
+
+def test_late_join_used_leaver_dropped_and_gap_named(swarm_env, peers):
+    files, boot, (_, _, knot) = swarm_env
+    url = files.url(os.path.basename(knot))
+    peers.append(start_peer(url, "0:3", boot.maddrs, "early", FAST))
+    client = _client(boot, lookup_timeout=1.0, view_max_age=0.5)
+    try:
+        with pytest.raises(NoRoute, match=r"no ONLINE peer serves blocks 3:5"):
+            client.generate(PROMPT, 2)
+        late = start_peer(url, "3:5", boot.maddrs, "late", FAST)
+        peers.append(late)
+        with client.session() as s:
+            s.generate(PROMPT, 2)
+            assert any(p == peer_id_of(late) for p, _, _ in s.route)
+        late.kill()  # no OFFLINE announcement: its records must expire (3 x 2 s)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            client.run(client.refresh_view())
+            if peer_id_of(late) not in client.view.online():
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the dead peer's records did not expire")
+        with pytest.raises(NoRoute, match="3:5"):
+            client.generate(PROMPT, 2)
+    finally:
+        client.close()
+
+
+def test_cli_generate_through_swarm(swarm_env, peers):
+    files, boot, (model, _, knot) = swarm_env
+    url = files.url(os.path.basename(knot))
+    peers += start_peers(url, {"c1": "0:2", "c2": "2:5"}, boot.maddrs, FAST)
+    ref, _ = hf_greedy(model, PROMPT, 6)
+    out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--initial-peers", *boot.maddrs,
+                          "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "6", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["tokens"] == ref and len(result["route"]) == 2
