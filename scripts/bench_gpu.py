@@ -1,0 +1,210 @@
+"""GPU benchmark: decode and prefill of random-weight Mamba-130m and -2.8b (bf16) through GraphDecoder + Head.
+
+Next to each number: transformers' MambaForCausalLM on the same weights in the same run, and the memory floor
+(bytes of weights read per token over the measured device copy bandwidth). Also a peer's memory for 32 blocks of
+2.8b, and the prefill scan's tile configurations. Run on the device machine:
+    PYTHONPATH=$PWD python3 scripts/bench_gpu.py [--models 130m,2.8b]
+Two peers over loopback (the real network path) is not measured here yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must not try to fetch hub kernels: no network there
+
+import torch  # noqa: E402
+
+from swarm.kernels import triton_ops as tk  # noqa: E402
+from swarm.model import BlockStack, Head, MambaConfig  # noqa: E402
+from swarm.model.graphs import GraphDecoder  # noqa: E402
+
+MODELS = {  # HF config fields of the two published sizes
+    "130m": dict(vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16, conv_kernel=4, expand=2),
+    "2.8b": dict(vocab_size=50280, hidden_size=2560, num_hidden_layers=64, state_size=16, conv_kernel=4, expand=2),
+}
+HF_DECODE_TOKENS = {"130m": (4, 36), "2.8b": (2, 6)}  # transformers is slow: time the difference of two lengths
+ROWS: list[tuple[str, str, str, str, str]] = []
+
+
+def cuda_ms(fn, iters: int, warmup: int = 3) -> float:
+    """Median of `iters` timings of fn() in ms, by CUDA events (no host sync inside a timing)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written (a 2 GiB copy)."""
+    src = torch.randn(2 ** 29, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_ms(lambda: dst.copy_(src), iters=10)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def hf_model(name: str):
+    import transformers
+    hf_cfg = transformers.MambaConfig(**MODELS[name], use_cache=True)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = transformers.MambaForCausalLM(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return hf_cfg, model.to(torch.bfloat16)
+
+
+def hf_decode_ms(model, batch: int, lengths: tuple[int, int]) -> float:
+    """transformers' decode with its cache: ms per generated token, from two generate() lengths."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, 8), device="cuda")
+
+    def gen(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    gen(lengths[0])  # warm-up
+    short, long = min(gen(lengths[0]) for _ in range(2)), min(gen(lengths[1]) for _ in range(2))
+    return (long - short) * 1e3 / (lengths[1] - lengths[0])
+
+
+def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
+    hf_cfg, hf = hf_model(name)
+    cfg = MambaConfig.from_dict(hf_cfg.to_dict())
+    tensors = hf.state_dict()  # our stack and head share these tensors with transformers' model
+    stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device="cuda")
+    head = Head.from_tensors(cfg, tensors, device="cuda")
+    dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8))
+    block_bytes = sum(p.numel() * p.element_size() for p in stack.parameters())
+    head_bytes = head.embeddings.weight.numel() * head.embeddings.weight.element_size()  # tied lm_head
+    floor_ms = (block_bytes + head_bytes) / bandwidth * 1e3
+    floor_stack_ms = block_bytes / bandwidth * 1e3
+    print(f"[{name}] {cfg.num_layers} blocks, weights {block_bytes / 1e9:.3f} GB + head {head_bytes / 1e9:.3f} GB")
+
+    for batch in (1, 8):
+        slots = [dec.alloc_slot() for _ in range(batch)]
+        for s in slots:
+            dec.prefill(s, head.embed(torch.randint(0, cfg.vocab_size, (1, 16))))
+        ids = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
+        h1 = head.embed(ids)
+        stack_ms = cuda_ms(lambda: dec.step(slots, h1), iters=200 if name == "130m" else 50)
+
+        def token():  # embed -> blocks -> norm_f + lm_head -> greedy pick, all on the device, no host sync
+            nonlocal ids
+            ids = head.logits(dec.step(slots, head.embed(ids)))[:, -1].argmax(-1, keepdim=True)
+
+        tok_ms = cuda_ms(token, iters=100 if name == "130m" else 30)
+        hf_ms = hf_decode_ms(hf, batch, HF_DECODE_TOKENS[name])
+        ROWS.append((name, f"decode b={batch}, ms/step, blocks only", f"{stack_ms:.3f}", "", f"{floor_stack_ms:.3f}"))
+        ROWS.append((name, f"decode b={batch}, ms/token, + head", f"{tok_ms:.3f}", f"{hf_ms:.2f}", f"{floor_ms:.3f}"))
+        for s in slots:
+            dec.free_slot(s)
+
+    slot = dec.alloc_slot()
+    hidden = torch.randn(1, 2048, cfg.hidden_size, device="cuda")
+    pre_ms = cuda_ms(lambda: dec.prefill(slot, hidden), iters=5, warmup=2)
+    hf_pre = ""
+    if hf_prefill:  # transformers without mamba-ssm loops over tokens in Python: 130m only
+        ids = torch.randint(0, cfg.vocab_size, (1, 2048), device="cuda")
+        with torch.no_grad():
+            hf_pre = f"{cuda_ms(lambda: hf(ids), iters=1, warmup=1):.1f}"
+    ROWS.append((name, "prefill 2048 tokens, ms (blocks only)", f"{pre_ms:.2f}", hf_pre, ""))
+    del dec, stack, head, hf, tensors
+    torch.cuda.empty_cache()
+
+
+def bench_scan_configs() -> None:
+    """The chunked scan's tiles at 2.8b's width, T=2048 (bf16 inputs laid out as the block gives them)."""
+    i, n, r, t = 5120, 16, 160, 2048
+    xz = torch.randn(1, t, 2 * i, device="cuda", dtype=torch.bfloat16)
+    dbc = torch.randn(1, t, r + 2 * n, device="cuda", dtype=torch.bfloat16)
+    delta = (torch.randn(1, t, i, device="cuda") * 0.5).to(torch.bfloat16).transpose(1, 2)
+    a = -torch.rand(i, n, device="cuda") * n
+    d, bias = torch.randn(i, device="cuda"), torch.randn(i, device="cuda") - 4
+    state = torch.zeros(1, i, n, device="cuda")
+    u, z = xz[..., :i].transpose(1, 2), xz[..., i:].transpose(1, 2)
+    conv_w, conv_state = torch.randn(i, 4, device="cuda", dtype=torch.bfloat16), torch.zeros(1, i, 4, device="cuda")
+    conv_ms = cuda_ms(lambda: tk.causal_conv1d(u, conv_state, conv_w, None), iters=20)
+    print(f"causal_conv1d 1x{i}x{t} bf16: {conv_ms * 1e3:.1f} us")
+    for config in ((16, 16, 4), (32, 16, 4), (16, 32, 4), (16, 32, 8), (32, 32, 8), (8, 32, 4), (64, 8, 4)):
+        try:
+            ms = cuda_ms(lambda: tk.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
+                                                   state, out_dtype=torch.bfloat16, config=config), iters=20)
+            print(f"selective_scan 1x{i}x{t} (BLOCK_T, BLOCK_I, warps)={config}: {ms * 1e3:.1f} us")
+        except Exception as e:  # a tile too large for the registers or shared memory: say so, try the next
+            print(f"selective_scan config {config}: failed: {type(e).__name__}: {str(e)[:200]}")
+
+
+def peer_memory() -> None:
+    """A peer serving 32 blocks of 2.8b in bf16, 16 slots, after a 2048-token prefill and 8-wide decode steps."""
+    cfg = MambaConfig.from_dict(dict(MODELS["2.8b"], num_hidden_layers=64))
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    i, n, r, k, dm = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank, cfg.conv_kernel, cfg.hidden_size
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    tensors = {}
+    for j in range(32):
+        p = f"backbone.layers.{j}."
+        tensors.update({
+            p + "norm.weight": torch.ones(dm, **bf), p + "mixer.in_proj.weight": torch.randn(2 * i, dm, **bf) * 0.02,
+            p + "mixer.conv1d.weight": torch.randn(i, 1, k, **bf) * 0.3, p + "mixer.conv1d.bias": torch.zeros(i, **bf),
+            p + "mixer.x_proj.weight": torch.randn(r + 2 * n, i, **bf) * 0.02,
+            p + "mixer.dt_proj.weight": torch.randn(i, r, **bf) * 0.05,
+            p + "mixer.dt_proj.bias": torch.full((i,), -4.0, **bf),
+            p + "mixer.A_log": torch.log(torch.arange(1, n + 1, **bf)).expand(i, n).contiguous(),
+            p + "mixer.D": torch.ones(i, **bf), p + "mixer.out_proj.weight": torch.randn(dm, i, **bf) * 0.02,
+        })
+    stack = BlockStack.from_tensors(cfg, 0, 32, tensors, device="cuda")
+    del tensors
+    weights = sum(p.numel() * p.element_size() for p in stack.parameters())
+    dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8))
+    pool = (dec.conv.numel() + dec.ssm.numel()) * 4
+    slots = [dec.alloc_slot() for _ in range(8)]
+    dec.prefill(slots[0], torch.randn(1, 2048, dm, device="cuda"))
+    for _ in range(4):
+        dec.step(slots, torch.randn(8, 1, dm, device="cuda"))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    print(f"peer memory, 2.8b blocks 0:32 bf16, 16 slots: weights {weights / 2**30:.2f} GiB, state pool "
+          f"{pool / 2**30:.3f} GiB, peak allocated {peak / 2**30:.2f} GiB ({peak / weights:.3f} x weights)")
+    ROWS.append(("2.8b", "peer 32 blocks: peak GiB / weight GiB", f"{peak / 2**30:.2f}", "", f"{weights / 2**30:.2f}"))
+    del dec, stack
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="130m,2.8b")
+    ap.add_argument("--skip-scan-configs", action="store_true")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    bw = copy_bandwidth()
+    print(f"device copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
+    if not args.skip_scan_configs:
+        bench_scan_configs()
+    peer_memory()
+    for name in args.models.split(","):
+        bench_model(name, bw, hf_prefill=name == "130m")
+    print(f"\n{'model':6} {'what':42} {'swarm':>10} {'transformers':>13} {'floor':>8}")
+    for row in ROWS:
+        print(f"{row[0]:6} {row[1]:42} {row[2]:>10} {row[3]:>13} {row[4]:>8}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""CUDA-graph decoding for a BlockStack: a state pool addressed by session slot, one captured step per batch bucket.
+
+The decode step of a whole block range is a few hundred small kernels; launched one by one from Python they cost
+more than the weights take to stream. Captured once per batch bucket and replayed, the step costs one launch. States
+live in a pool (per block conv (S+1, I, K) and ssm (S+1, I, N), fp32) that the step's kernels index by slot, so the
+graph gathers and scatters states without copies; row S is scratch for the padding rows of a bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from swarm.errors import BackendUnavailable
+from swarm.model.block import LayerState, MambaBlock
+from swarm.model.stack import BlockStack
+
+
+def _triton_kernels():
+    try:
+        from swarm.kernels import triton_ops
+    except ImportError as e:  # a CPU-only install: say so where the decoder is asked for, not at import
+        raise BackendUnavailable(f"GraphDecoder needs Triton, which failed to import: {e}") from None
+    return triton_ops
+
+
+@dataclass(frozen=True)
+class _BlockWeights:
+    """One block's tensors as the fused step reads them (views of the stack's parameters, fp32 where the maths is)."""
+
+    norm_w: torch.Tensor  # (D,)
+    eps: float
+    in_w: torch.Tensor  # (2I, D)
+    in_b: torch.Tensor | None
+    conv_w: torch.Tensor  # (I, K)
+    conv_b: torch.Tensor | None
+    x_w: torch.Tensor  # (R + 2N, I)
+    dt_w: torch.Tensor  # (I, R)
+    dt_b: torch.Tensor  # (I,) fp32
+    A: torch.Tensor  # (I, N) fp32, -exp(A_log)
+    D: torch.Tensor  # (I,) fp32
+    out_w: torch.Tensor  # (D, I)
+    out_b: torch.Tensor | None
+
+    @classmethod
+    def of(cls, block: MambaBlock) -> "_BlockWeights":
+        m = block.mixer
+        return cls(
+            norm_w=block.norm.weight.detach(), eps=block.norm.eps,
+            in_w=m.in_proj.weight.detach(), in_b=None if m.in_proj.bias is None else m.in_proj.bias.detach(),
+            conv_w=m.conv1d.weight.detach()[:, 0, :].contiguous(),
+            conv_b=None if m.conv1d.bias is None else m.conv1d.bias.detach(),
+            x_w=m.x_proj.weight.detach(), dt_w=m.dt_proj.weight.detach(),
+            dt_b=m.dt_proj.bias.detach().float().contiguous(),
+            A=(-torch.exp(m.A_log.detach().float())).contiguous(), D=m.D.detach().float().contiguous(),
+            out_w=m.out_proj.weight.detach(), out_b=None if m.out_proj.bias is None else m.out_proj.bias.detach(),
+        )
+
+
+class GraphDecoder:
+    """Decode (and eager prefill) for `stack` on CUDA, with per-session states in a slot pool.
+
+    dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8))
+    slot = dec.alloc_slot(); h = dec.prefill(slot, hidden); h = dec.step([slot, ...], hidden); dec.free_slot(slot)
+    `graphs=False` runs the same step eagerly (debugging, or the Triton interpreter on CPU).
+    """
+
+    def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
+                 graphs: bool = True):
+        if graphs and stack.device.type != "cuda":
+            raise ValueError(f"GraphDecoder captures CUDA graphs; the stack is on {stack.device}")
+        if max_slots < 1 or not buckets or min(buckets) < 1:
+            raise ValueError(f"GraphDecoder needs max_slots >= 1 and buckets >= 1, got {max_slots}, {buckets}")
+        self._k = _triton_kernels()
+        cfg = stack.cfg
+        self.cfg, self.device, self.dtype = cfg, stack.device, stack.dtype
+        self.max_slots = max_slots
+        self.buckets = tuple(sorted(set(buckets)))
+        self._w = [_BlockWeights.of(b) for b in stack.blocks]
+        n_blocks, scratch = len(self._w), max_slots
+        self.conv = torch.zeros(n_blocks, max_slots + 1, cfg.intermediate_size, cfg.conv_kernel, device=self.device)
+        self.ssm = torch.zeros(n_blocks, max_slots + 1, cfg.intermediate_size, cfg.state_size, device=self.device)
+        self._free = list(range(max_slots))
+        self._used: set[int] = set()
+        self._scratch = scratch
+        # static buffers a replay reads and writes: copy into them, never rebind them
+        self._idx = {bk: torch.full((bk,), scratch, dtype=torch.int64, device=self.device) for bk in self.buckets}
+        self._h_in = {bk: torch.zeros(bk, cfg.hidden_size, device=self.device) for bk in self.buckets}
+        self._h_out = {bk: torch.zeros(bk, cfg.hidden_size, device=self.device) for bk in self.buckets}
+        self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if graphs:
+            self._capture()
+
+    # ------------------------------------------------------------------ slots and states
+
+    def alloc_slot(self) -> int:
+        """A free slot with zeroed states; raises RuntimeError when all max_slots are taken."""
+        if not self._free:
+            raise RuntimeError(f"GraphDecoder: all {self.max_slots} session slots are in use")
+        slot = self._free.pop(0)
+        self._used.add(slot)
+        self.conv[:, slot].zero_()
+        self.ssm[:, slot].zero_()
+        return slot
+
+    def free_slot(self, slot: int) -> None:
+        self._check_slots([slot])
+        self._used.discard(slot)
+        self._free.append(slot)
+        self._free.sort()
+
+    def export_state(self, slot: int) -> list[LayerState]:
+        """The slot's states, one LayerState (batch 1, fp32, on the CPU) per block."""
+        self._check_slots([slot])
+        return [LayerState(self.conv[j, slot:slot + 1].cpu().clone(), self.ssm[j, slot:slot + 1].cpu().clone())
+                for j in range(len(self._w))]
+
+    def import_state(self, slot: int, states: list[LayerState]) -> None:
+        self._check_slots([slot])
+        if len(states) != len(self._w):
+            raise ValueError(f"import_state: {len(states)} layer states for a stack of {len(self._w)} blocks")
+        for j, st in enumerate(states):
+            self.conv[j, slot:slot + 1].copy_(st.conv.reshape(self.conv[j, slot:slot + 1].shape))
+            self.ssm[j, slot:slot + 1].copy_(st.ssm.reshape(self.ssm[j, slot:slot + 1].shape))
+
+    def _check_slots(self, slots: list[int]) -> None:
+        for s in slots:
+            if s not in self._used:
+                raise ValueError(f"GraphDecoder: slot {s} is not allocated")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"GraphDecoder: a slot appears twice in one step: {slots}")
+
+    # ------------------------------------------------------------------ prefill and step
+
+    @torch.no_grad()
+    def prefill(self, slot: int, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (1, T, D) fp32 -> (1, T, D) fp32, eagerly; the slot's states advance by T tokens."""
+        self._check_slots([slot])
+        if hidden.dim() != 3 or hidden.shape[0] != 1:
+            raise ValueError(f"prefill takes hidden (1, T, d_model), got {tuple(hidden.shape)}")
+        res = hidden.to(self.device, torch.float32)
+        out = None
+        n = self.cfg.intermediate_size
+        r, ns = self.cfg.time_step_rank, self.cfg.state_size
+        for j, w in enumerate(self._w):
+            if out is None:
+                h = self._k.rms_norm(res, w.norm_w, w.eps)
+            else:
+                h, res = self._k.add_rms_norm(res, out, w.norm_w, w.eps)
+            xz = F.linear(h, w.in_w, w.in_b)  # (1, T, 2I)
+            x = self._k.causal_conv1d(xz[..., :n].transpose(1, 2), self.conv[j, slot:slot + 1], w.conv_w, w.conv_b)
+            dbc = F.linear(x.transpose(1, 2), w.x_w)  # (1, T, R + 2N)
+            delta = F.linear(dbc[..., :r], w.dt_w).transpose(1, 2)  # (1, I, T)
+            y = self._k.selective_scan(x, delta, w.A, dbc[..., r:r + ns], dbc[..., r + ns:], w.D,
+                                  xz[..., n:].transpose(1, 2), w.dt_b, self.ssm[j, slot:slot + 1],
+                                  out_dtype=self.dtype)  # (1, I, T)
+            out = F.linear(y.transpose(1, 2), w.out_w, w.out_b)  # (1, T, D)
+        return torch.add(res, out)
+
+    @torch.no_grad()
+    def step(self, slots: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (B, 1, D) fp32 for sessions `slots` (B of them) -> (B, 1, D) fp32; their states advance a token."""
+        bsz = len(slots)
+        if bsz == 0 or bsz > self.buckets[-1]:
+            raise ValueError(f"step takes 1..{self.buckets[-1]} sessions, got {bsz}")
+        if tuple(hidden.shape) != (bsz, 1, self.cfg.hidden_size):
+            raise ValueError(f"step takes hidden ({bsz}, 1, {self.cfg.hidden_size}), got {tuple(hidden.shape)}")
+        self._check_slots(slots)
+        bk = next(b for b in self.buckets if b >= bsz)
+        self._idx[bk].copy_(self._index(bk, slots))
+        self._h_in[bk][:bsz].copy_(hidden[:, 0])
+        if self._graphs:
+            self._graphs[bk].replay()
+        else:
+            self._h_out[bk].copy_(self._step_blocks(self._h_in[bk], self._idx[bk]))
+        return self._h_out[bk][:bsz].clone().unsqueeze(1)
+
+    def _index(self, bucket: int, slots: list[int]) -> torch.Tensor:
+        """A device tensor of the slots padded with scratch; cached, since a batch's slots repeat every step."""
+        key = (bucket, *slots)
+        idx = self._idx_cache.get(key)
+        if idx is None:
+            if len(self._idx_cache) > 256:
+                self._idx_cache.clear()
+            pad = [self._scratch] * (bucket - len(slots))
+            idx = self._idx_cache[key] = torch.tensor(list(slots) + pad, dtype=torch.int64, device=self.device)
+        return idx
+
+    def _step_blocks(self, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """hidden: (Bk, D) fp32, idx: (Bk,) slots -> (Bk, D) fp32: one token through every block (what is captured)."""
+        n = self.cfg.intermediate_size
+        r, ns = self.cfg.time_step_rank, self.cfg.state_size
+        res, out = hidden, None
+        for j, w in enumerate(self._w):
+            if out is None:
+                h = self._k.rms_norm(res, w.norm_w, w.eps)
+            else:
+                h, res = self._k.add_rms_norm(res, out, w.norm_w, w.eps)
+            xz = F.linear(h, w.in_w, w.in_b)  # (Bk, 2I)
+            x = self._k.conv1d_step(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, idx)  # (Bk, I)
+            dbc = F.linear(x, w.x_w)  # (Bk, R + 2N)
+            y = self._k.ssm_step(x, dbc[:, :r], w.A, dbc[:, r:r + ns], dbc[:, r + ns:], w.D, xz[:, n:], w.dt_b,
+                            self.ssm[j], idx=idx, dt_weight=w.dt_w, out_dtype=self.dtype)  # (Bk, I)
+            out = F.linear(y, w.out_w, w.out_b)  # (Bk, D)
+        return torch.add(res, out)
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        """Capture one graph per bucket, largest first, all in one memory pool (replays never overlap)."""
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # compile the kernels and warm cuBLAS; idx is all scratch, so no slot changes
+            for bk in self.buckets:
+                for _ in range(2):
+                    self._h_out[bk].copy_(self._step_blocks(self._h_in[bk], self._idx[bk]))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for bk in reversed(self.buckets):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self._h_out[bk].copy_(self._step_blocks(self._h_in[bk], self._idx[bk]))
+            self._graphs[bk] = g
+        torch.cuda.synchronize(self.device)

@@ -1,0 +1,324 @@
+"""Triton kernels and the CUDA-graph decoder against the plain-torch references and against transformers' Mamba.
+
+Runs on a CUDA device (the device machine). The kernel tests also run on the CPU under Triton's interpreter
+(TRITON_INTERPRET=1); the graph and transformers tests need CUDA. Errors are ||out - ref|| / ||ref||.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from swarm.kernels import reference as ref
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    DEVICE = None
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEVICE is None, reason="Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU)"),
+]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+if DEVICE is not None:
+    tk = pytest.importorskip("swarm.kernels.triton_ops", reason="Triton is not installed")
+
+# Tolerance on the relative error of an output, by its dtype: fp32 kernels differ from the reference only in the
+# order of additions and exp's last bits; bf16/fp16 outputs are rounded once where the reference rounds twice.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    if torch.cuda.is_available():
+        torch.backends.cudnn.allow_tf32 = False  # the reference conv1d in fp32 must be fp32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def assert_state_equal(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """Conv states hold copies of inputs: exact on CUDA; the interpreter rounds to bf16/fp16 its own way."""
+    if DEVICE == "cuda":
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        assert rel_err(got, want) < TOL[dtype]
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    assert not out.isnan().any(), "NaN in kernel output"
+    return ((out.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+# ------------------------------------------------------------------ RMSNorm
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 7, 100), (2, 5, 768)])
+def test_rms_norm(shape, dtype):
+    x = _rand(*shape, dtype=dtype, scale=3.0)
+    w = _rand(shape[-1], dtype=dtype) + 1
+    out = tk.rms_norm(x, w, 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_err(out, ref.rms_norm_ref(x, w, 1e-5)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 37), (5, 1, 257), (8, 2560)])
+def test_add_rms_norm(shape, dtype):
+    res = _rand(*shape, scale=2.0)
+    delta = _rand(*shape, dtype=dtype)
+    w = _rand(shape[-1], dtype=dtype) + 1
+    out, new_res = tk.add_rms_norm(res, delta, w, 1e-5)
+    want_res = res + delta.float()
+    assert rel_err(new_res, want_res) < 1e-6
+    assert rel_err(out, ref.rms_norm_ref(want_res.to(dtype), w, 1e-5)) < TOL[dtype]
+
+
+# ------------------------------------------------------------------ causal conv1d
+
+def _conv_inputs(b, i, t, k, dtype, bias):
+    xz = _rand(b, t, 2 * i, dtype=dtype)  # the block hands the kernel a strided view of in_proj's output
+    x = xz[..., :i].transpose(1, 2)  # (B, I, T)
+    state = _rand(b, i, k)
+    w = _rand(i, k, dtype=dtype, scale=0.5)
+    bb = _rand(i, dtype=dtype) if bias else None
+    return x, state, w, bb
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,i,t,k", [(1, 37, 1, 4), (2, 64, 2, 4), (3, 100, 3, 4), (1, 256, 50, 4),
+                                     (2, 33, 257, 4), (1, 70, 5, 3), (2, 48, 2, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_causal_conv1d(b, i, t, k, dtype, bias):
+    x, state, w, bb = _conv_inputs(b, i, t, k, dtype, bias)
+    state_ref = state.clone()
+    want = ref.causal_conv1d_ref(x, state_ref, w, bb)
+    out = tk.causal_conv1d(x, state, w, bb)
+    assert out.shape == (b, i, t) and out.dtype == dtype
+    assert rel_err(out, want) < TOL[dtype]
+    assert_state_equal(state, state_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv1d_step_addresses_pool_slots(dtype):
+    b, i, k, slots = 3, 130, 4, 6
+    x = _rand(b, 2 * i, dtype=dtype)[:, :i]
+    pool = _rand(slots, i, k)
+    idx = torch.tensor([4, 0, 2], device=DEVICE)
+    w, bb = _rand(i, k, dtype=dtype), _rand(i, dtype=dtype)
+    gathered = pool[idx].clone()
+    want = ref.causal_conv1d_ref(x.unsqueeze(-1), gathered, w, bb)[..., 0]
+    untouched = pool[[1, 3, 5]].clone()
+    out = tk.conv1d_step(x, pool, w, bb, idx)
+    assert rel_err(out, want) < TOL[dtype]
+    assert_state_equal(pool[idx], gathered, dtype)
+    torch.testing.assert_close(pool[[1, 3, 5]], untouched, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ selective scan
+
+def _scan_inputs(b, i, t, n, r, dtype, layout):
+    if layout == "block":  # strides as the block produces them: (B, T, I) memory, B and C sliced from x_proj's output
+        xz = _rand(b, t, 2 * i, dtype=dtype)
+        u, z = xz[..., :i].transpose(1, 2), xz[..., i:].transpose(1, 2)
+        delta = _rand(b, t, i, dtype=dtype, scale=0.5).transpose(1, 2)
+        dbc = _rand(b, t, r + 2 * n, dtype=dtype)
+        bm, cm = dbc[..., r:r + n], dbc[..., r + n:]
+    else:
+        u, z = _rand(b, i, t, dtype=dtype), _rand(b, i, t, dtype=dtype)
+        delta = _rand(b, i, t, dtype=dtype, scale=0.5)
+        bm, cm = _rand(b, t, n, dtype=dtype), _rand(b, t, n, dtype=dtype)
+    a = -torch.exp(torch.log(torch.arange(1, n + 1, device=DEVICE, dtype=torch.float32)).expand(i, n)
+                   + 0.3 * _rand(i, n))
+    dt0 = torch.exp(torch.rand(i, device=DEVICE) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    delta_bias = dt0 + torch.log(-torch.expm1(-dt0))  # inverse softplus, as Mamba initialises it
+    d = _rand(i)
+    state = _rand(b, i, n)
+    return u, delta, a, bm, cm, d, z, delta_bias, state
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,i,t,n", [(1, 33, 1, 16), (2, 64, 7, 16), (1, 128, 16, 16), (2, 37, 100, 5),
+                                     (1, 256, 300, 16), (3, 20, 33, 4)])
+@pytest.mark.parametrize("layout", ["block", "contiguous"])
+def test_selective_scan(b, i, t, n, dtype, layout):
+    args = _scan_inputs(b, i, t, n, 6, dtype, layout)
+    state_ref = args[-1].clone()
+    want = ref.selective_scan_ref(*args[:-1], state_ref)
+    out = tk.selective_scan(*args)
+    assert out.shape == (b, i, t) and out.dtype == torch.float32
+    assert rel_err(out, want) < TOL[torch.float32] * 5
+    assert rel_err(args[-1], state_ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("config", [(8, 16, 4), (32, 8, 4), (16, 32, 8)])
+def test_selective_scan_configs(config):
+    args = _scan_inputs(2, 80, 70, 16, 6, torch.bfloat16, "block")
+    state_ref = args[-1].clone()
+    want = ref.selective_scan_ref(*args[:-1], state_ref)
+    out = tk.selective_scan(*args, out_dtype=torch.bfloat16, config=config)
+    assert rel_err(out, want) < TOL[torch.bfloat16]
+    assert rel_err(args[-1], state_ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("i,n,r", [(96, 16, 6), (37, 5, 3)])
+def test_ssm_step_fused_dt_and_slots(i, n, r, dtype):
+    b, slots = 3, 5
+    u, _, a, _, _, d, z, delta_bias, _ = _scan_inputs(b, i, 1, n, r, dtype, "contiguous")
+    u, z = u[..., 0], z[..., 0]
+    dbc = _rand(b, r + 2 * n, dtype=dtype)
+    dt_w = _rand(i, r, dtype=dtype, scale=r ** -0.5)
+    pool = _rand(slots, i, n)
+    idx = torch.tensor([3, 1, 4], device=DEVICE)
+    delta = torch.nn.functional.linear(dbc[:, :r], dt_w)  # (B, I) in dtype, as the unfused path computes it
+    gathered = pool[idx].clone()
+    want = ref.selective_scan_ref(u[..., None], delta[..., None], a, dbc[:, None, r:r + n], dbc[:, None, r + n:], d,
+                                  z[..., None], delta_bias, gathered)[..., 0]
+    out = tk.ssm_step(u, dbc[:, :r], a, dbc[:, r:r + n], dbc[:, r + n:], d, z, delta_bias, pool, idx=idx,
+                      dt_weight=dt_w, out_dtype=dtype)
+    assert out.dtype == dtype
+    assert rel_err(out, want) < TOL[dtype]
+    assert rel_err(pool[idx], gathered) < TOL[dtype]
+    unfused = tk.ssm_step(u, delta, a, dbc[:, r:r + n], dbc[:, r + n:], d, z, delta_bias, pool[idx].clone())
+    assert rel_err(unfused, ref.selective_scan_ref(u[..., None], delta[..., None], a, dbc[:, None, r:r + n],
+                                                   dbc[:, None, r + n:], d, z[..., None], delta_bias,
+                                                   pool[idx].clone())[..., 0]) < 1e-4
+
+
+# ------------------------------------------------------------------ GraphDecoder vs BlockStack
+
+def _config(**kw):
+    from swarm.model import MambaConfig
+    d = dict(vocab_size=300, hidden_size=36, state_size=16, num_layers=3, intermediate_size=72, conv_kernel=4,
+             time_step_rank=3)
+    d.update(kw)
+    return MambaConfig(**d)
+
+
+def _random_tensors(cfg, seed=0):
+    """Plausible Mamba weights in HF names (A_log and dt bias as Mamba initialises them), fp32 on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    i, n, r, k, d = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank, cfg.conv_kernel, cfg.hidden_size
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    t = {"backbone.embeddings.weight": rnd(cfg.vocab_size, d, scale=0.5),
+         "backbone.norm_f.weight": 1 + rnd(d, scale=0.1)}
+    for j in range(cfg.num_layers):
+        p = f"backbone.layers.{j}."
+        dt0 = torch.exp(torch.rand(i, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        t.update({
+            p + "norm.weight": 1 + rnd(d, scale=0.1),
+            p + "mixer.in_proj.weight": rnd(2 * i, d, scale=d ** -0.5),
+            p + "mixer.conv1d.weight": rnd(i, 1, k, scale=0.5),
+            p + "mixer.conv1d.bias": rnd(i, scale=0.1),
+            p + "mixer.x_proj.weight": rnd(r + 2 * n, i, scale=i ** -0.5),
+            p + "mixer.dt_proj.weight": rnd(i, r, scale=r ** -0.5),
+            p + "mixer.dt_proj.bias": dt0 + torch.log(-torch.expm1(-dt0)),
+            p + "mixer.A_log": torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(i, n).contiguous(),
+            p + "mixer.D": 1 + rnd(i, scale=0.1),
+            p + "mixer.out_proj.weight": rnd(d, i, scale=i ** -0.5),
+        })
+    return t
+
+
+def _stacks(cfg, dtype):
+    from swarm.model import BlockStack
+    tensors = {k: v.to(dtype) for k, v in _random_tensors(cfg).items()}
+    want = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device="cpu", backend="reference")
+    fast = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device=DEVICE, backend="reference")
+    return want, fast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_decoder_matches_block_stack(dtype):
+    from swarm.model.graphs import GraphDecoder
+    cfg = _config()
+    want, fast = _stacks(cfg, dtype)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    dec = GraphDecoder(fast, max_slots=5, buckets=(1, 2, 4), graphs=DEVICE == "cuda")
+    slots = [dec.alloc_slot() for _ in range(3)]
+    ref_states = {s: want.new_states(1) for s in slots}
+    for s, t in zip(slots, (5, 17, 1)):
+        h = torch.randn(1, t, cfg.hidden_size)
+        assert rel_err(dec.prefill(s, h).cpu(), want(h, ref_states[s])) < tol
+    for order in ([0, 1, 2], [0, 1, 2], [2, 0], [1], [2, 1, 0]):
+        batch = [slots[o] for o in order]
+        h = torch.randn(len(batch), 1, cfg.hidden_size)
+        out = dec.step(batch, h).cpu()
+        for row, s in enumerate(batch):
+            assert rel_err(out[row:row + 1], want(h[row:row + 1], ref_states[s])) < tol
+    state_tol = 1e-4 if dtype == torch.float32 else 6e-2  # bf16 rounding differences accumulate over the steps
+    for s in slots:
+        for got, st in zip(dec.export_state(s), ref_states[s]):
+            assert rel_err(got.ssm, st.ssm) < state_tol and rel_err(got.conv, st.conv) < state_tol
+    # a state exported from one slot and imported into another continues identically
+    moved = dec.alloc_slot()
+    dec.import_state(moved, dec.export_state(slots[1]))
+    h = torch.randn(1, 1, cfg.hidden_size).expand(2, 1, -1).contiguous()
+    out = dec.step([slots[1], moved], h)
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+    # a freed slot comes back zeroed
+    dec.free_slot(slots[0])
+    again = dec.alloc_slot()
+    assert again == slots[0] and all(st.ssm.abs().sum() == 0 and st.conv.abs().sum() == 0
+                                     for st in dec.export_state(again))
+    with pytest.raises(ValueError):
+        dec.step([slots[1], slots[1]], torch.zeros(2, 1, cfg.hidden_size))
+
+
+@needs_cuda
+def test_graph_decoder_replays_without_host_sync():
+    """The captured step is what runs: a second replay of the same input continues from the advanced state."""
+    from swarm.model.graphs import GraphDecoder
+    cfg = _config(num_layers=2)
+    want, fast = _stacks(cfg, torch.float32)
+    dec = GraphDecoder(fast, max_slots=2, buckets=(1,))
+    s = dec.alloc_slot()
+    st = want.new_states(1)
+    h = torch.randn(1, 1, cfg.hidden_size)
+    for _ in range(3):
+        assert rel_err(dec.step([s], h).cpu(), want(h, st)) < 1e-4
+
+
+# ------------------------------------------------------------------ logits vs transformers
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_logits_match_transformers(dtype, tol):
+    transformers = pytest.importorskip("transformers")
+    from swarm.model import BlockStack, Head, MambaConfig
+    from swarm.model.graphs import GraphDecoder
+    hf_cfg = transformers.MambaConfig(vocab_size=512, hidden_size=64, state_size=16, num_hidden_layers=3,
+                                      expand=2, conv_kernel=4, use_cache=True)
+    torch.manual_seed(0)
+    hf = transformers.MambaForCausalLM(hf_cfg).eval()
+    ids = torch.randint(0, 512, (1, 24))
+    with torch.no_grad():
+        want = hf(ids).logits.float()  # (1, 24, vocab), fp32 on the CPU
+    cfg = MambaConfig.from_dict(hf_cfg.to_dict())
+    tensors = {k: v.to(dtype) for k, v in hf.state_dict().items()}
+    stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device="cuda")
+    head = Head.from_tensors(cfg, tensors, device="cuda")
+    dec = GraphDecoder(stack, max_slots=2, buckets=(1, 2))
+    slot = dec.alloc_slot()
+    emb = head.embed(ids)
+    logits = [head.logits(dec.prefill(slot, emb[:, :16]))]
+    for t in range(16, 24):
+        logits.append(head.logits(dec.step([slot], emb[:, t:t + 1])))
+    got = torch.cat(logits, dim=1).cpu()
+    err = rel_err(got, want)
+    print(f"logits vs transformers fp32, {dtype}: relative error {err:.2e}")
+    assert err < tol
