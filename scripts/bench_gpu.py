@@ -73,7 +73,8 @@ def hf_decode_ms(model, batch: int, lengths: tuple[int, int]) -> float:
     def gen(n):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, use_cache=True, pad_token_id=0)
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
@@ -121,7 +122,7 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
     if hf_prefill:  # transformers without mamba-ssm loops over tokens in Python: 130m only
         ids = torch.randint(0, cfg.vocab_size, (1, 2048), device="cuda")
         with torch.no_grad():
-            hf_pre = f"{cuda_ms(lambda: hf(ids), iters=1, warmup=1):.1f}"
+            hf_pre = f"{cuda_ms(lambda: hf(ids), iters=1, warmup=0):.1f}"
     ROWS.append((name, "prefill 2048 tokens, ms (blocks only)", f"{pre_ms:.2f}", hf_pre, ""))
     del dec, stack, head, hf, tensors
     torch.cuda.empty_cache()

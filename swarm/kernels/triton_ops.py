@@ -112,13 +112,13 @@ def _conv_fwd_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, T, I,
              mask=mt[:, None] & mi[None, :])
     if pid_t == 0:  # only this program reads the old state, so only it may write the new one
         kk = tl.arange(0, KP)
-        src = T - K + kk  # new state[k] = full[T - 1 + k]
+        last = T - K + kk  # new state[k] = full[T - 1 + k]
         mk = kk < K
-        xv = tl.load(x_base + src[:, None] * sx_t + i[None, :] * sx_i,
-                     mask=((src >= 0) & mk)[:, None] & mi[None, :], other=0.0)
-        sv = tl.load(s_base + (src + K)[:, None] * ss_k + i[None, :] * ss_i,
-                     mask=((src < 0) & mk)[:, None] & mi[None, :], other=0.0)
-        new = xv.to(tl.float32) + sv.to(xv.dtype).to(tl.float32)
+        x_tail = tl.load(x_base + last[:, None] * sx_t + i[None, :] * sx_i,
+                         mask=((last >= 0) & mk)[:, None] & mi[None, :], other=0.0)
+        s_tail = tl.load(s_base + (last + K)[:, None] * ss_k + i[None, :] * ss_i,
+                         mask=((last < 0) & mk)[:, None] & mi[None, :], other=0.0)
+        new = x_tail.to(tl.float32) + s_tail.to(x_tail.dtype).to(tl.float32)
         tl.debug_barrier()  # every thread's reads of the old state happen before any write
         tl.store(s_base + kk[:, None] * ss_k + i[None, :] * ss_i, new, mask=mk[:, None] & mi[None, :])
 

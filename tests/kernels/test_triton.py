@@ -295,17 +295,31 @@ def test_graph_decoder_replays_without_host_sync():
 
 # ------------------------------------------------------------------ logits vs transformers
 
+# small configs covering a tied head and an untied one with biases, another conv width, state size and expand
+HF_CONFIGS = {
+    "tied": dict(vocab_size=512, hidden_size=64, state_size=16, num_hidden_layers=3, conv_kernel=4),
+    "untied_bias": dict(vocab_size=320, hidden_size=48, state_size=8, num_hidden_layers=3, conv_kernel=3,
+                        use_bias=True, tie_word_embeddings=False, time_step_rank=5, expand=3),
+}
+
+
 @needs_cuda
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_logits_match_transformers(dtype, tol):
+def test_logits_match_transformers(name, dtype, tol):
+    """Prefill 16 tokens, then decode 8 through the graphs: logits vs transformers' fp32 forward on the CPU."""
     transformers = pytest.importorskip("transformers")
     from swarm.model import BlockStack, Head, MambaConfig
     from swarm.model.graphs import GraphDecoder
-    hf_cfg = transformers.MambaConfig(vocab_size=512, hidden_size=64, state_size=16, num_hidden_layers=3,
-                                      expand=2, conv_kernel=4, use_cache=True)
+    hf_cfg = transformers.MambaConfig(**HF_CONFIGS[name])
     torch.manual_seed(0)
     hf = transformers.MambaForCausalLM(hf_cfg).eval()
-    ids = torch.randint(0, 512, (1, 24))
+    with torch.no_grad():  # let the SSM, not the residual embedding, drive the logits
+        for layer in hf.backbone.layers:
+            layer.mixer.out_proj.weight.mul_(6)
+            layer.mixer.in_proj.weight.mul_(2)
+            layer.mixer.D.uniform_(-1, 1)
+    ids = torch.randint(0, hf_cfg.vocab_size, (1, 24))
     with torch.no_grad():
         want = hf(ids).logits.float()  # (1, 24, vocab), fp32 on the CPU
     cfg = MambaConfig.from_dict(hf_cfg.to_dict())
@@ -320,5 +334,5 @@ def test_logits_match_transformers(dtype, tol):
         logits.append(head.logits(dec.step([slot], emb[:, t:t + 1])))
     got = torch.cat(logits, dim=1).cpu()
     err = rel_err(got, want)
-    print(f"logits vs transformers fp32, {dtype}: relative error {err:.2e}")
+    print(f"logits vs transformers fp32 ({name}, ours {dtype}): relative error {err:.2e}")
     assert err < tol
