@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--max-new-tokens", type=int, default=48)
     dm.set_defaults(fn=lambda a: __import__("swarm.demo", fromlist=["run_demo"]).run_demo(a.workdir,
                                                                                           a.max_new_tokens))
+    from swarm.health.cli import add_parser as add_health_parser
+    add_health_parser(sub)
     return p
 
 
