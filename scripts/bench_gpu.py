@@ -30,19 +30,42 @@ HF_DECODE_TOKENS = {"130m": (4, 36), "2.8b": (2, 6)}  # transformers is slow: ti
 ROWS: list[tuple[str, str, str, str, str]] = []
 
 
-def cuda_ms(fn, iters: int, warmup: int = 3) -> float:
-    """Median of `iters` timings of fn() in ms, by CUDA events (no host sync inside a timing)."""
+def cuda_ms(fn, iters: int, warmup: int = 3, inner: int = 1) -> float:
+    """Median over `iters` timings of `inner` back-to-back fn() calls, in ms per call, by CUDA events.
+
+    Nothing syncs inside a timing, so the host queues work ahead as a serving loop would.
+    """
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(inner):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / inner)
     return statistics.median(times)
+
+
+def top_kernels(fn, title: str, n: int = 10) -> None:
+    """Print the GPU kernels of one fn() call by total time (torch.profiler, CUDA activity only)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append((us, e.count, e.key))
+    rows.sort(reverse=True)
+    print(f"{title}: {sum(r[0] for r in rows) / 1e3:.3f} ms of kernels, {sum(r[1] for r in rows)} launches")
+    for us, count, key in rows[:n]:
+        print(f"  {us / 1e3:8.3f} ms {count:5d}x {us / count:8.1f} us  {key[:100]}")
 
 
 def copy_bandwidth() -> float:
@@ -102,13 +125,14 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
             dec.prefill(s, head.embed(torch.randint(0, cfg.vocab_size, (1, 16))))
         ids = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
         h1 = head.embed(ids)
-        stack_ms = cuda_ms(lambda: dec.step(slots, h1), iters=200 if name == "130m" else 50)
+        stack_ms = cuda_ms(lambda: dec.step(slots, h1), iters=20, inner=20 if name == "130m" else 5)
+        top_kernels(lambda: dec._step_blocks(dec._h_in[batch], dec._idx[batch]), f"[{name}] eager step b={batch}")
 
         def token():  # embed -> blocks -> norm_f + lm_head -> greedy pick, all on the device, no host sync
             nonlocal ids
             ids = head.logits(dec.step(slots, head.embed(ids)))[:, -1].argmax(-1, keepdim=True)
 
-        tok_ms = cuda_ms(token, iters=100 if name == "130m" else 30)
+        tok_ms = cuda_ms(token, iters=20, inner=20 if name == "130m" else 5)
         hf_ms = hf_decode_ms(hf, batch, HF_DECODE_TOKENS[name])
         ROWS.append((name, f"decode b={batch}, ms/step, blocks only", f"{stack_ms:.3f}", "", f"{floor_stack_ms:.3f}"))
         ROWS.append((name, f"decode b={batch}, ms/token, + head", f"{tok_ms:.3f}", f"{hf_ms:.2f}", f"{floor_ms:.3f}"))
@@ -118,6 +142,7 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
     slot = dec.alloc_slot()
     hidden = torch.randn(1, 2048, cfg.hidden_size, device="cuda")
     pre_ms = cuda_ms(lambda: dec.prefill(slot, hidden), iters=5, warmup=2)
+    top_kernels(lambda: dec.prefill(slot, hidden), f"[{name}] prefill 2048")
     hf_pre = ""
     if hf_prefill:  # transformers without mamba-ssm loops over tokens in Python: 130m only
         ids = torch.randint(0, cfg.vocab_size, (1, 2048), device="cuda")
@@ -139,12 +164,13 @@ def bench_scan_configs() -> None:
     state = torch.zeros(1, i, n, device="cuda")
     u, z = xz[..., :i].transpose(1, 2), xz[..., i:].transpose(1, 2)
     conv_w, conv_state = torch.randn(i, 4, device="cuda", dtype=torch.bfloat16), torch.zeros(1, i, 4, device="cuda")
-    conv_ms = cuda_ms(lambda: tk.causal_conv1d(u, conv_state, conv_w, None), iters=20)
+    conv_ms = cuda_ms(lambda: tk.causal_conv1d(u, conv_state, conv_w, None), iters=10, inner=10)
     print(f"causal_conv1d 1x{i}x{t} bf16: {conv_ms * 1e3:.1f} us")
-    for config in ((16, 16, 4), (32, 16, 4), (16, 32, 4), (16, 32, 8), (32, 32, 8), (8, 32, 4), (64, 8, 4)):
+    for config in (("chunk", 16, 16, 4), ("seq", 4, 2), ("seq", 8, 4), ("seq", 16, 8), ("seq", 8, 2), ("seq", 16, 4),
+                   ("seq", 32, 8), ("seq", 32, 4), ("seq", 64, 8)):
         try:
             ms = cuda_ms(lambda: tk.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
-                                                   state, out_dtype=torch.bfloat16, config=config), iters=20)
+                                                   state, out_dtype=torch.bfloat16, config=config), iters=5, inner=4)
             print(f"selective_scan 1x{i}x{t} (BLOCK_T, BLOCK_I, warps)={config}: {ms * 1e3:.1f} us")
         except Exception as e:  # a tile too large for the registers or shared memory: say so, try the next
             print(f"selective_scan config {config}: failed: {type(e).__name__}: {str(e)[:200]}")
@@ -173,6 +199,8 @@ def peer_memory() -> None:
     stack = BlockStack.from_tensors(cfg, 0, 32, tensors, device="cuda")
     del tensors
     weights = sum(p.numel() * p.element_size() for p in stack.parameters())
+    load_peak = torch.cuda.max_memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
     dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8))
     pool = (dec.conv.numel() + dec.ssm.numel()) * 4
     slots = [dec.alloc_slot() for _ in range(8)]
@@ -182,8 +210,11 @@ def peer_memory() -> None:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     print(f"peer memory, 2.8b blocks 0:32 bf16, 16 slots: weights {weights / 2**30:.2f} GiB, state pool "
-          f"{pool / 2**30:.3f} GiB, peak allocated {peak / 2**30:.2f} GiB ({peak / weights:.3f} x weights)")
-    ROWS.append(("2.8b", "peer 32 blocks: peak GiB / weight GiB", f"{peak / 2**30:.2f}", "", f"{weights / 2**30:.2f}"))
+          f"{pool / 2**30:.3f} GiB; peak allocated while loading {load_peak / 2**30:.2f} GiB, while serving "
+          f"(graphs, 2048-token prefill, 8-wide steps) {peak / 2**30:.2f} GiB ({peak / weights:.3f} x weights)")
+    ROWS.append(("2.8b", "peer 32 blocks: serving peak GiB (weights)", f"{peak / 2**30:.2f}", "",
+                 f"{weights / 2**30:.2f}"))
+    ROWS.append(("2.8b", "peer 32 blocks: loading peak GiB", f"{load_peak / 2**30:.2f}", "", ""))
     del dec, stack
     torch.cuda.empty_cache()
 

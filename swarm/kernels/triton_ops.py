@@ -14,8 +14,9 @@ import triton.language as tl
 
 from swarm.kernels import Backend
 
-# (BLOCK_T, BLOCK_I, num_warps) of the chunked prefill scan; the bench measures the alternatives.
-SCAN_CONFIG = (16, 16, 4)
+# The prefill scan's kernel and tiles: ("seq", BLOCK_I, num_warps) or ("chunk", BLOCK_T, BLOCK_I, num_warps).
+# The bench measures the alternatives.
+SCAN_CONFIG: tuple = ("seq", 16, 8)
 
 
 @triton.jit
@@ -237,6 +238,70 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
 
 
 @triton.jit
+def _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t, T, mi, mn):
+    ok = t < T  # a scalar: tl.where folds it into the masks (the interpreter mis-types scalar & vector)
+    m_i, m_n = tl.where(ok, mi, False), tl.where(ok, mn, False)
+    u = tl.load(p_u + t * su_t, mask=m_i, other=0.0).to(tl.float32)
+    dl = tl.load(p_dl + t * sd_t, mask=m_i, other=0.0).to(tl.float32)
+    z = tl.load(p_z + t * sz_t, mask=m_i, other=0.0).to(tl.float32)
+    bm = tl.load(p_b + t * sb_t, mask=m_n, other=0.0).to(tl.float32)
+    cm = tl.load(p_c + t * sc_t, mask=m_n, other=0.0).to(tl.float32)
+    return u, dl, z, bm, cm
+
+
+@triton.jit
+def _scan_apply(h, u, dl, z, bm, cm, a2, bias, d_skip, p_y, sy_t, t, T, mi):
+    ok = t < T
+    dt = tl.where(ok, _softplus(dl + bias), 0.0)  # a step past T leaves h as it is
+    h = tl.exp2(dt[:, None] * a2) * h + (dt * u)[:, None] * bm[None, :]
+    y = (tl.sum(h * cm[None, :], axis=1) + d_skip * u) * _silu(z)
+    tl.store(p_y + t * sy_t, y.to(p_y.dtype.element_ty), mask=tl.where(ok, mi, False))
+    return h
+
+
+@triton.jit
+def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, y_ptr, T, I, N,
+                     su_b, su_i, su_t, sd_b, sd_i, sd_t, sz_b, sz_i, sz_t,
+                     sb_b, sb_t, sb_n, sc_b, sc_t, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, sy_t,
+                     BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The recurrence runs token by token over a (BLOCK_I, BLOCK_N) tile held in registers. Its arithmetic is
+    # short; what costs is waiting on loads, so each loop turn issues the loads of 8 tokens before it uses any.
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.arange(0, BLOCK_N)
+    mi = i < I
+    mn = n < N
+    m_in = mi[:, None] & mn[None, :]
+    a2 = tl.load(a_ptr + i[:, None] * N + n[None, :], mask=m_in, other=0.0) * 1.4426950408889634  # exp -> exp2
+    h_ptrs = h_ptr + b * sh_b + i[:, None] * sh_i + n[None, :] * sh_n
+    h = tl.load(h_ptrs, mask=m_in, other=0.0)
+    d_skip = tl.load(d_ptr + i, mask=mi, other=0.0)
+    bias = tl.load(bias_ptr + i, mask=mi, other=0.0)
+    p_u, p_dl, p_z = u_ptr + b * su_b + i * su_i, dl_ptr + b * sd_b + i * sd_i, z_ptr + b * sz_b + i * sz_i
+    p_b, p_c, p_y = bm_ptr + b * sb_b + n * sb_n, cm_ptr + b * sc_b + n * sc_n, y_ptr + b * sy_b + i * sy_i
+    one = tl.full([], 1, tl.int64)  # token offsets in 64 bits: T times a (B, T, 2I) stride can pass 2**31
+    for t0 in range(0, T, 8):
+        t = t0 * one
+        u0, d0, z0, b0, c0 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t, T, mi, mn)
+        u1, d1, z1, b1, c1 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 1, T, mi, mn)
+        u2, d2, z2, b2, c2 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 2, T, mi, mn)
+        u3, d3, z3, b3, c3 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 3, T, mi, mn)
+        u4, d4, z4, b4, c4 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 4, T, mi, mn)
+        u5, d5, z5, b5, c5 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 5, T, mi, mn)
+        u6, d6, z6, b6, c6 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 6, T, mi, mn)
+        u7, d7, z7, b7, c7 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 7, T, mi, mn)
+        h = _scan_apply(h, u0, d0, z0, b0, c0, a2, bias, d_skip, p_y, sy_t, t, T, mi)
+        h = _scan_apply(h, u1, d1, z1, b1, c1, a2, bias, d_skip, p_y, sy_t, t + 1, T, mi)
+        h = _scan_apply(h, u2, d2, z2, b2, c2, a2, bias, d_skip, p_y, sy_t, t + 2, T, mi)
+        h = _scan_apply(h, u3, d3, z3, b3, c3, a2, bias, d_skip, p_y, sy_t, t + 3, T, mi)
+        h = _scan_apply(h, u4, d4, z4, b4, c4, a2, bias, d_skip, p_y, sy_t, t + 4, T, mi)
+        h = _scan_apply(h, u5, d5, z5, b5, c5, a2, bias, d_skip, p_y, sy_t, t + 5, T, mi)
+        h = _scan_apply(h, u6, d6, z6, b6, c6, a2, bias, d_skip, p_y, sy_t, t + 6, T, mi)
+        h = _scan_apply(h, u7, d7, z7, b7, c7, a2, bias, d_skip, p_y, sy_t, t + 7, T, mi)
+    tl.store(h_ptrs, h, mask=m_in)
+
+
+@triton.jit
 def _ssm_step_kernel(u_ptr, dl_ptr, wdt_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, idx_ptr, y_ptr,
                      I, N, R, su_b, su_i, sd_b, sd_i, sw_i, sw_r, sz_b, sz_i, sb_b, sb_n, sc_b, sc_n,
                      sh_b, sh_i, sh_n, sy_b, sy_i,
@@ -276,7 +341,7 @@ def _ssm_step_kernel(u_ptr, dl_ptr, wdt_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
                    D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
-                   out_dtype: torch.dtype = torch.float32, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype = torch.float32, config: tuple | None = None) -> torch.Tensor:
     """Selective scan from ssm_state; shapes and maths as reference.selective_scan_ref.
 
     u, delta, z: (B, I, T); Bm, Cm: (B, T, N); A: (I, N) fp32; D, delta_bias: (I,) fp32; ssm_state (B, I, N) fp32.
@@ -289,11 +354,17 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
         return ssm_step(u[:, :, 0], delta[:, :, 0], A, Bm[:, 0], Cm[:, 0], D, z[:, :, 0], delta_bias, ssm_state,
                         out_dtype=out_dtype).unsqueeze(-1)
     y = torch.empty(bsz, t, dim, dtype=out_dtype, device=u.device).transpose(1, 2)  # (B, I, T)
-    block_t, block_i, warps = config or SCAN_CONFIG
-    _scan_fwd_kernel[(triton.cdiv(dim, block_i), bsz)](
-        u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, t, dim, nst,
-        *u.stride(), *delta.stride(), *z.stride(), *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride(),
-        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)
+    config = config or SCAN_CONFIG
+    args = (u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, t, dim, nst,
+            *u.stride(), *delta.stride(), *z.stride(), *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride())
+    if config[0] == "seq":
+        _, block_i, warps = config
+        _scan_seq_kernel[(triton.cdiv(dim, block_i), bsz)](
+            *args, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)
+    else:
+        _, block_t, block_i, warps = config
+        _scan_fwd_kernel[(triton.cdiv(dim, block_i), bsz)](
+            *args, BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)
     return y
 
 

@@ -161,7 +161,8 @@ def test_selective_scan(b, i, t, n, dtype, layout):
     assert rel_err(args[-1], state_ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("config", [(8, 16, 4), (32, 8, 4), (16, 32, 8)])
+@pytest.mark.parametrize("config", [("seq", 8, 4), ("seq", 32, 4), ("seq", 4, 2), ("chunk", 16, 16, 4),
+                                    ("chunk", 32, 8, 4)])
 def test_selective_scan_configs(config):
     args = _scan_inputs(2, 80, 70, 16, 6, torch.bfloat16, "block")
     state_ref = args[-1].clone()
