@@ -130,7 +130,12 @@ class InferenceSession(GenerationSession):
             span.ckpt_position, span.ckpt_states, span.inputs = ck.position, ck.states, []
         else:
             span.inputs.append(hidden)
-        span.clock.observe(time.perf_counter() - t0, tokens)
+        elapsed = time.perf_counter() - t0
+        span.clock.observe(elapsed, tokens)
+        if tokens == 1:  # what a hop costs beyond the peer's compute: network, codec, queueing
+            overhead = self.stats.setdefault("hop_overhead_ms", [])
+            overhead.append(elapsed * 1000 - res.compute_ms)
+            del overhead[:-256]
         return res.hidden
 
     # ---- routing and recovery -------------------------------------------------------------------------------
