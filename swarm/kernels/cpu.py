@@ -1,13 +1,14 @@
 """Fast CPU backend: numba kernels for the causal conv, the selective scan, RMSNorm and a small-batch GEMV.
 
 Each kernel has the contract of its plain-torch twin in `reference.py` (states updated in place, same shapes and
-output dtypes) and is tested against it in tests/kernels/test_cpu.py. The kernels run in fp32 over zero-copy
-numpy views of the torch tensors; bf16 inputs are widened first (numba has no bf16). Work is split over
-(batch, d_inner) with prange; the scan is sequential over tokens inside the kernel and fuses softplus(delta + bias),
-the D skip and the silu(z) gate; the conv fuses its state update and SiLU.
+output dtypes) and is tested against it in tests/kernels/test_cpu.py. The kernels run in fp32 over zero-copy numpy
+views of the torch tensors; bf16 inputs are widened first (numba has no bf16). The scan is sequential over tokens
+inside the kernel and fuses softplus(delta + bias), the D skip and the silu(z) gate; the conv fuses its state update
+and SiLU. Both split the work over (batch, block of _CW channels) with prange and vectorise across the channels of
+a block: the model's activations are (B, T, I) in memory, channels contiguous.
 
-Decoding calls every kernel once per block per token, so the wrappers stay thin and tiny inputs go to serial
-builds of the same loop bodies: a parallel region costs more than 1536 multiply-adds.
+Decoding calls every kernel once per block per token, so the wrappers stay thin and tiny inputs run serially: a
+parallel region costs more than a few thousand multiply-adds.
 
 Signatures are explicit, so numba compiles (or, with cache=True, loads from __pycache__) exactly one fp32 build of
 each kernel when this module is imported, never in the middle of a decode; any other argument type is a TypeError.
@@ -28,98 +29,166 @@ from numba.extending import intrinsic
 from swarm.kernels import Backend
 
 _F32 = torch.float32
-# fastmath stays off for the scan, conv and norm: their numerics must match the reference to 1e-5, NaNs included.
-_EXACT = dict(fastmath=False, cache=True, nogil=True)
-# A dot product only vectorises if the sum may be reordered (BLAS does the same); no approximate maths, no nnan.
-_DOT = dict(fastmath={"reassoc", "contract"}, cache=True, nogil=True)
+# fastmath stays off for the scan, conv and norm (their numerics must match the reference to 1e-5, NaNs included).
+# error_model="numpy": a float division is a division, not a branch that raises ZeroDivisionError (and stops
+# LLVM from vectorising the loop around it).
+_EXACT = dict(fastmath=False, error_model="numpy", cache=True, nogil=True)
+# A dot product only vectorises if its sum may be reordered (BLAS does the same); no approximations, no nnan.
+_DOT = dict(fastmath={"reassoc", "contract"}, error_model="numpy", cache=True, nogil=True)
 
-_SMALL = 1 << 14  # below this many (row x column) updates a parallel region costs more than it saves
+_CW = 64  # channels per block of work: LLVM's vector loop runs 32 lanes at a time, so fewer would stay scalar
+# Below this many element updates a kernel runs serially: a parallel region costs a few microseconds when both
+# cores are free, and far more when another process holds one (the region waits for its slowest thread).
+_SMALL = 1 << 16
 
-# numba array types: C = contiguous, A = any strides (the transposed (B, I, T) views the model passes)
+# numba array types: C = contiguous, A = any strides
 _A3 = float32[:, :, :]
 _C3 = float32[:, :, ::1]
 _C2 = float32[:, ::1]
 _C1 = float32[::1]
 
+# ------------------------------------------------------------------------------------- vectorisable exp and log1p
+# libm's expf/log1pf are opaque calls that keep a loop scalar; these are Cephes' polynomials (max relative error
+# 1.2e-7 where the scan uses them), written so that LLVM turns a loop of them into AVX2 code.
 
-# ---------------------------------------------------------------------------------------------------- exp for the scan
+_I32, _FLT = ir.IntType(32), ir.FloatType()
+
 
 @intrinsic
-def _f32_from_bits(typingctx, bits):
-    """Reinterpret int32 bits as a float32: how the fast exp builds 2**k without a libm call."""
-    if bits != types.int32:
+def _pow2(typingctx, k):
+    """2**k for a float32 k holding an integer in [-126, 127], built in the exponent field."""
+    if k != types.float32:
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+        bits = builder.shl(builder.add(builder.fptosi(args[0], _I32), ir.Constant(_I32, 127)), ir.Constant(_I32, 23))
+        return builder.bitcast(bits, _FLT)
 
-    return types.float32(types.int32), codegen
+    return types.float32(types.float32), codegen
 
 
-_LOG2E = np.float32(1.44269504088896341)
-_LN2_HI = np.float32(0.693359375)  # ln 2 = HI + LO, HI exact in few bits so k * HI is exact (Cody-Waite)
-_LN2_LO = np.float32(-2.12194440e-4)
-_EXP_MIN = np.float32(-87.33654)  # ln(FLT_MIN): below it exp is 0 here (no denormals in the state)
-_EXP_MAX = np.float32(88.0)  # above it exp is inf here (exact exp overflows at 88.72)
-_P = [np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
-                               1.6666665459e-1, 5.0000001201e-1)]
-_P0, _P1, _P2, _P3, _P4, _P5 = _P
-_HALF, _ONE, _ZERO, _TWENTY = np.float32(0.5), np.float32(1.0), np.float32(0.0), np.float32(20.0)
-_INF = np.float32(np.inf)
+@intrinsic
+def _mantissa(typingctx, u):
+    """u / 2**floor(log2 u), in [1, 2), for a positive normal float32."""
+    if u != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], _I32)
+        m = builder.or_(builder.and_(bits, ir.Constant(_I32, 0x007FFFFF)), ir.Constant(_I32, 0x3F800000))
+        return builder.bitcast(m, _FLT)
+
+    return types.float32(types.float32), codegen
+
+
+@intrinsic
+def _exponent(typingctx, u):
+    """floor(log2 u) as a float32, for a positive normal float32."""
+    if u != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], _I32)
+        e = builder.sub(builder.lshr(bits, ir.Constant(_I32, 23)), ir.Constant(_I32, 127))
+        return builder.sitofp(e, _FLT)
+
+    return types.float32(types.float32), codegen
+
+
+_f = np.float32
+_ZERO, _HALF, _ONE, _TWENTY, _INF, _SQRT2 = _f(0), _f(0.5), _f(1), _f(20), _f(np.inf), _f(1.41421356)
+_LOG2E, _LN2_HI, _LN2_LO = _f(1.44269504088896341), _f(0.693359375), _f(-2.12194440e-4)  # ln2 = HI + LO
+_EXP_MIN, _EXP_MAX = _f(-87.33654), _f(88.0)  # ln(FLT_MIN); exp is 0 below (no denormals), inf above 88
+_E0, _E1, _E2, _E3, _E4, _E5 = (_f(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                                 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+_L0, _L1, _L2, _L3, _L4, _L5, _L6, _L7, _L8 = (_f(c) for c in (
+    7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1,
+    2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1))
 
 
 @njit(float32(float32), **_EXACT)
 def _exp(x):
-    """expf (Cephes polynomial, max relative error ~2e-7) that LLVM can vectorise, unlike a call into libm.
-
-    The scan evaluates exp(dt * A) d_state times per token and channel; this is most of its arithmetic.
-    """
+    """expf; NaN in, NaN out."""
     xc = min(max(x, _EXP_MIN), _EXP_MAX)
     k = np.floor(xc * _LOG2E + _HALF)
-    r = xc - k * _LN2_HI - k * _LN2_LO
-    p = (((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * (r * r) + r + _ONE
-    y = p * _f32_from_bits(np.int32((np.int32(k) + np.int32(127)) << np.int32(23)))
-    if x < _EXP_MIN:
-        y = _ZERO
-    if x > _EXP_MAX:
-        y = _INF
-    if x != x:  # NaN in, NaN out (min/max above would swallow it)
-        y = x
-    return y
+    r = xc - k * _LN2_HI - k * _LN2_LO  # Cody-Waite: k * HI is exact
+    p = (((((_E0 * r + _E1) * r + _E2) * r + _E3) * r + _E4) * r + _E5) * (r * r) + r + _ONE
+    y = p * _pow2(k)
+    y = _ZERO if x < _EXP_MIN else y
+    y = _INF if x > _EXP_MAX else y
+    return x if x != x else y
 
 
-# ------------------------------------------------------------------------------------------------------- conv kernel
+@njit(float32(float32), **_EXACT)
+def _log1p(x):
+    """log1p for x >= 0 (NaN propagates): log(1 + x) plus the rounding error of 1 + x."""
+    u = _ONE + x
+    m, e = _mantissa(u), _exponent(u)
+    big = m > _SQRT2
+    m = m * _HALF if big else m  # m in [sqrt(1/2), sqrt(2))
+    e = e + _ONE if big else e
+    f = m - _ONE
+    z = f * f
+    p = ((((((((_L0 * f + _L1) * f + _L2) * f + _L3) * f + _L4) * f + _L5) * f + _L6) * f + _L7) * f + _L8) * f * z
+    r = f + (p + _LN2_LO * e - _HALF * z) + _LN2_HI * e
+    return r + (x - (u - _ONE)) / u
 
-@njit(types.void(_A3, _C3, _C2, _C1, _C3, int64, int64), **_EXACT)
-def _conv_rows(x, state, w, bias, y, lo, hi):
-    """Rows lo..hi of the flattened (batch, channel) grid; see conv1d. y: (B, T, I)."""
-    n_ch, k_w = w.shape
-    t_len = x.shape[2]
-    for row in range(lo, hi):
-        b = row // n_ch
-        c = row - b * n_ch
-        for t in range(t_len):
-            acc = bias[c]
-            for k in range(k_w):
-                j = t + k  # index into [state[1:], x], the K-1+T inputs the conv sees
-                v = state[b, c, 1 + j] if j < k_w - 1 else x[b, c, j - (k_w - 1)]
-                acc += w[c, k] * v
-            y[b, t, c] = acc / (_ONE + np.exp(-acc))
-        # new state = the last K of [state[1:], x]; increasing k only reads entries not yet overwritten
+
+@njit(float32(float32), **_EXACT)
+def _softplus(x):
+    """F.softplus (beta 1, threshold 20)."""
+    sp = _log1p(_exp(x))
+    return x if x > _TWENTY else sp
+
+
+@njit(float32(float32), **_EXACT)
+def _silu(x):
+    return x / (_ONE + _exp(-x))
+
+
+# ------------------------------------------------------------------------------------------------------------ conv
+
+@njit(types.void(_C3, _C3, _C2, _C1, _C3, int64, int64), **_EXACT)
+def _conv_jobs(x, state, w, bias, y, lo, hi):
+    """Jobs lo..hi of the (batch, channel block) grid. x, y: (B, T, I); state: (B, I, K); w: (I, K)."""
+    t_len, n_ch = x.shape[1], x.shape[2]
+    k_w = w.shape[1]
+    blocks = (n_ch + _CW - 1) // _CW
+    win = np.empty((k_w, _CW), np.float32)  # [state[1:], x] from token t on, block-transposed
+    wt = np.empty((k_w, _CW), np.float32)
+    acc = np.empty(_CW, np.float32)
+    for job in range(lo, hi):
+        b = job // blocks
+        c0 = (job - b * blocks) * _CW
+        cw = min(_CW, n_ch - c0)
         for k in range(k_w):
+            for cc in range(cw):
+                win[k, cc] = state[b, c0 + cc, k]
+                wt[k, cc] = w[c0 + cc, k]
+        for t in range(t_len):
+            for cc in range(cw):
+                acc[cc] = bias[c0 + cc]
+            for k in range(k_w):
+                j = t + k  # input index into [state[1:], x]
+                if j < k_w - 1:
+                    for cc in range(cw):
+                        acc[cc] += wt[k, cc] * win[1 + j, cc]
+                else:
+                    for cc in range(cw):
+                        acc[cc] += wt[k, cc] * x[b, j - (k_w - 1), c0 + cc]
+            for cc in range(cw):
+                y[b, t, c0 + cc] = _silu(acc[cc])
+        for k in range(k_w):  # new state: the last K of [state[1:], x]
             j = t_len - 1 + k
-            state[b, c, k] = state[b, c, 1 + j] if j < k_w - 1 else x[b, c, j - (k_w - 1)]
+            for cc in range(cw):
+                state[b, c0 + cc, k] = win[1 + j, cc] if j < k_w - 1 else x[b, j - (k_w - 1), c0 + cc]
 
 
-@njit(types.void(_A3, _C3, _C2, _C1, _C3), parallel=True, **_EXACT)
+@njit(types.void(_C3, _C3, _C2, _C1, _C3), parallel=True, **_EXACT)
 def _conv_par(x, state, w, bias, y):
-    rows = x.shape[0] * x.shape[1]
-    chunk = 64
-    for ci in prange((rows + chunk - 1) // chunk):
-        _conv_rows(x, state, w, bias, y, ci * chunk, min(rows, (ci + 1) * chunk))
-
-
-_zero_bias: dict[int, torch.Tensor] = {}
+    jobs = x.shape[0] * ((x.shape[2] + _CW - 1) // _CW)
+    for job in prange(jobs):
+        _conv_jobs(x, state, w, bias, y, job, job + 1)
 
 
 def conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
@@ -130,54 +199,62 @@ def conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
     Returns (B, I, T) in x's dtype, as a transposed view of a (B, T, I) buffer: the layout x_proj wants next.
     """
     bsz, ch, t_len = x.shape
-    xf = x if x.dtype == _F32 else x.float()
-    if bias is None:
-        bias = _zero_bias.get(ch)
-        if bias is None:
-            bias = _zero_bias.setdefault(ch, torch.zeros(ch))
-    st = conv_state if conv_state.is_contiguous() else conv_state.contiguous()
-    y = torch.empty(bsz, t_len, ch)  # (B, T, I)
-    args = (xf.numpy(), st.numpy(), _f32c(weight).numpy(), _f32c(bias).numpy(), y.numpy())
+    st, st_back = _state(conv_state)
+    y = np.empty((bsz, t_len, ch), np.float32)
+    args = (_btI(x), st, _c32(weight), _zeros(ch) if bias is None else _c32(bias), y)
     if bsz * ch * t_len * weight.shape[1] < _SMALL:
-        _conv_rows(*args, 0, bsz * ch)
+        _conv_jobs(*args, 0, bsz * ((ch + _CW - 1) // _CW))
     else:
         _conv_par(*args)
-    if st is not conv_state:
-        conv_state.copy_(st)
-    y = y.transpose(1, 2)  # (B, I, T)
-    return y if x.dtype == _F32 else y.to(x.dtype)
+    if st_back:
+        conv_state.copy_(torch.from_numpy(st))
+    out = torch.from_numpy(y.transpose(0, 2, 1))  # (B, I, T)
+    return out if x.dtype == _F32 else out.to(x.dtype)
 
 
-# ------------------------------------------------------------------------------------------------------- scan kernel
+# ------------------------------------------------------------------------------------------------------------ scan
 
-@njit(types.void(_A3, _A3, _C2, _C3, _C3, _C1, _A3, _C1, _C3, _C3, int64, int64), **_EXACT)
-def _scan_rows(u, delta, a, bm, cm, d_skip, z, dt_bias, state, y, lo, hi):
-    """Rows lo..hi of the flattened (batch, channel) grid, sequential over tokens; see scan. y: (B, T, I)."""
-    n_ch, n_st = a.shape
-    t_len = u.shape[2]
-    for row in range(lo, hi):
-        b = row // n_ch
-        c = row - b * n_ch
+@njit(types.void(_C3, _C3, _C2, _A3, _A3, _C1, _C3, _C1, _C3, _C3, int64, int64), **_EXACT)
+def _scan_jobs(u, delta, a, bm, cm, d_skip, z, dt_bias, state, y, lo, hi):
+    """Jobs lo..hi of the (batch, channel block) grid. u, delta, z, y: (B, T, I); bm, cm: (B, T, N)."""
+    t_len, n_ch = u.shape[1], u.shape[2]
+    n_st = a.shape[1]
+    blocks = (n_ch + _CW - 1) // _CW
+    # one scratch array, so LLVM sees that its rows do not alias: h (N rows), A (N rows), dt, u, y
+    w = np.empty((2 * n_st + 3, _CW), np.float32)
+    r_dt, r_u, r_y = 2 * n_st, 2 * n_st + 1, 2 * n_st + 2
+    for job in range(lo, hi):
+        b = job // blocks
+        c0 = (job - b * blocks) * _CW
+        cw = min(_CW, n_ch - c0)
+        for n in range(n_st):
+            for cc in range(cw):
+                w[n, cc] = state[b, c0 + cc, n]
+                w[n_st + n, cc] = a[c0 + cc, n]
         for t in range(t_len):
-            dt = delta[b, c, t] + dt_bias[c]
-            if not dt > _TWENTY:  # F.softplus(threshold=20); NaN goes through log1p and stays NaN
-                dt = np.log1p(np.exp(dt))
-            ut = u[b, c, t]
-            for n in range(n_st):  # vectorised: no reduction in this loop
-                state[b, c, n] = _exp(dt * a[c, n]) * state[b, c, n] + dt * bm[b, t, n] * ut
-            acc = _ZERO
+            for cc in range(cw):
+                w[r_dt, cc] = _softplus(delta[b, t, c0 + cc] + dt_bias[c0 + cc])
+                w[r_u, cc] = u[b, t, c0 + cc]
+                w[r_y, cc] = _ZERO
             for n in range(n_st):
-                acc += state[b, c, n] * cm[b, t, n]
-            zt = z[b, c, t]
-            y[b, t, c] = (acc + ut * d_skip[c]) * (zt / (_ONE + np.exp(-zt)))
+                bn, cn = bm[b, t, n], cm[b, t, n]
+                for cc in range(cw):
+                    dt = w[r_dt, cc]
+                    h = _exp(dt * w[n_st + n, cc]) * w[n, cc] + dt * bn * w[r_u, cc]
+                    w[n, cc] = h
+                    w[r_y, cc] += h * cn
+            for cc in range(cw):
+                y[b, t, c0 + cc] = (w[r_y, cc] + w[r_u, cc] * d_skip[c0 + cc]) * _silu(z[b, t, c0 + cc])
+        for n in range(n_st):
+            for cc in range(cw):
+                state[b, c0 + cc, n] = w[n, cc]
 
 
-@njit(types.void(_A3, _A3, _C2, _C3, _C3, _C1, _A3, _C1, _C3, _C3), parallel=True, **_EXACT)
+@njit(types.void(_C3, _C3, _C2, _A3, _A3, _C1, _C3, _C1, _C3, _C3), parallel=True, **_EXACT)
 def _scan_par(u, delta, a, bm, cm, d_skip, z, dt_bias, state, y):
-    rows = u.shape[0] * u.shape[1]
-    chunk = 32
-    for ci in prange((rows + chunk - 1) // chunk):
-        _scan_rows(u, delta, a, bm, cm, d_skip, z, dt_bias, state, y, ci * chunk, min(rows, (ci + 1) * chunk))
+    jobs = u.shape[0] * ((u.shape[2] + _CW - 1) // _CW)
+    for job in prange(jobs):
+        _scan_jobs(u, delta, a, bm, cm, d_skip, z, dt_bias, state, y, job, job + 1)
 
 
 def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
@@ -189,17 +266,16 @@ def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor
     buffer (what out_proj wants next).
     """
     bsz, ch, t_len = u.shape
-    st = ssm_state if ssm_state.is_contiguous() else ssm_state.contiguous()
-    y = torch.empty(bsz, t_len, ch)  # (B, T, I)
-    args = (_f32(u).numpy(), _f32(delta).numpy(), _f32c(A).numpy(), _f32c(Bm).numpy(), _f32c(Cm).numpy(),
-            _f32c(D).numpy(), _f32(z).numpy(), _f32c(delta_bias).numpy(), st.numpy(), y.numpy())
+    st, st_back = _state(ssm_state)
+    y = np.empty((bsz, t_len, ch), np.float32)
+    args = (_btI(u), _btI(delta), _c32(A), _np32(Bm), _np32(Cm), _c32(D), _btI(z), _c32(delta_bias), st, y)
     if bsz * ch * t_len * A.shape[1] < _SMALL:
-        _scan_rows(*args, 0, bsz * ch)
+        _scan_jobs(*args, 0, bsz * ((ch + _CW - 1) // _CW))
     else:
         _scan_par(*args)
-    if st is not ssm_state:
-        ssm_state.copy_(st)
-    return y.transpose(1, 2)
+    if st_back:
+        ssm_state.copy_(torch.from_numpy(st))
+    return torch.from_numpy(y.transpose(0, 2, 1))  # (B, I, T)
 
 
 # --------------------------------------------------------------------------------------------------------- RMSNorm
@@ -208,7 +284,7 @@ def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor
 def _rms_rows(x, w, eps, out, lo, hi):
     dim = x.shape[1]
     for r in range(lo, hi):
-        ss = 0.0  # float64: the mean of squares is exact to fp32 whatever the order
+        ss = 0.0  # float64: the mean of squares comes out exact to fp32 whatever the order
         for j in range(dim):
             ss += np.float64(x[r, j]) * x[r, j]
         inv = _ONE / np.sqrt(np.float32(ss / dim) + eps)
@@ -218,48 +294,52 @@ def _rms_rows(x, w, eps, out, lo, hi):
 
 @njit(types.void(_C2, _C1, float32, _C2), parallel=True, **_EXACT)
 def _rms_par(x, w, eps, out):
-    rows = x.shape[0]
-    chunk = 16
-    for ci in prange((rows + chunk - 1) // chunk):
-        _rms_rows(x, w, eps, out, ci * chunk, min(rows, (ci + 1) * chunk))
+    for r in prange(x.shape[0]):
+        _rms_rows(x, w, eps, out, r, r + 1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as rms_norm_ref: statistics in fp32, result in weight's dtype. x: (..., D); weight: (D,)."""
     dim = x.shape[-1]
-    x2 = _f32c(x).reshape(-1, dim)  # (rows, D)
-    out = torch.empty(x2.shape)
-    args = (x2.numpy(), _f32c(weight).numpy(), np.float32(eps), out.numpy())
+    x2 = _c32(x).reshape(-1, dim)  # (rows, D)
+    out = np.empty(x2.shape, np.float32)
+    args = (x2, _c32(weight), np.float32(eps), out)
     if x2.shape[0] * dim < _SMALL:
         _rms_rows(*args, 0, x2.shape[0])
     else:
         _rms_par(*args)
-    out = out.view(x.shape)
-    return out if weight.dtype == _F32 else out.to(weight.dtype)
+    y = torch.from_numpy(out.reshape(x.shape))
+    return y if weight.dtype == _F32 else y.to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------- linear
 
-_GEMV_ROWS = 8  # up to this many token rows the GEMV below streams each weight once and beats MKL; past it MKL wins
+_GEMV_ROWS = 8  # up to this many token rows the GEMV below (one pass over the weights) beats MKL's GEMM
+_SERIAL_GEMV = 1 << 19  # smaller weights (x_proj, dt_proj) stream fast enough from one core
+
+
+@njit(types.void(_C2, _C2, _C2, int64, int64), **_DOT)
+def _gemv_rows(x, w, y, lo, hi):
+    """Outputs lo..hi of y = x @ w.T for a few rows x. x: (R, In), w: (Out, In), y: (R, Out).
+
+    Decoding is memory-bound: this streams each weight row once for all R rows, at about twice the bandwidth
+    MKL's sgemv reaches on this AMD machine.
+    """
+    n_rows, n_in = x.shape
+    for o in range(lo, hi):
+        for r in range(n_rows):
+            acc = _ZERO
+            for j in range(n_in):
+                acc += x[r, j] * w[o, j]
+            y[r, o] = acc
 
 
 @njit(types.void(_C2, _C2, _C2), parallel=True, **_DOT)
-def _gemv(x, w, y):
-    """y = x @ w.T for a few rows x. x: (R, In), w: (Out, In), y: (R, Out).
-
-    Decoding is memory-bound: this reads each weight row once for all R rows, on both cores; MKL's sgemv reaches
-    about half of this machine's bandwidth.
-    """
-    n_rows, n_in = x.shape
+def _gemv_par(x, w, y):
     n_out = w.shape[0]
     chunk = 64
     for ci in prange((n_out + chunk - 1) // chunk):
-        for o in range(ci * chunk, min(n_out, (ci + 1) * chunk)):
-            for r in range(n_rows):
-                acc = _ZERO
-                for j in range(n_in):
-                    acc += x[r, j] * w[o, j]
-                y[r, o] = acc
+        _gemv_rows(x, w, y, ci * chunk, min(n_out, (ci + 1) * chunk))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -268,37 +348,69 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // n_in if n_in else 0
     if rows > _GEMV_ROWS or rows == 0 or x.dtype != _F32 or weight.dtype != _F32 or not weight.is_contiguous():
         return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, n_in)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    y = torch.empty(rows, weight.shape[0])
-    _gemv(x2.numpy(), weight.numpy(), y.numpy())
-    if bias is not None:
-        y += bias
-    return y.view(*x.shape[:-1], weight.shape[0])
+    x2 = x.numpy().reshape(rows, n_in)
+    if not x2.flags.c_contiguous:
+        x2 = np.ascontiguousarray(x2)
+    y = np.empty((rows, weight.shape[0]), np.float32)
+    if weight.numel() < _SERIAL_GEMV:
+        _gemv_rows(x2, weight.numpy(), y, 0, weight.shape[0])
+    else:
+        _gemv_par(x2, weight.numpy(), y)
+    out = torch.from_numpy(y.reshape(*x.shape[:-1], weight.shape[0]))
+    return out if bias is None else out.add_(bias)
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == _F32 else t.float()
+# The wrappers run once per kernel per block per token: numpy's views cost a fifth of torch's, so they work in numpy.
+
+def _np32(t: torch.Tensor) -> np.ndarray:
+    """An fp32 numpy view of `t` (any strides; a widened copy if `t` is not fp32)."""
+    return (t if t.dtype == _F32 else t.float()).numpy()
 
 
-def _f32c(t: torch.Tensor) -> torch.Tensor:
-    t = t if t.dtype == _F32 else t.float()
-    return t if t.is_contiguous() else t.contiguous()
+def _c32(t: torch.Tensor) -> np.ndarray:
+    """A contiguous fp32 numpy array of `t`: a view where possible."""
+    a = _np32(t)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _btI(x: torch.Tensor) -> np.ndarray:
+    """A (B, I, T) tensor as a contiguous fp32 (B, T, I) array: a view for the model's activations, which are
+    transposed (B, T, I) buffers already; a copy otherwise (the loops vectorise across channels at unit stride)."""
+    return np.ascontiguousarray(_np32(x).transpose(0, 2, 1))
+
+
+def _state(t: torch.Tensor) -> tuple[np.ndarray, bool]:
+    """A state tensor as a contiguous fp32 array the kernel updates in place, and whether to copy it back."""
+    if t.dtype != _F32:
+        raise TypeError(f"kernel states are fp32, got {t.dtype}")
+    a = t.numpy()
+    return (a, False) if a.flags.c_contiguous else (np.ascontiguousarray(a), True)
+
+
+_zero_cache: dict[int, np.ndarray] = {}
+
+
+def _zeros(n: int) -> np.ndarray:
+    """A shared read-only zero bias (adding 0.0 changes nothing)."""
+    z = _zero_cache.get(n)
+    if z is None:
+        z = _zero_cache[n] = np.zeros(n, np.float32)
+    return z
 
 
 def warmup() -> None:
-    """Run every kernel once on tiny inputs, serial and parallel builds, so the first real token pays nothing."""
+    """Run every kernel once, serial and parallel, so that the first real token pays for no page faults."""
+    b, i, n, k = 1, 256, 16, 4
     for t_len in (1, 64):
-        b, i, n, k = 1, 256, 16, 4
-        x = torch.randn(b, i, t_len)
+        x = torch.randn(b, t_len, i).transpose(1, 2)
         conv1d(x, torch.zeros(b, i, k), torch.randn(i, k), None)
         scan(x, x, -torch.rand(i, n), torch.randn(b, t_len, n), torch.randn(b, t_len, n), torch.ones(i), x,
              torch.zeros(i), torch.zeros(b, i, n))
         rms_norm(torch.randn(t_len, i), torch.ones(i), 1e-5)
     linear(torch.randn(1, i), torch.randn(64, i))
+    linear(torch.randn(1, i), torch.randn(_SERIAL_GEMV // i, i))
 
 
 @dataclass(frozen=True)

@@ -67,14 +67,17 @@ class Mixer(nn.Module):
             self.prepare()
         p = self._prepared
         cfg = self.cfg
-        xz = self.in_proj(h)  # (B, T, 2I)
-        x, z = xz.chunk(2, dim=-1)
+        i = cfg.intermediate_size
+        # a backend may bring its own matmul (the CPU one streams weights faster than MKL's GEMV); F.linear otherwise
+        linear = getattr(kern, "linear", F.linear)
+        xz = linear(h, self.in_proj.weight, self.in_proj.bias)  # (B, T, 2I)
+        x, z = xz[..., :i], xz[..., i:]  # (B, T, I) views
         x = kern.conv1d(x.transpose(1, 2), state.conv, p["conv_w"], p["conv_b"])  # (B, I, T)
-        dbc = self.x_proj(x.transpose(1, 2))  # (B, T, R + 2N)
+        dbc = linear(x.transpose(1, 2), self.x_proj.weight)  # (B, T, R + 2N)
         dt, bm, cm = torch.split(dbc, [cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, I, T), bias added inside the scan
+        delta = linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, I, T), bias added inside the scan
         y = kern.scan(x, delta, p["A"], bm, cm, p["D"], z.transpose(1, 2), p["dt_bias"], state.ssm)  # (B, I, T)
-        return self.out_proj(y.transpose(1, 2).to(h.dtype))
+        return linear(y.transpose(1, 2).to(h.dtype), self.out_proj.weight, self.out_proj.bias)
 
 
 class MambaBlock(nn.Module):

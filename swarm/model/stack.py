@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swarm.errors import ConfigError, UnknownTensor
-from swarm.kernels import Backend, backend_for
+from swarm.kernels import Backend, backend_for, get_backend
 from swarm.model.block import LayerState, MambaBlock, RMSNorm
 from swarm.model.config import MambaConfig
 
@@ -54,7 +54,6 @@ class BlockStack(nn.Module):
         return stack
 
     def set_backend(self, name: str | None) -> None:
-        from swarm.kernels import get_backend
         dev = next(self.parameters()).device
         self.kern = get_backend(name) if name else backend_for(dev)
         for b in self.blocks:
@@ -91,10 +90,12 @@ class Head(nn.Module):
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.kern: Backend | None = None
 
     @classmethod
     def from_tensors(cls, cfg: MambaConfig, tensors: Mapping[str, torch.Tensor],
-                     device: str | torch.device = "cpu") -> "Head":
+                     device: str | torch.device = "cpu", backend: str | None = None) -> "Head":
+        """Build from canonical (HF) tensor names; `backend` names the kernels, default the fast one for `device`."""
         with torch.device("meta"):
             head = cls(cfg)
         head.to_empty(device=device)
@@ -103,6 +104,7 @@ class Head(nn.Module):
         if head.lm_head is not None:
             _load(head.lm_head, tensors, "lm_head.", "head")
         head.requires_grad_(False)
+        head.kern = get_backend(backend) if backend else backend_for(device)
         return head
 
     @torch.inference_mode()
@@ -114,7 +116,8 @@ class Head(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (B, T, d_model) fp32 -> logits (B, T, vocab) fp32."""
         w = self.norm_f.weight
-        from swarm.kernels.reference import rms_norm_ref
-        h = rms_norm_ref(hidden.to(w.device, w.dtype), w, self.norm_f.eps)
+        kern = self.kern or backend_for(w.device)
+        h = kern.rms_norm(hidden.to(w.device, w.dtype), w, self.norm_f.eps)
         weight = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight).float()
+        # the LM head is the largest matrix per token (vocab x d_model); a backend's own matmul streams it fastest
+        return getattr(kern, "linear", F.linear)(h, weight).float()

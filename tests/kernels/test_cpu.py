@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from swarm.kernels import cpu, reference
-from swarm.model import BlockStack, LayerState, MambaConfig
+from swarm.model import BlockStack, Head, LayerState, MambaConfig
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 BF16 = dict(rtol=2e-2, atol=2e-2)
 
 # (batch, d_inner, tokens, d_state or d_conv): odd sizes, T=1 decode, serial and parallel paths (see cpu._SMALL)
-SHAPES = [(1, 7, 1, 4), (3, 33, 1, 4), (1, 65, 5, 3), (3, 130, 37, 4), (2, 300, 19, 16), (1, 1536, 1, 16)]
+SHAPES = [(1, 7, 1, 4), (3, 33, 1, 4), (1, 65, 5, 3), (3, 130, 37, 4), (2, 300, 19, 16), (1, 1536, 1, 16),
+          (2, 700, 33, 16)]
 
 
 def gen(seed: int) -> torch.Generator:
@@ -105,7 +106,7 @@ def test_noncontiguous_state_updated_in_place():
     torch.testing.assert_close(big[:, :, ::2], st_ref, **FP32)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 768), (3, 37, 130), (2, 200, 96)])
+@pytest.mark.parametrize("shape", [(1, 1, 768), (3, 37, 130), (3, 300, 130)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_matches_reference(shape, dtype):
     g = gen(shape[1])
@@ -118,11 +119,12 @@ def test_rms_norm_matches_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])
-def test_linear_matches_torch(rows):
+@pytest.mark.parametrize("n_out", [131, 1200])  # serial and parallel GEMV
+def test_linear_matches_torch(rows, n_out):
     g = gen(rows)
-    x = torch.randn(rows, 1, 97, generator=g)
-    w = torch.randn(131, 97, generator=g) / 10
-    bias = torch.randn(131, generator=g)
+    x = torch.randn(rows, 1, 497, generator=g)
+    w = torch.randn(n_out, 497, generator=g) / 10
+    bias = torch.randn(n_out, generator=g)
     torch.testing.assert_close(cpu.linear(x, w), F.linear(x, w), **FP32)
     torch.testing.assert_close(cpu.linear(x, w, bias), F.linear(x, w, bias), **FP32)
 
@@ -144,20 +146,26 @@ def random_tensors(cfg: MambaConfig, seed: int) -> dict[str, torch.Tensor]:
         if rest.endswith("A_log"):
             t = torch.log(torch.rand(p.shape, generator=g) * 8 + 0.5)
         out[f"backbone.layers.{j}.{rest}"] = t
+    out["backbone.embeddings.weight"] = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g)
+    out["backbone.norm_f.weight"] = 1 + 0.1 * torch.randn(cfg.hidden_size, generator=g)
     return out
 
 
-def test_block_stack_cpu_matches_reference():
+def test_model_on_cpu_backend_matches_reference():
+    """Embed, prefill 11 tokens, decode 5 greedily: hidden states, logits and final states agree."""
     tensors = random_tensors(TINY, 0)
     ref = BlockStack.from_tensors(TINY, 0, 3, tensors, backend="reference")
     fast = BlockStack.from_tensors(TINY, 0, 3, tensors, backend="cpu")
+    head_ref, head_fast = Head.from_tensors(TINY, tensors, backend="reference"), Head.from_tensors(TINY, tensors)
+    assert fast.kern.name == head_fast.kern.name == "cpu"
     s_ref, s_fast = ref.new_states(2), fast.new_states(2)
-    g = gen(1)
-    hidden = torch.randn(2, 11, TINY.hidden_size, generator=g)
-    torch.testing.assert_close(fast(hidden, s_fast), ref(hidden, s_ref), **FP32)  # prefill
-    for _ in range(5):  # decode
-        hidden = torch.randn(2, 1, TINY.hidden_size, generator=g)
-        torch.testing.assert_close(fast(hidden, s_fast), ref(hidden, s_ref), **FP32)
+    ids = torch.randint(0, TINY.vocab_size, (2, 11), generator=gen(1))
+    for _ in range(6):  # prefill, then decode steps
+        h_ref, h_fast = ref(head_ref.embed(ids), s_ref), fast(head_fast.embed(ids), s_fast)
+        torch.testing.assert_close(h_fast, h_ref, **FP32)
+        logits = head_fast.logits(h_fast[:, -1:])
+        torch.testing.assert_close(logits, head_ref.logits(h_ref[:, -1:]), **FP32)
+        ids = logits.argmax(-1)  # (2, 1)
     for a, b in zip(s_fast, s_ref):
         torch.testing.assert_close(a.conv, b.conv, **FP32)
         torch.testing.assert_close(a.ssm, b.ssm, **FP32)

@@ -1,0 +1,144 @@
+"""CPU speed of swarm's model (BlockStack + Head) next to transformers' MambaForCausalLM on the same random weights.
+
+mamba-130m shapes, fp32, batch 1: greedy decode tokens/s and a 512-token prefill (states plus last-token logits).
+Run: python scripts/bench_cpu.py [--rounds 3] [--steps 32] [--prefill 512] [--threads 2] [--no-reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from swarm.model import BlockStack, Head, MambaConfig
+
+
+def hf_model(layers: int):
+    import transformers
+
+    cfg = transformers.MambaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=layers, state_size=16,
+                                   conv_kernel=4, expand=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(cfg).eval()
+    return cfg, model
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls after one untimed call."""
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return ts
+
+
+class Ours:
+    def __init__(self, cfg: MambaConfig, tensors: dict[str, torch.Tensor], backend: str):
+        self.stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, backend=backend)
+        self.head = Head.from_tensors(cfg, tensors)
+
+    def prefill(self, ids: torch.Tensor):
+        states = self.stack.new_states(ids.shape[0])
+        hidden = self.stack(self.head.embed(ids), states)
+        return self.head.logits(hidden[:, -1:])[:, -1], states
+
+    def decode(self, ids: torch.Tensor, steps: int, warmup: int) -> list[float]:
+        """Seconds of each of `steps` greedy decode steps after `ids` and `warmup` untimed steps."""
+        logits, states = self.prefill(ids)
+        tok = logits.argmax(-1, keepdim=True)  # (B, 1)
+        ts = []
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            logits = self.head.logits(self.stack(self.head.embed(tok), states))[:, -1]
+            tok = logits.argmax(-1, keepdim=True)
+            ts.append(time.perf_counter() - t)
+        return ts[warmup:]
+
+
+class Transformers:
+    def __init__(self, model):
+        self.model = model
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor):
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.cache_params
+
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor, steps: int, warmup: int) -> list[float]:
+        logits, cache = self.prefill(ids)
+        tok = logits.argmax(-1, keepdim=True)
+        ts = []
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            out = self.model(input_ids=tok, cache_params=cache, use_cache=True)
+            cache = out.cache_params
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            ts.append(time.perf_counter() - t)
+        return ts[warmup:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=32, help="decode tokens timed per round (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=4, help="decode tokens run before timing")
+    ap.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill benchmark")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of (decode, one prefill) for every runner")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (numba uses every core)")
+    ap.add_argument("--layers", type=int, default=24, help="blocks (24 is mamba-130m)")
+    ap.add_argument("--no-reference", action="store_true", help="skip our model on the plain-torch kernels")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from swarm.kernels import cpu
+    cpu.warmup()
+    hf_cfg, model = hf_model(args.layers)
+    cfg = MambaConfig.from_dict(hf_cfg.to_dict())
+    tensors = {k: v.detach() for k, v in model.state_dict().items()}
+    runners = {"swarm (cpu)": Ours(cfg, tensors, "cpu")}
+    if not args.no_reference:
+        runners["swarm (reference)"] = Ours(cfg, tensors, "reference")
+    runners["transformers"] = Transformers(model)
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 8), generator=g)
+    long_prompt = torch.randint(0, cfg.vocab_size, (1, args.prefill), generator=g)
+
+    # same weights, same maths: the last-token logits of the long prompt must agree
+    got = {name: r.prefill(long_prompt)[0] for name, r in runners.items()}
+    base = got["transformers"]
+    for name, logits in got.items():
+        print(f"{name:>18}: max |logits - transformers| = {(logits - base).abs().max().item():.2e} "
+              f"(logits scale {base.abs().max().item():.1f})")
+
+    load_before = os.getloadavg()[0]
+    dec: dict[str, list[float]] = {name: [] for name in runners}
+    pre: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.rounds):  # interleaved, so that a burst of load elsewhere hits every runner alike
+        for name, r in runners.items():
+            dec[name] += r.decode(prompt, args.steps, args.warmup)
+            pre[name] += timed(lambda: r.prefill(long_prompt), 1)
+    rows = [(name, statistics.median(dec[name]), min(dec[name]), min(pre[name]), statistics.median(pre[name]))
+            for name in runners]
+    print(f"\nmamba-130m shapes, fp32, batch 1, torch threads {torch.get_num_threads()}; decode: {args.rounds} x {args.steps} "
+          f"steps (median, best); prefill: {args.prefill} tokens, states + last logits (best, median of "
+          f"{args.rounds}); "
+          f"load average before/after {load_before:.1f}/{os.getloadavg()[0]:.1f}")
+    print(f"{'':>18} | {'decode tok/s':>12} | {'best tok/s':>10} | {'ms/token':>8} | {'prefill s':>9} | "
+          f"{'median s':>8} | {'prefill tok/s':>13} | {'decode x':>8} | {'prefill x':>9}")
+    hf = rows[-1]
+    for name, dec, dec_best, pre, pre_med in rows:
+        print(f"{name:>18} | {1 / dec:12.1f} | {1 / dec_best:10.1f} | {dec * 1e3:8.1f} | {pre:9.3f} | "
+              f"{pre_med:8.3f} | {args.prefill / pre:13.0f} | {hf[1] / dec:8.1f} | {hf[3] / pre:9.1f}")
+    print("(x columns: speed relative to transformers, decode on medians, prefill on bests; other processes on "
+          "these cores slow any run, so a best is the nearest to the machine's own speed)")
+
+
+if __name__ == "__main__":
+    main()
