@@ -43,6 +43,10 @@ class PeerUnavailable(SwarmError):
     """A peer failed, timed out or refused a step."""
 
 
+class DishonestPeer(PeerUnavailable):
+    """A peer's output disagreed with other peers' for the same step from the same state."""
+
+
 class PeerBusy(PeerUnavailable):
     """A peer has no free session slot or memory."""
 

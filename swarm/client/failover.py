@@ -17,10 +17,12 @@ class BanList:
     until: dict[PeerId, float] = field(default_factory=dict)
     failures: dict[PeerId, int] = field(default_factory=dict)
 
-    def ban(self, peer: PeerId) -> float:
+    dishonest_ban: float = 24 * 3600.0  # a peer caught returning wrong results is not retried today
+
+    def ban(self, peer: PeerId, long: bool = False) -> float:
         n = self.failures.get(peer, 0) + 1
         self.failures[peer] = n
-        duration = min(self.cap, self.base * 2 ** (n - 1))
+        duration = self.dishonest_ban if long else min(self.cap, self.base * 2 ** (n - 1))
         self.until[peer] = time.monotonic() + duration
         return duration
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from swarm.client.failover import StepClock
 from swarm.client.generation import GenerationSession
 from swarm.client.routing import Hop
 from swarm.dht.records import PeerId
-from swarm.errors import NoRoute, PeerBusy, PeerUnavailable, ProtocolError, SwarmError
+from swarm.errors import DishonestPeer, NoRoute, PeerBusy, PeerUnavailable, ProtocolError, SwarmError
 
 if TYPE_CHECKING:
     from swarm.client.swarm_client import SwarmClient
@@ -115,12 +116,17 @@ class InferenceSession(GenerationSession):
         timeout = span.clock.deadline(tokens, ckpt_bytes + hidden.numel() * 8)
         t0 = time.perf_counter()
         await wire.send(span.writer, wire.Step(span.seq, span.position, hidden, want_ckpt))
-        res = await asyncio.wait_for(_expect(span.reader, wire.StepResult), timeout=timeout)
+        try:
+            res = await asyncio.wait_for(_expect(span.reader, wire.StepResult), timeout=timeout)
+        except asyncio.TimeoutError:
+            raise PeerUnavailable(f"no answer within the {timeout:.1f}s step deadline") from None
         if res.seq != span.seq or res.position != span.position + tokens:
             raise ProtocolError(f"peer answered step {res.seq}@{res.position}, expected {span.seq}@"
                                 f"{span.position + tokens}")
         if tuple(res.hidden.shape) != tuple(hidden.shape):
             raise ProtocolError(f"peer returned hidden of shape {tuple(res.hidden.shape)}")
+        if self.client.config.verify_rate > 0 and random.random() < self.client.config.verify_rate:
+            await self._verify(span, hidden, res.hidden)
         span.position = res.position
         if want_ckpt:
             remaining = max(0.5, timeout - (time.perf_counter() - t0))
@@ -138,9 +144,65 @@ class InferenceSession(GenerationSession):
             del overhead[:-256]
         return res.hidden
 
+    # ---- verification ---------------------------------------------------------------------------------------
+
+    async def _verify(self, span: SpanConn, hidden: torch.Tensor, output: torch.Tensor) -> None:
+        """Re-run this step on other peers from the span's last checkpoint; ban the peer that disagrees.
+
+        Raises DishonestPeer when `span.peer` is outvoted, so the failover path re-routes around it and the bad
+        output is never used. A verifier that fails is only skipped: verification must not break generation.
+        """
+        from swarm.client.routing import Hop
+        candidates = [p for p, r in self.client.view.online().items()
+                      if p != span.peer and p not in self.client.bans.banned() and r.start <= span.start
+                      and r.end >= span.end]
+        random.shuffle(candidates)
+        verdicts: list[tuple[PeerId, bool]] = []
+        for peer in candidates[:2]:
+            try:
+                other = await self._open(Hop(peer, span.start, span.end), f"{self.session_id}-verify")
+                try:
+                    await self._restore([other], span.start, [], span.ckpt_position, span.ckpt_states,
+                                        count_replay=False)
+                    h = torch.cat(span.inputs + [hidden], dim=1)  # (1, T since checkpoint + this step, D)
+                    await wire.send(other.writer, wire.Step(1, other.position, h, False))
+                    res = await asyncio.wait_for(_expect(other.reader, wire.StepResult),
+                                                 timeout=other.clock.deadline(h.shape[1]))
+                finally:
+                    other.close()
+            except _NET_ERRORS as e:
+                log.info("verifier %s failed: %s", peer[:12], e)
+                continue
+            theirs = res.hidden[:, -hidden.shape[1]:]
+            tol = self._tolerance(span.peer, peer) * (1 + output.abs().max().item())
+            agree = (theirs - output).abs().max().item() <= tol
+            self.stats["verifications"] = self.stats.get("verifications", 0) + 1
+            verdicts.append((peer, agree))
+            if agree:  # verifiers that disagreed with two agreeing peers are the liars
+                for liar, ok in verdicts[:-1]:
+                    self._report_dishonest(liar, span)
+                    self.client.ban(liar, DishonestPeer("disagreed with two other peers"))
+                return
+        if not verdicts:
+            return
+        # every verifier disagreed: two of them outvote the peer; with one, we trust the randomly chosen verifier
+        self._report_dishonest(span.peer, span)
+        raise DishonestPeer(f"peer {span.peer[:12]} failed verification")
+
+    def _tolerance(self, a: PeerId, b: PeerId) -> float:
+        recs = [self.client.view.servers.get(p) for p in (a, b)]
+        fp32 = all(r is not None and r.dtype == "float32" for r in recs)
+        return self.client.config.verify_tolerance * (1.0 if fp32 else 30.0)  # half-precision peers differ more
+
+    def _report_dishonest(self, peer: PeerId, span: SpanConn) -> None:
+        self.stats["mismatches"] = self.stats.get("mismatches", 0) + 1
+        self.stats.setdefault("dishonest", []).append(str(peer))
+        self.client.dishonest[peer] = self.client.dishonest.get(peer, 0) + 1
+        log.warning("peer %s gave a wrong result for blocks %d:%d; banning it", peer[:12], span.start, span.end)
+
     # ---- routing and recovery -------------------------------------------------------------------------------
 
-    async def _open(self, hop: Hop) -> SpanConn:
+    async def _open(self, hop: Hop, session_id: str | None = None) -> SpanConn:
         from hivemind.p2p import PeerID
         client = self.client
         try:
@@ -151,7 +213,7 @@ class InferenceSession(GenerationSession):
             raise PeerUnavailable(f"peer {hop.peer[:12]}: connect timed out") from None
         except Exception as e:  # hivemind's dial errors are plain Exceptions
             raise PeerUnavailable(f"peer {hop.peer[:12]}: cannot open a stream: {e}") from None
-        await wire.send(writer, wire.Open(self.session_id, hop.start, hop.end, 1))
+        await wire.send(writer, wire.Open(session_id or self.session_id, hop.start, hop.end, 1))
         await asyncio.wait_for(_expect(reader, wire.Opened), timeout=client.config.connect_timeout)
         rec = client.view.servers.get(hop.peer)
         expected = (hop.end - hop.start) / rec.throughput if rec and rec.throughput > 0 else 0.5
@@ -182,7 +244,7 @@ class InferenceSession(GenerationSession):
                               "attempts")
 
     async def _restore(self, spans: list[SpanConn], start: int, inputs: list[torch.Tensor], ckpt_position: int,
-                       ckpt_states: list | None) -> None:
+                       ckpt_states: list | None, count_replay: bool = True) -> None:
         for s in spans:
             self._culprit = s.peer
             if ckpt_states is not None:
@@ -196,7 +258,8 @@ class InferenceSession(GenerationSession):
             s.position = s.ckpt_position = ckpt_position
         if inputs:
             h = torch.cat(inputs, dim=1)  # (1, T since checkpoint, D)
-            self.stats["replayed_tokens"] += h.shape[1]
+            if count_replay:
+                self.stats["replayed_tokens"] += h.shape[1]
             for s in spans:
                 self._culprit = s.peer
                 h = await self._step(s, h)

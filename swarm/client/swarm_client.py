@@ -15,7 +15,7 @@ from swarm.client.routing import Hop, find_route
 from swarm.client.session import InferenceSession
 from swarm.client.tokenizer import Tokenizer
 from swarm.dht import ModelRecord, PeerId, SwarmView, lookup_models, lookup_servers, start_dht
-from swarm.errors import NoRoute, SwarmError
+from swarm.errors import DishonestPeer, NoRoute, SwarmError
 from swarm.model import Head, MambaConfig
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class ClientConfig:
     ban_base: float = 5.0  # first ban of a failed peer, doubled each further failure
     max_retries: int = 8  # recoveries a single step may need before giving up
     cache_dir: str | None = None  # disk cache for the head's tensors
+    verify_rate: float = 0.02  # share of steps re-run on another peer from the last checkpoint and compared
+    verify_tolerance: float = 1e-3  # relative: max |a - b| <= tol * (1 + max |a|); fp32 prefill vs decode differ ~1e-6
 
 
 class SwarmClient:
@@ -42,6 +44,7 @@ class SwarmClient:
         self.config = config or ClientConfig()
         self.bans = BanList(base=self.config.ban_base)
         self.rtt: dict[PeerId, float] = {}
+        self.dishonest: dict[PeerId, int] = {}  # peers caught by result verification, and how often
         self.view = SwarmView()
         self.view_time = 0.0
         self.loop = asyncio.new_event_loop()
@@ -149,7 +152,7 @@ class SwarmClient:
         return time.perf_counter() - t0, info
 
     def ban(self, peer: PeerId, error: BaseException) -> None:
-        seconds = self.bans.ban(peer)
+        seconds = self.bans.ban(peer, long=isinstance(error, DishonestPeer))
         self.rtt.pop(peer, None)
         log.warning("banned peer %s for %.0fs: %s", str(peer)[:12], seconds, error)
 
