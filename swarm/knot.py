@@ -210,8 +210,8 @@ def parse_header(head: bytes, file_size: int | None, source: str = "KNOT file") 
         raise KnotFormatError(f"{source}: truncated: header needs {PREFIX_LEN + n} bytes, got {len(head)}")
     try:
         meta = json.loads(head[PREFIX_LEN:PREFIX_LEN + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KnotFormatError(f"{source}: header is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # also JSON nested too deep, or an integer of 4300+ digits
+        raise KnotFormatError(f"{source}: header is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(meta, dict):
         raise KnotFormatError(f"{source}: header JSON must be an object, got {type(meta).__name__}")
     return _validate(meta, n, file_size, source)
@@ -269,7 +269,10 @@ def _validate(meta: dict[str, Any], n: int, file_size: int | None, source: str) 
                                     stored if stored != cname else "", transform)
         spans.append((offset, offset + length, stored))
     blobs: dict[str, BlobInfo] = {}
-    for bname, entry in (meta.get("blobs") or {}).items():
+    raw_blobs = meta.get("blobs") or {}
+    if not isinstance(raw_blobs, dict):
+        raise KnotFormatError(f"{source}: field 'blobs' has the wrong type ({type(raw_blobs).__name__})")
+    for bname, entry in raw_blobs.items():
         where = f"{source}: blob {bname!r}"
         if not isinstance(entry, dict):
             raise KnotFormatError(f"{where}: entry must be an object")

@@ -43,8 +43,8 @@ def decode_tensor(obj: Any, what: str = "tensor") -> torch.Tensor:
     if not isinstance(obj, dict):
         raise ProtocolError(f"malformed message: {what} must be a map, got {type(obj).__name__}")
     dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
-    if dtype not in DTYPES:
-        raise ProtocolError(f"malformed message: {what} has unknown dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ProtocolError(f"malformed message: {what} has unknown dtype {dtype!r:.40}")
     if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
             or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 31 for s in shape)):
         raise ProtocolError(f"malformed message: {what} has a bad shape {shape!r:.80}")
@@ -98,11 +98,12 @@ def unpack(data: bytes) -> Message:
         raise ProtocolError("malformed message: top level must be a map")
     version = body.get("v")
     if version != PROTOCOL_VERSION:
-        raise ProtocolMismatch(f"protocol version {version!r} is not supported (this side speaks "
+        raise ProtocolMismatch(f"protocol version {version!r:.40} is not supported (this side speaks "
                                f"{PROTOCOL_VERSION})")
-    cls = _REGISTRY.get(body.get("t"))  # type: ignore[arg-type]
+    tag = body.get("t")
+    cls = _REGISTRY.get(tag) if isinstance(tag, str) else None
     if cls is None:
-        raise ProtocolError(f"malformed message: unknown message type {body.get('t')!r:.40}")
+        raise ProtocolError(f"malformed message: unknown message type {tag!r:.40}")
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name not in body:

@@ -186,7 +186,7 @@ def test_state_lists_every_peer_and_the_model_healthy(health):
 def test_hostile_records_are_counted_and_break_nothing(health):
     from hivemind.utils import get_dht_time
 
-    from swarm.dht import start_dht
+    from swarm.dht import signed_subkey, start_dht
     url, boot, _ = health
     node = start_dht("127.0.0.1", 0, boot.maddrs, None, client_mode=False)
     try:
@@ -204,7 +204,8 @@ def test_hostile_records_are_counted_and_break_nothing(health):
         for block, subkey, value in garbage:
             assert node.store(f"{MODEL}.block.{block}", subkey=subkey, value=value, expiration_time=exp)
         liar = {**good, "state": "joining", "public_name": HOSTILE_NAME}  # valid, so listed: its name is data
-        assert node.store(f"{MODEL}.block.0", subkey=str(node.peer_id), value=liar, expiration_time=exp)
+        liar_subkey = signed_subkey(str(node.peer_id), node.swarm_validator.local_public_key)  # signed by itself
+        assert node.store(f"{MODEL}.block.0", subkey=liar_subkey, value=liar, expiration_time=exp)
         models = [("junk", 42), ("mismatch", {**ModelRecord("other", ("u",), 5, "d").to_dict()}),
                   ("huge", {**ModelRecord("huge", ("u",), 5, "d").to_dict(), "num_layers": 10**12}),
                   ("typed", {**ModelRecord("typed", ("u",), 5, "d").to_dict(), "num_layers": "5"})]

@@ -1,4 +1,10 @@
-"""Announce and look up swarm records over a hivemind DHT (record formats live in records.py)."""
+"""Announce and look up swarm records over a hivemind DHT (record formats live in records.py).
+
+Server records are owner-signed: each is stored under the subkey `<peer id>[owner:<ssh-rsa public key>]`, which
+hivemind's RSASignatureValidator only accepts with a signature by that key. The key is the peer's libp2p identity
+key, so lookup_servers also checks that the peer id is the one that key hashes to: nobody can write, overwrite or
+forge a record for another peer (identity.py).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,20 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from swarm.errors import SwarmError
+from swarm.dht.identity import load_identity, owner_of_subkey, signed_subkey
 from swarm.dht.records import (MODELS_KEY, ModelRecord, PeerId, ServerRecord, ServerState, block_key)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["start_dht", "ModelRecord", "PeerId", "ServerRecord", "ServerState", "SwarmView", "announce_model",
-           "announce_server", "config_digest", "lookup_models", "lookup_servers"]
+           "announce_server", "config_digest", "lookup_models", "lookup_servers", "make_validator", "owner_of_subkey", "signed_subkey"]
 
 
 def config_digest(config: dict[str, Any]) -> str:
@@ -23,9 +33,16 @@ def config_digest(config: dict[str, Any]) -> str:
 
 
 async def announce_server(dht: Any, model: str, peer_id: str, record: ServerRecord, expiration_time: float) -> bool:
-    """Store `record` under every block key of its range; True if every store was accepted."""
+    """Store `record`, signed, under every block key of its range; True if every store was accepted.
+
+    `dht` must come from start_dht(..., signed=True) as a full node: its validator holds the signing key.
+    """
+    validator = getattr(dht, "swarm_validator", None)
+    if validator is None:
+        raise SwarmError("this DHT node cannot sign records: start it with start_dht(..., signed=True)")
+    subkey = signed_subkey(peer_id, validator.local_public_key)
     value = record.to_dict()
-    futures = [dht.store(block_key(model, b), subkey=peer_id, value=value, expiration_time=expiration_time,
+    futures = [dht.store(block_key(model, b), subkey=subkey, value=value, expiration_time=expiration_time,
                          return_future=True) for b in range(record.start, record.end)]
     results = await asyncio.gather(*futures, return_exceptions=True)
     return all(r is True for r in results)
@@ -92,28 +109,54 @@ async def lookup_servers(dht: Any, model: str, num_layers: int) -> SwarmView:
             log.debug("DHT get of block %d failed: %s", b, res)
             continue
         for subkey, value, expiration in _subkey_values(res):
+            peer = owner_of_subkey(subkey)  # None: unsigned, or signed by a key that is not this peer's
             rec = ServerRecord.parse(value)
-            if rec is None or not isinstance(subkey, str) or not rec.start <= b < rec.end or rec.end > num_layers:
+            if rec is None or peer is None or not rec.start <= b < rec.end or rec.end > num_layers:
                 view.dropped += 1
                 continue
-            peer = PeerId(subkey)
             if expiration >= view.expirations.get(peer, -1.0):
                 view.servers[peer] = rec
                 view.expirations[peer] = expiration
     return view
 
 
+def make_validator(identity: str | None) -> Any:
+    """An RSASignatureValidator signing with the identity file's key (created, mode 0600, if missing), or with a
+    fresh process-wide key when `identity` is None (enough for nodes that only read and relay records)."""
+    from hivemind.dht.crypto import RSASignatureValidator
+    return RSASignatureValidator(load_identity(identity) if identity else None)
+
+
 def start_dht(host: str, port: int, initial_peers: tuple[str, ...] | list[str], identity: str | None,
-              client_mode: bool = False, announce_host: str | None = None) -> Any:
-    """A hivemind DHT node on host:port (its own child process and p2pd)."""
+              client_mode: bool = False, announce_host: str | None = None, signed: bool = True) -> Any:
+    """A hivemind DHT node on host:port (its own child process and p2pd).
+
+    signed: validate owner-signed records (every node of a swarm must, or it would hold forged ones) and, for a
+    full node, sign its own with its identity key; a full node with no identity file gets a fresh key.
+    The returned DHT carries the validator as `swarm_validator` (None when not signed).
+    """
     from hivemind.dht import DHT
     kw: dict[str, Any] = {}
+    validator, tmpdir = None, None
+    if signed:
+        if identity is None and not client_mode:  # the signing key must be the libp2p key: write a fresh one
+            tmpdir = tempfile.mkdtemp(prefix="swarm-identity-")
+            identity = os.path.join(tmpdir, "identity.key")
+        if identity and not os.path.exists(identity):
+            kw["check_if_identity_free"] = False  # a key made just now: nobody else can hold it
+        validator = make_validator(identity)
+        kw["record_validators"] = [validator]
     if identity:
         kw["identity_path"] = identity
     if announce_host:
         kw["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
     try:
-        return DHT(start=True, initial_peers=list(initial_peers), host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-                   client_mode=client_mode, nat_port_map=False, **kw)
+        dht = DHT(start=True, initial_peers=list(initial_peers), host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                  client_mode=client_mode, nat_port_map=False, **kw)
     except Exception as e:  # hivemind raises bare Exceptions for dial/daemon failures
         raise SwarmError(f"cannot start the DHT node on {host}:{port}: {e}") from None
+    finally:
+        if tmpdir:  # p2pd read the key at start; the validator holds it in memory
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    dht.swarm_validator = validator
+    return dht

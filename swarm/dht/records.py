@@ -111,4 +111,5 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    """A finite float, or an int a float can hold (math.isfinite overflows on larger ones)."""
+    return isinstance(v, float) and math.isfinite(v) or _is_int(v) and abs(v) < 1 << 64
