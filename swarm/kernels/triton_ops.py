@@ -16,7 +16,7 @@ from swarm.kernels import Backend
 
 # The prefill scan's kernel and tiles: ("seq", BLOCK_I, num_warps) or ("chunk", BLOCK_T, BLOCK_I, num_warps).
 # The bench measures the alternatives.
-SCAN_CONFIG: tuple = ("seq", 16, 8)
+SCAN_CONFIG: tuple = ("seq", 16, 4)
 
 
 @triton.jit
@@ -82,6 +82,52 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     return y.view(residual.shape), r_out.view(residual.shape)
 
 
+# ---------------------------------------------------------------- skinny matmul (decode's projections)
+
+@triton.jit
+def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sx_m, sw_n, sy_m,
+                           HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # y = x W^T for a few rows: streaming W is all that costs, so each program owns BLOCK_N rows of W and walks K;
+    # tl.dot lets Triton pipeline the W tiles through shared memory (num_stages deep).
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    mn = n < N
+    mm = m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        if EVEN_K:
+            w = tl.load(w_ptr + n[:, None] * sw_n + k[None, :], mask=mn[:, None], other=0.0)
+            x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=mm[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptr + n[:, None] * sw_n + k[None, :], mask=mn[:, None] & (k < K)[None, :], other=0.0)
+            x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=mm[:, None] & (k < K)[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + m[:, None] * sy_m + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+LINEAR_CONFIG = (32, 128, 4, 4)  # (BLOCK_N, BLOCK_K, num_warps, num_stages); the bench measures alternatives
+
+
+def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """F.linear for x: (M, K) with M <= 16 and bf16/fp16 weight (N, K) -> (M, N) in x's dtype."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert m <= 16 and weight.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and weight.stride(1) == 1
+    block_n, block_k, warps, stages = config or LINEAR_CONFIG
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _linear_small_m_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
+    return y
+
+
 # ---------------------------------------------------------------- causal conv1d + SiLU
 
 @triton.jit
@@ -125,6 +171,24 @@ def _conv_fwd_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, T, I,
 
 
 @triton.jit
+def _conv_tap(x_ptrs, s_ptrs, w_ptr, b_ptr, i, mi, sw_i, sw_k, ss_k,
+              K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One token of the conv for channels i: x_ptrs (BI,) this token's inputs, s_ptrs (BI, 1) the state rows.
+
+    Returns the new state (BI, KP) fp32 and silu(conv) (BI,) fp32, rounded to x's dtype as a stored output is.
+    """
+    kk = tl.arange(0, KP)[None, :]
+    xv = tl.load(x_ptrs, mask=mi, other=0.0)
+    shifted = tl.load(s_ptrs + (kk + 1) * ss_k, mask=mi[:, None] & (kk < K - 1), other=0.0)
+    new = tl.where(kk == K - 1, xv.to(tl.float32)[:, None], shifted.to(xv.dtype).to(tl.float32))
+    w = tl.load(w_ptr + i[:, None] * sw_i + kk * sw_k, mask=mi[:, None] & (kk < K), other=0.0).to(tl.float32)
+    acc = tl.sum(new * w, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + i, mask=mi, other=0.0).to(tl.float32)
+    return new, _silu(acc).to(xv.dtype).to(tl.float32)
+
+
+@triton.jit
 def _conv_step_kernel(x_ptr, s_ptr, idx_ptr, w_ptr, b_ptr, y_ptr, I,
                       sx_b, sx_i, ss_b, ss_i, ss_k, sw_i, sw_k, sy_b, sy_i,
                       K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
@@ -136,19 +200,37 @@ def _conv_step_kernel(x_ptr, s_ptr, idx_ptr, w_ptr, b_ptr, y_ptr, I,
     else:
         slot = b
     mi = i < I
-    kk = tl.arange(0, KP)
-    s = s_ptr + slot * ss_b + i[:, None] * ss_i + kk[None, :] * ss_k
-    m2 = mi[:, None] & (kk < K)[None, :]
-    xv = tl.load(x_ptr + b * sx_b + i * sx_i, mask=mi, other=0.0)
-    shifted = tl.load(s + ss_k, mask=mi[:, None] & (kk < K - 1)[None, :], other=0.0)
-    new = tl.where((kk == K - 1)[None, :], xv.to(tl.float32)[:, None], shifted.to(xv.dtype).to(tl.float32))
-    w = tl.load(w_ptr + i[:, None] * sw_i + kk[None, :] * sw_k, mask=m2, other=0.0).to(tl.float32)
-    acc = tl.sum(new * w, axis=1)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + i, mask=mi, other=0.0).to(tl.float32)
+    s_rows = s_ptr + slot * ss_b + i[:, None] * ss_i
+    new, y = _conv_tap(x_ptr + b * sx_b + i * sx_i, s_rows, w_ptr, b_ptr, i, mi, sw_i, sw_k, ss_k, K, KP, HAS_BIAS)
+    kk = tl.arange(0, KP)[None, :]
     tl.debug_barrier()  # the shifted read above overlaps other threads' writes below
-    tl.store(s, new, mask=m2)
-    tl.store(y_ptr + b * sy_b + i * sy_i, _silu(acc).to(y_ptr.dtype.element_ty), mask=mi)
+    tl.store(s_rows + kk * ss_k, new, mask=mi[:, None] & (kk < K))
+    tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
+
+
+@triton.jit
+def _conv_xproj_kernel(x_ptr, s_ptr, idx_ptr, cw_ptr, cb_ptr, wx_ptr, o_ptr, I, J,
+                       sx_b, sx_i, ss_b, ss_i, ss_k, sw_i, sw_k, swx_j, swx_i, so_b, so_j,
+                       K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
+                       BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
+    # x_proj(silu(conv(x))) for one token, the conv recomputed here (K FMAs a channel) so that conv and x_proj
+    # are one launch; the conv state is read, not written: the step kernel after this one shifts it.
+    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    b = tl.program_id(1).to(tl.int64)
+    if HAS_IDX:
+        slot = tl.load(idx_ptr + b).to(tl.int64)
+    else:
+        slot = b
+    mj = j < J
+    acc = tl.zeros([BLOCK_J, BLOCK_I], dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        mi = i < I
+        _, xc = _conv_tap(x_ptr + b * sx_b + i * sx_i, s_ptr + slot * ss_b + i[:, None] * ss_i, cw_ptr, cb_ptr,
+                          i, mi, sw_i, sw_k, ss_k, K, KP, HAS_BIAS)
+        w = tl.load(wx_ptr + j[:, None] * swx_j + i[None, :] * swx_i, mask=mj[:, None] & mi[None, :], other=0.0)
+        acc += w.to(tl.float32) * xc[None, :]
+    tl.store(o_ptr + b * so_b + j * so_j, tl.sum(acc, axis=1).to(o_ptr.dtype.element_ty), mask=mj)
 
 
 def causal_conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
@@ -187,6 +269,24 @@ def conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
         K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_IDX=idx is not None,
         BLOCK_I=block_i, num_warps=4)
     return y
+
+
+def conv_xproj(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               x_proj: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """One token: x_proj(silu(conv(x))) (B, R + 2N) in x's dtype, conv_state unchanged (ssm_step(conv=...) shifts it).
+
+    x: (B, I); conv_state (B, I, K) fp32 or with idx a pool (S, I, K); weight (I, K); x_proj: (R + 2N, I).
+    """
+    bsz, dim = x.shape
+    k, out_dim = weight.shape[-1], x_proj.shape[0]
+    out = torch.empty(bsz, out_dim, dtype=x.dtype, device=x.device)
+    block_j = 8
+    _conv_xproj_kernel[(triton.cdiv(out_dim, block_j), bsz)](
+        x, conv_state, x if idx is None else idx, weight, weight if bias is None else bias, x_proj, out, dim, out_dim,
+        *x.stride(), *conv_state.stride(), *weight.stride(), *x_proj.stride(), *out.stride(),
+        K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_IDX=idx is not None,
+        BLOCK_J=block_j, BLOCK_I=256, num_warps=4)
+    return out
 
 
 # ---------------------------------------------------------------- selective scan
@@ -239,7 +339,8 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
 
 @triton.jit
 def _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t, T, mi, mn):
-    ok = t < T  # a scalar: tl.where folds it into the masks (the interpreter mis-types scalar & vector)
+    """Token t's inputs: u, delta, z as (BLOCK_I, 1), B and C as (1, BLOCK_N), all fp32."""
+    ok = t < T  # a scalar: tl.where folds it into the masks (the interpreter mis-types scalar & tensor)
     m_i, m_n = tl.where(ok, mi, False), tl.where(ok, mn, False)
     u = tl.load(p_u + t * su_t, mask=m_i, other=0.0).to(tl.float32)
     dl = tl.load(p_dl + t * sd_t, mask=m_i, other=0.0).to(tl.float32)
@@ -250,13 +351,12 @@ def _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t, T, mi,
 
 
 @triton.jit
-def _scan_apply(h, u, dl, z, bm, cm, a2, bias, d_skip, p_y, sy_t, t, T, mi):
-    ok = t < T
-    dt = tl.where(ok, _softplus(dl + bias), 0.0)  # a step past T leaves h as it is
-    h = tl.exp2(dt[:, None] * a2) * h + (dt * u)[:, None] * bm[None, :]
-    y = (tl.sum(h * cm[None, :], axis=1) + d_skip * u) * _silu(z)
-    tl.store(p_y + t * sy_t, y.to(p_y.dtype.element_ty), mask=tl.where(ok, mi, False))
-    return h
+def _scan_apply(h, u, dl, z, bm, cm, a2, bias, d_skip, t, T):
+    """One token of the recurrence on the (BLOCK_I, BLOCK_N) state: returns the new state and y (BLOCK_I, 1)."""
+    dt = tl.where(t < T, _softplus(dl + bias), 0.0)  # a step past T leaves h as it is
+    h = tl.exp2(dt * a2) * h + (dt * u) * bm
+    y = (tl.sum(h * cm, axis=1, keep_dims=True) + d_skip * u) * _silu(z)
+    return h, y
 
 
 @triton.jit
@@ -264,22 +364,24 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
                      su_b, su_i, su_t, sd_b, sd_i, sd_t, sz_b, sz_i, sz_t,
                      sb_b, sb_t, sb_n, sc_b, sc_t, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, sy_t,
                      BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The recurrence runs token by token over a (BLOCK_I, BLOCK_N) tile held in registers. Its arithmetic is
-    # short; what costs is waiting on loads, so each loop turn issues the loads of 8 tokens before it uses any.
-    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    # Token by token over a (BLOCK_I, BLOCK_N) state in registers. The arithmetic is short; what costs is waiting
+    # on loads and moving values between layouts. So each loop turn issues the loads of 8 tokens before it uses
+    # any, every operand is shaped (BLOCK_I, 1) or (1, BLOCK_N) so that it lands in the state's layout as loaded,
+    # and the 8 outputs are joined into one (BLOCK_I, 8) tile: one layout change and one store per 8 tokens.
+    i = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I))[:, None]  # (BI, 1)
     b = tl.program_id(1).to(tl.int64)
-    n = tl.arange(0, BLOCK_N)
+    n = tl.arange(0, BLOCK_N)[None, :]  # (1, BN)
     mi = i < I
     mn = n < N
-    m_in = mi[:, None] & mn[None, :]
-    a2 = tl.load(a_ptr + i[:, None] * N + n[None, :], mask=m_in, other=0.0) * 1.4426950408889634  # exp -> exp2
-    h_ptrs = h_ptr + b * sh_b + i[:, None] * sh_i + n[None, :] * sh_n
-    h = tl.load(h_ptrs, mask=m_in, other=0.0)
+    a2 = tl.load(a_ptr + i * N + n, mask=mi & mn, other=0.0) * 1.4426950408889634  # exp(x) = exp2(x log2 e)
+    h_ptrs = h_ptr + b * sh_b + i * sh_i + n * sh_n
+    h = tl.load(h_ptrs, mask=mi & mn, other=0.0)
     d_skip = tl.load(d_ptr + i, mask=mi, other=0.0)
     bias = tl.load(bias_ptr + i, mask=mi, other=0.0)
     p_u, p_dl, p_z = u_ptr + b * su_b + i * su_i, dl_ptr + b * sd_b + i * sd_i, z_ptr + b * sz_b + i * sz_i
     p_b, p_c, p_y = bm_ptr + b * sb_b + n * sb_n, cm_ptr + b * sc_b + n * sc_n, y_ptr + b * sy_b + i * sy_i
     one = tl.full([], 1, tl.int64)  # token offsets in 64 bits: T times a (B, T, 2I) stride can pass 2**31
+    cols = tl.arange(0, 8)[None, :]
     for t0 in range(0, T, 8):
         t = t0 * one
         u0, d0, z0, b0, c0 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t, T, mi, mn)
@@ -290,22 +392,27 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
         u5, d5, z5, b5, c5 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 5, T, mi, mn)
         u6, d6, z6, b6, c6 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 6, T, mi, mn)
         u7, d7, z7, b7, c7 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 7, T, mi, mn)
-        h = _scan_apply(h, u0, d0, z0, b0, c0, a2, bias, d_skip, p_y, sy_t, t, T, mi)
-        h = _scan_apply(h, u1, d1, z1, b1, c1, a2, bias, d_skip, p_y, sy_t, t + 1, T, mi)
-        h = _scan_apply(h, u2, d2, z2, b2, c2, a2, bias, d_skip, p_y, sy_t, t + 2, T, mi)
-        h = _scan_apply(h, u3, d3, z3, b3, c3, a2, bias, d_skip, p_y, sy_t, t + 3, T, mi)
-        h = _scan_apply(h, u4, d4, z4, b4, c4, a2, bias, d_skip, p_y, sy_t, t + 4, T, mi)
-        h = _scan_apply(h, u5, d5, z5, b5, c5, a2, bias, d_skip, p_y, sy_t, t + 5, T, mi)
-        h = _scan_apply(h, u6, d6, z6, b6, c6, a2, bias, d_skip, p_y, sy_t, t + 6, T, mi)
-        h = _scan_apply(h, u7, d7, z7, b7, c7, a2, bias, d_skip, p_y, sy_t, t + 7, T, mi)
-    tl.store(h_ptrs, h, mask=m_in)
+        h, y0 = _scan_apply(h, u0, d0, z0, b0, c0, a2, bias, d_skip, t, T)
+        h, y1 = _scan_apply(h, u1, d1, z1, b1, c1, a2, bias, d_skip, t + 1, T)
+        h, y2 = _scan_apply(h, u2, d2, z2, b2, c2, a2, bias, d_skip, t + 2, T)
+        h, y3 = _scan_apply(h, u3, d3, z3, b3, c3, a2, bias, d_skip, t + 3, T)
+        h, y4 = _scan_apply(h, u4, d4, z4, b4, c4, a2, bias, d_skip, t + 4, T)
+        h, y5 = _scan_apply(h, u5, d5, z5, b5, c5, a2, bias, d_skip, t + 5, T)
+        h, y6 = _scan_apply(h, u6, d6, z6, b6, c6, a2, bias, d_skip, t + 6, T)
+        h, y7 = _scan_apply(h, u7, d7, z7, b7, c7, a2, bias, d_skip, t + 7, T)
+        # join appends a last axis, so the outermost join picks bit 0 of the token index and the innermost bit 2
+        ys = tl.join(tl.join(tl.join(y0, y4), tl.join(y2, y6)), tl.join(tl.join(y1, y5), tl.join(y3, y7)))
+        tt = t + cols  # (1, 8)
+        tl.store(p_y + tt * sy_t, tl.reshape(ys, (BLOCK_I, 8)).to(p_y.dtype.element_ty), mask=mi & (tt < T))
+    tl.store(h_ptrs, h, mask=mi & mn)
 
 
 @triton.jit
 def _ssm_step_kernel(u_ptr, dl_ptr, wdt_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, idx_ptr, y_ptr,
-                     I, N, R, su_b, su_i, sd_b, sd_i, sw_i, sw_r, sz_b, sz_i, sb_b, sb_n, sc_b, sc_n,
-                     sh_b, sh_i, sh_n, sy_b, sy_i,
-                     FUSE_DT: tl.constexpr, HAS_IDX: tl.constexpr,
+                     cs_ptr, cw_ptr, cb_ptr, I, N, R, su_b, su_i, sd_b, sd_i, sw_i, sw_r, sz_b, sz_i, sb_b, sb_n,
+                     sc_b, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, scs_b, scs_i, scs_k, scw_i, scw_k,
+                     FUSE_DT: tl.constexpr, HAS_IDX: tl.constexpr, FUSE_CONV: tl.constexpr,
+                     K: tl.constexpr, KP: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
                      BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     b = tl.program_id(1).to(tl.int64)
@@ -317,7 +424,15 @@ def _ssm_step_kernel(u_ptr, dl_ptr, wdt_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr
     mi = i < I
     mn = n < N
     m_in = mi[:, None] & mn[None, :]
-    u = tl.load(u_ptr + b * su_b + i * su_i, mask=mi, other=0.0).to(tl.float32)
+    if FUSE_CONV:  # u is the conv's input: convolve here and shift the conv state
+        cs_rows = cs_ptr + slot * scs_b + i[:, None] * scs_i
+        new, u = _conv_tap(u_ptr + b * su_b + i * su_i, cs_rows, cw_ptr, cb_ptr, i, mi, scw_i, scw_k, scs_k,
+                           K, KP, HAS_CONV_BIAS)
+        kk = tl.arange(0, KP)[None, :]
+        tl.debug_barrier()  # the shifted read in _conv_tap overlaps other threads' writes below
+        tl.store(cs_rows + kk * scs_k, new, mask=mi[:, None] & (kk < K))
+    else:
+        u = tl.load(u_ptr + b * su_b + i * su_i, mask=mi, other=0.0).to(tl.float32)
     if FUSE_DT:  # delta = dt_proj(dt_low), rounded to the weight dtype as the unfused matmul's output would be
         r = tl.arange(0, BLOCK_R)
         mr = r < R
@@ -371,24 +486,28 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
 def ssm_step(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
              D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
              idx: torch.Tensor | None = None, dt_weight: torch.Tensor | None = None,
-             out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+             out_dtype: torch.dtype = torch.float32,
+             conv: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """One token of the selective scan with gating: u, z: (B, I); Bm, Cm: (B, N) -> y (B, I) in out_dtype.
 
     delta: (B, I) before bias and softplus, or with `dt_weight` (I, R) the low-rank dt (B, R) whose projection is
     fused here. ssm_state: (B, I, N) fp32, or with `idx` (B,) int64 a pool (S, I, N) addressed by idx[b].
-    A, D, delta_bias must be fp32 and contiguous (the graph runner prepares them once).
+    With conv = (conv_state, conv_weight, conv_bias), u is the conv's input: the conv runs here and shifts
+    conv_state (addressed like ssm_state). A, D, delta_bias must be fp32 and contiguous.
     """
     bsz, dim = u.shape
     nst = A.shape[1]
     y = torch.empty(bsz, dim, dtype=out_dtype, device=u.device)
     rank = 1 if dt_weight is None else dt_weight.shape[1]
+    cs, cw, cb = conv if conv is not None else (ssm_state, A, None)
     block_i = 32 if dt_weight is None else 16
     _ssm_step_kernel[(triton.cdiv(dim, block_i), bsz)](
         u, delta, delta if dt_weight is None else dt_weight, z, Bm, Cm, A, D, delta_bias, ssm_state,
-        u if idx is None else idx, y, dim, nst, rank,
+        u if idx is None else idx, y, cs, cw, cw if cb is None else cb, dim, nst, rank,
         *u.stride(), *delta.stride(), *((0, 0) if dt_weight is None else dt_weight.stride()), *z.stride(),
-        *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride(),
-        FUSE_DT=dt_weight is not None, HAS_IDX=idx is not None,
+        *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride(), *cs.stride(), *cw.stride(),
+        FUSE_DT=dt_weight is not None, HAS_IDX=idx is not None, FUSE_CONV=conv is not None,
+        K=cw.shape[-1], KP=triton.next_power_of_2(cw.shape[-1]), HAS_CONV_BIAS=cb is not None,
         BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), BLOCK_R=triton.next_power_of_2(rank), num_warps=4)
     return y
 

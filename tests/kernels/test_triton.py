@@ -84,6 +84,21 @@ def test_add_rms_norm(shape, dtype):
     assert rel_err(out, ref.rms_norm_ref(want_res.to(dtype), w, 1e-5)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 100, 200), (8, 257, 384), (16, 64, 130)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_small_m(m, n, k, dtype, bias):
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; checked on CUDA")
+    x = _rand(m, k, dtype=dtype)
+    w = _rand(n, k, dtype=dtype, scale=k ** -0.5)
+    bb = _rand(n, dtype=dtype) if bias else None
+    want = torch.nn.functional.linear(x.float(), w.float(), None if bb is None else bb.float())
+    out = tk.linear_small_m(x, w, bb)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, want) < TOL[dtype]
+
+
 # ------------------------------------------------------------------ causal conv1d
 
 def _conv_inputs(b, i, t, k, dtype, bias):
@@ -197,6 +212,38 @@ def test_ssm_step_fused_dt_and_slots(i, n, r, dtype):
                                                    pool[idx].clone())[..., 0]) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("i,n,r,k,bias", [(96, 16, 6, 4, True), (300, 5, 3, 3, False)])
+def test_conv_xproj_and_fused_conv_step(i, n, r, k, bias, dtype):
+    """The decode graph's pair: conv + x_proj in one kernel (state untouched), then conv again + shift + scan."""
+    b, slots = 3, 5
+    xz = _rand(b, 2 * i, dtype=dtype)
+    x, z = xz[:, :i], xz[:, i:]
+    conv_pool, ssm_pool = _rand(slots, i, k), _rand(slots, i, n)
+    conv_w, conv_b = _rand(i, k, dtype=dtype, scale=0.5), (_rand(i, dtype=dtype) if bias else None)
+    x_w = _rand(r + 2 * n, i, dtype=dtype, scale=i ** -0.5)
+    dt_w = _rand(i, r, dtype=dtype, scale=r ** -0.5)
+    _, _, a, _, _, d, _, delta_bias, _ = _scan_inputs(b, i, 1, n, r, dtype, "contiguous")
+    idx = torch.tensor([2, 0, 4], device=DEVICE)
+    conv_ref, ssm_ref = conv_pool[idx].clone(), ssm_pool[idx].clone()
+    xc = ref.causal_conv1d_ref(x.unsqueeze(-1), conv_ref, conv_w, conv_b)[..., 0]  # (B, I) in dtype
+    dbc_ref = torch.nn.functional.linear(xc, x_w)
+    delta = torch.nn.functional.linear(dbc_ref[:, :r], dt_w)
+    y_ref = ref.selective_scan_ref(xc[..., None], delta[..., None], a, dbc_ref[:, None, r:r + n],
+                                   dbc_ref[:, None, r + n:], d, z[..., None], delta_bias, ssm_ref)[..., 0]
+    before = conv_pool.clone()
+    dbc = tk.conv_xproj(x, conv_pool, conv_w, conv_b, x_w, idx)
+    assert dbc.dtype == dtype and rel_err(dbc, dbc_ref) < TOL[dtype]
+    assert torch.equal(conv_pool, before)
+    y = tk.ssm_step(x, dbc[:, :r], a, dbc[:, r:r + n], dbc[:, r + n:], d, z, delta_bias, ssm_pool, idx=idx,
+                    dt_weight=dt_w, out_dtype=dtype, conv=(conv_pool, conv_w, conv_b))
+    assert rel_err(y, y_ref) < TOL[dtype] * 2
+    assert_state_equal(conv_pool[idx], conv_ref, dtype)
+    assert rel_err(ssm_pool[idx], ssm_ref) < TOL[dtype] * 2
+    untouched = [s for s in range(slots) if s not in idx.tolist()]
+    assert torch.equal(conv_pool[untouched], before[untouched])
+
+
 # ------------------------------------------------------------------ GraphDecoder vs BlockStack
 
 def _config(**kw):
@@ -243,9 +290,14 @@ def _stacks(cfg, dtype):
     return want, fast
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_decoder_matches_block_stack(dtype):
+@pytest.mark.parametrize("dtype,triton_linear", [(torch.float32, False), (torch.bfloat16, False),
+                                                  (torch.bfloat16, True)])
+def test_graph_decoder_matches_block_stack(dtype, triton_linear, monkeypatch):
+    from swarm.model import graphs
     from swarm.model.graphs import GraphDecoder
+    if triton_linear and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; checked on CUDA")
+    monkeypatch.setattr(graphs, "TRITON_LINEAR", triton_linear)
     cfg = _config()
     want, fast = _stacks(cfg, dtype)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
