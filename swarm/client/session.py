@@ -160,7 +160,7 @@ class InferenceSession(GenerationSession):
         verdicts: list[tuple[PeerId, bool]] = []
         for peer in candidates[:2]:
             try:
-                other = await self._open(Hop(peer, span.start, span.end), f"{self.session_id}-verify")
+                other = await self._open(Hop(peer, span.start, span.end))
                 try:
                     await self._restore([other], span.start, [], span.ckpt_position, span.ckpt_states,
                                         count_replay=False)
@@ -213,7 +213,9 @@ class InferenceSession(GenerationSession):
             raise PeerUnavailable(f"peer {hop.peer[:12]}: connect timed out") from None
         except Exception as e:  # hivemind's dial errors are plain Exceptions
             raise PeerUnavailable(f"peer {hop.peer[:12]}: cannot open a stream: {e}") from None
-        await wire.send(writer, wire.Open(session_id or self.session_id, hop.start, hop.end, 1))
+        # one peer may hold several spans of this session (e.g. after a re-route): each stream is its own session there
+        sid = session_id or f"{self.session_id}:{hop.start}-{hop.end}:{uuid.uuid4().hex[:8]}"
+        await wire.send(writer, wire.Open(sid, hop.start, hop.end, 1))
         await asyncio.wait_for(_expect(reader, wire.Opened), timeout=client.config.connect_timeout)
         rec = client.view.servers.get(hop.peer)
         expected = (hop.end - hop.start) / rec.throughput if rec and rec.throughput > 0 else 0.5
