@@ -103,7 +103,16 @@ class SwarmClient:
         return blocks * self.cfg.intermediate_size * (self.cfg.conv_kernel + self.cfg.state_size) * 4
 
     async def refresh_view(self) -> None:
-        self.view = await lookup_servers(self.dht, self.model_name, self.cfg.num_layers)
+        """Re-read the DHT. A record that this lookup missed but that has not expired is kept: a frozen DHT node
+        can make a lookup come back short, and a record stays valid until its expiration time."""
+        from hivemind.utils import get_dht_time
+        view = await lookup_servers(self.dht, self.model_name, self.cfg.num_layers)
+        now = get_dht_time()
+        for peer, rec in self.view.servers.items():
+            if peer not in view.servers and self.view.expirations.get(peer, 0.0) > now:
+                view.servers[peer] = rec
+                view.expirations[peer] = self.view.expirations[peer]
+        self.view = view
         self.view_time = time.monotonic()
 
     async def route(self, start: int, end: int) -> list[Hop]:
