@@ -20,7 +20,6 @@ import torch  # noqa: E402
 
 from swarm.kernels import triton_ops as tk  # noqa: E402
 from swarm.model import BlockStack, Head, MambaConfig  # noqa: E402
-from swarm.model import graphs  # noqa: E402
 from swarm.model.graphs import GraphDecoder  # noqa: E402
 
 MODELS = {  # HF config fields of the two published sizes
@@ -119,25 +118,15 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
     floor_stack_ms = block_bytes / bandwidth * 1e3
     print(f"[{name}] {cfg.num_layers} blocks, weights {block_bytes / 1e9:.3f} GB + head {head_bytes / 1e9:.3f} GB")
 
-    best = None
-    for variant in ("cublas", "triton"):  # decode's in_proj/out_proj through F.linear or Triton's skinny matmul
-        graphs.TRITON_LINEAR = variant == "triton"
-        dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8))
-        for batch in (1, 8):
-            slots = [dec.alloc_slot() for _ in range(batch)]
-            h1 = torch.randn(batch, 1, cfg.hidden_size, device="cuda")
-            ms = cuda_ms(lambda: dec.step(slots, h1), iters=20, inner=20 if name == "130m" else 5)
-            ROWS.append((name, f"decode b={batch}, ms/step, blocks, {variant}", f"{ms:.3f}", "",
-                         f"{floor_stack_ms:.3f}"))
-            if batch == 1 and (best is None or ms < best[0]):
-                best = (ms, variant)
-            top_kernels(lambda: dec._step_blocks(dec._h_in[batch], dec._idx[batch]), f"[{name}] {variant} b={batch}")
-            for s in slots:
-                dec.free_slot(s)
-        del dec
-    graphs.TRITON_LINEAR = best[1] == "triton"
     dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8))
-    print(f"[{name}] token loop and prefill with {best[1]} linear")
+    for batch in (1, 8):
+        slots = [dec.alloc_slot() for _ in range(batch)]
+        h1 = torch.randn(batch, 1, cfg.hidden_size, device="cuda")
+        ms = cuda_ms(lambda: dec.step(slots, h1), iters=20, inner=20 if name == "130m" else 5)
+        ROWS.append((name, f"decode b={batch}, ms/step, blocks only", f"{ms:.3f}", "", f"{floor_stack_ms:.3f}"))
+        top_kernels(lambda: dec._step_blocks(dec._h_in[batch], dec._idx[batch]), f"[{name}] eager step b={batch}")
+        for s in slots:
+            dec.free_slot(s)
 
     for batch in (1, 8):
         slots = [dec.alloc_slot() for _ in range(batch)]
@@ -182,39 +171,14 @@ def bench_scan_configs() -> None:
     conv_w, conv_state = torch.randn(i, 4, device="cuda", dtype=torch.bfloat16), torch.zeros(1, i, 4, device="cuda")
     conv_ms = cuda_ms(lambda: tk.causal_conv1d(u, conv_state, conv_w, None), iters=10, inner=10)
     print(f"causal_conv1d 1x{i}x{t} bf16: {conv_ms * 1e3:.1f} us")
-    for config in (("chunk", 16, 16, 4), ("seq", 16, 4), ("seq", 16, 8), ("seq", 8, 4), ("seq", 8, 2), ("seq", 4, 2),
-                   ("seq", 32, 16), ("seq", 32, 8)):
+    for config in (("chunk", 16, 16, 4), ("seq", 16, 4), ("seq", 8, 2), ("seq", 8, 1), ("seq", 16, 2), ("seq", 32, 4),
+                   ("seq", 16, 8), ("seq", 4, 1)):
         try:
             ms = cuda_ms(lambda: tk.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
                                                    state, out_dtype=torch.bfloat16, config=config), iters=5, inner=4)
             print(f"selective_scan 1x{i}x{t} (BLOCK_T, BLOCK_I, warps)={config}: {ms * 1e3:.1f} us")
         except Exception as e:  # a tile too large for the registers or shared memory: say so, try the next
             print(f"selective_scan config {config}: failed: {type(e).__name__}: {str(e)[:200]}")
-
-
-def bench_linear() -> None:
-    """Decode's projections, F.linear (cuBLAS) vs Triton's skinny matmul; weights rotated so that L2 can't hold them."""
-    shapes = {"2.8b in_proj": (10240, 2560), "2.8b out_proj": (2560, 5120), "130m in_proj": (3072, 768),
-              "130m out_proj": (768, 1536)}
-    configs = ((32, 128, 4, 4), (64, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 3), (64, 64, 4, 6), (16, 128, 2, 6),
-               (32, 64, 2, 8))
-    for label, (n, k) in shapes.items():
-        copies = max(2, int(2e8 // (n * k * 2)))
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-        for m in (1, 8):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            it = iter(range(1 << 62))
-            ms = cuda_ms(lambda: torch.nn.functional.linear(x, ws[next(it) % copies]), iters=10, inner=copies)
-            line = f"{label} M={m}: cuBLAS {ms * 1e3:.1f} us ({n * k * 2 / ms / 1e9:.2f} TB/s)"
-            for cfg in configs:
-                try:
-                    ms_t = cuda_ms(lambda: tk.linear_small_m(x, ws[next(it) % copies], config=cfg), iters=10,
-                                   inner=copies)
-                    line += f" | {cfg}: {ms_t * 1e3:.1f}"
-                except Exception as e:  # noqa: BLE001 - a config that does not compile: say so, try the next
-                    line += f" | {cfg}: {type(e).__name__}"
-            print(line)
-        del ws
 
 
 def peer_memory() -> None:
@@ -271,7 +235,6 @@ def main() -> None:
     print(f"device copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
     if not args.skip_scan_configs:
         bench_scan_configs()
-        bench_linear()
     peer_memory()
     for name in args.models.split(","):
         bench_model(name, bw, hf_prefill=name == "130m")

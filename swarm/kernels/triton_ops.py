@@ -82,52 +82,6 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     return y.view(residual.shape), r_out.view(residual.shape)
 
 
-# ---------------------------------------------------------------- skinny matmul (decode's projections)
-
-@triton.jit
-def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sx_m, sw_n, sy_m,
-                           HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # y = x W^T for a few rows: streaming W is all that costs, so each program owns BLOCK_N rows of W and walks K;
-    # tl.dot lets Triton pipeline the W tiles through shared memory (num_stages deep).
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
-    kk = tl.arange(0, BLOCK_K)
-    mn = n < N
-    mm = m < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + kk
-        if EVEN_K:
-            w = tl.load(w_ptr + n[:, None] * sw_n + k[None, :], mask=mn[:, None], other=0.0)
-            x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=mm[:, None], other=0.0)
-        else:
-            w = tl.load(w_ptr + n[:, None] * sw_n + k[None, :], mask=mn[:, None] & (k < K)[None, :], other=0.0)
-            x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :], mask=mm[:, None] & (k < K)[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + m[:, None] * sy_m + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
-
-
-LINEAR_CONFIG = (32, 128, 4, 4)  # (BLOCK_N, BLOCK_K, num_warps, num_stages); the bench measures alternatives
-
-
-def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """F.linear for x: (M, K) with M <= 16 and bf16/fp16 weight (N, K) -> (M, N) in x's dtype."""
-    m, k = x.shape
-    n = weight.shape[0]
-    assert m <= 16 and weight.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and weight.stride(1) == 1
-    block_n, block_k, warps, stages = config or LINEAR_CONFIG
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _linear_small_m_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
-    return y
-
-
 # ---------------------------------------------------------------- causal conv1d + SiLU
 
 @triton.jit
@@ -135,39 +89,35 @@ def _conv_fwd_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, T, I,
                      sx_b, sx_i, sx_t, ss_b, ss_i, ss_k, sw_i, sw_k, sy_b, sy_i, sy_t,
                      K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+    # every operand is (BLOCK_T, 1) or (1, BLOCK_I), so all of them share the tile's layout as loaded
     pid_t = tl.program_id(0)
-    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    i = (tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :]  # (1, BI)
     b = tl.program_id(2).to(tl.int64)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T))[:, None]  # (BT, 1)
     mi = i < I
     mt = t < T
-    x_base = x_ptr + b * sx_b
-    s_base = s_ptr + b * ss_b
+    x_base = x_ptr + b * sx_b + i * sx_i
+    s_base = s_ptr + b * ss_b + i * ss_i
     acc = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
     # full = [conv_state[1:], x]: tap k of output t reads full[t + k], which is x[src] or conv_state[src + K]
     for k in tl.static_range(K):
         src = t + (k - (K - 1))
-        xv = tl.load(x_base + src[:, None] * sx_t + i[None, :] * sx_i,
-                     mask=((src >= 0) & mt)[:, None] & mi[None, :], other=0.0)
-        sv = tl.load(s_base + (src + K)[:, None] * ss_k + i[None, :] * ss_i,
-                     mask=((src < 0) & mt)[:, None] & mi[None, :], other=0.0)
+        xv = tl.load(x_base + src * sx_t, mask=(src >= 0) & mt & mi, other=0.0)
+        sv = tl.load(s_base + (src + K) * ss_k, mask=(src < 0) & mt & mi, other=0.0)
         w = tl.load(w_ptr + i * sw_i + k * sw_k, mask=mi, other=0.0).to(tl.float32)
-        acc += (xv.to(tl.float32) + sv.to(xv.dtype).to(tl.float32)) * w[None, :]
+        acc += (xv.to(tl.float32) + sv.to(xv.dtype).to(tl.float32)) * w
     if HAS_BIAS:
-        acc += tl.load(b_ptr + i, mask=mi, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + b * sy_b + t[:, None] * sy_t + i[None, :] * sy_i, _silu(acc).to(y_ptr.dtype.element_ty),
-             mask=mt[:, None] & mi[None, :])
+        acc += tl.load(b_ptr + i, mask=mi, other=0.0).to(tl.float32)
+    tl.store(y_ptr + b * sy_b + t * sy_t + i * sy_i, _silu(acc).to(y_ptr.dtype.element_ty), mask=mt & mi)
     if pid_t == 0:  # only this program reads the old state, so only it may write the new one
-        kk = tl.arange(0, KP)
+        kk = tl.arange(0, KP)[:, None]
         last = T - K + kk  # new state[k] = full[T - 1 + k]
         mk = kk < K
-        x_tail = tl.load(x_base + last[:, None] * sx_t + i[None, :] * sx_i,
-                         mask=((last >= 0) & mk)[:, None] & mi[None, :], other=0.0)
-        s_tail = tl.load(s_base + (last + K)[:, None] * ss_k + i[None, :] * ss_i,
-                         mask=((last < 0) & mk)[:, None] & mi[None, :], other=0.0)
+        x_tail = tl.load(x_base + last * sx_t, mask=(last >= 0) & mk & mi, other=0.0)
+        s_tail = tl.load(s_base + (last + K) * ss_k, mask=(last < 0) & mk & mi, other=0.0)
         new = x_tail.to(tl.float32) + s_tail.to(x_tail.dtype).to(tl.float32)
         tl.debug_barrier()  # every thread's reads of the old state happen before any write
-        tl.store(s_base + kk[:, None] * ss_k + i[None, :] * ss_i, new, mask=mk[:, None] & mi[None, :])
+        tl.store(s_base + kk * ss_k, new, mask=mk & mi)
 
 
 @triton.jit
@@ -209,28 +159,32 @@ def _conv_step_kernel(x_ptr, s_ptr, idx_ptr, w_ptr, b_ptr, y_ptr, I,
 
 
 @triton.jit
-def _conv_xproj_kernel(x_ptr, s_ptr, idx_ptr, cw_ptr, cb_ptr, wx_ptr, o_ptr, I, J,
-                       sx_b, sx_i, ss_b, ss_i, ss_k, sw_i, sw_k, swx_j, swx_i, so_b, so_j,
+def _conv_xproj_kernel(x_ptr, s_ptr, idx_ptr, cw_ptr, cb_ptr, wx_ptr, xc_ptr, p_ptr, I, J,
+                       sx_b, sx_i, ss_b, ss_i, ss_k, sw_i, sw_k, swx_j, swx_i, sxc_b, sp_b, sp_p,
                        K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
                        BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
-    # x_proj(silu(conv(x))) for one token, the conv recomputed here (K FMAs a channel) so that conv and x_proj
-    # are one launch; the conv state is read, not written: the step kernel after this one shifts it.
-    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    # One token: conv + SiLU for BLOCK_I channels, the shift of their conv state, then their share of x_proj,
+    # x_proj[:, i-block] . xc[i-block], written as a partial sum (B, P, J) that the SSM step adds up. Splitting
+    # x_proj over channels instead of over its R + 2N outputs gives enough programs to stream its weight.
+    pid_i = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     if HAS_IDX:
         slot = tl.load(idx_ptr + b).to(tl.int64)
     else:
         slot = b
-    mj = j < J
-    acc = tl.zeros([BLOCK_J, BLOCK_I], dtype=tl.float32)
-    for i0 in range(0, I, BLOCK_I):
-        i = i0 + tl.arange(0, BLOCK_I)
-        mi = i < I
-        _, xc = _conv_tap(x_ptr + b * sx_b + i * sx_i, s_ptr + slot * ss_b + i[:, None] * ss_i, cw_ptr, cb_ptr,
-                          i, mi, sw_i, sw_k, ss_k, K, KP, HAS_BIAS)
+    i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    mi = i < I
+    s_rows = s_ptr + slot * ss_b + i[:, None] * ss_i
+    new, xc = _conv_tap(x_ptr + b * sx_b + i * sx_i, s_rows, cw_ptr, cb_ptr, i, mi, sw_i, sw_k, ss_k, K, KP, HAS_BIAS)
+    kk = tl.arange(0, KP)[None, :]
+    tl.debug_barrier()  # the shifted read in _conv_tap overlaps other threads' writes below
+    tl.store(s_rows + kk * ss_k, new, mask=mi[:, None] & (kk < K))
+    tl.store(xc_ptr + b * sxc_b + i, xc.to(xc_ptr.dtype.element_ty), mask=mi)
+    for j0 in range(0, J, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        mj = j < J
         w = tl.load(wx_ptr + j[:, None] * swx_j + i[None, :] * swx_i, mask=mj[:, None] & mi[None, :], other=0.0)
-        acc += w.to(tl.float32) * xc[None, :]
-    tl.store(o_ptr + b * so_b + j * so_j, tl.sum(acc, axis=1).to(o_ptr.dtype.element_ty), mask=mj)
+        tl.store(p_ptr + b * sp_b + pid_i * sp_p + j, tl.sum(w.to(tl.float32) * xc[None, :], axis=1), mask=mj)
 
 
 def causal_conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
@@ -272,21 +226,24 @@ def conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
 
 
 def conv_xproj(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               x_proj: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-    """One token: x_proj(silu(conv(x))) (B, R + 2N) in x's dtype, conv_state unchanged (ssm_step(conv=...) shifts it).
+               x_proj: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token: xc = silu(conv(x)) (B, I) in x's dtype, shifting conv_state, and x_proj(xc) as partial sums.
 
     x: (B, I); conv_state (B, I, K) fp32 or with idx a pool (S, I, K); weight (I, K); x_proj: (R + 2N, I).
+    Returns xc and partials (B, P, R + 2N) fp32 whose sum over P is x_proj(xc); ssm_decode adds them up.
     """
     bsz, dim = x.shape
     k, out_dim = weight.shape[-1], x_proj.shape[0]
-    out = torch.empty(bsz, out_dim, dtype=x.dtype, device=x.device)
-    block_j = 8
-    _conv_xproj_kernel[(triton.cdiv(out_dim, block_j), bsz)](
-        x, conv_state, x if idx is None else idx, weight, weight if bias is None else bias, x_proj, out, dim, out_dim,
-        *x.stride(), *conv_state.stride(), *weight.stride(), *x_proj.stride(), *out.stride(),
-        K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_IDX=idx is not None,
-        BLOCK_J=block_j, BLOCK_I=256, num_warps=4)
-    return out
+    block_i, block_j = (32 if dim <= 2048 else 64), 64
+    n_part = triton.cdiv(dim, block_i)
+    xc = torch.empty(bsz, dim, dtype=x.dtype, device=x.device)
+    partials = torch.empty(bsz, n_part, out_dim, dtype=torch.float32, device=x.device)
+    _conv_xproj_kernel[(n_part, bsz)](
+        x, conv_state, x if idx is None else idx, weight, weight if bias is None else bias, x_proj, xc, partials,
+        dim, out_dim, *x.stride(), *conv_state.stride(), *weight.stride(), *x_proj.stride(), xc.stride(0),
+        partials.stride(0), partials.stride(1), K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None,
+        HAS_IDX=idx is not None, BLOCK_J=block_j, BLOCK_I=block_i, num_warps=4)
+    return xc, partials
 
 
 # ---------------------------------------------------------------- selective scan
@@ -338,25 +295,29 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
 
 
 @triton.jit
-def _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t, T, mi, mn):
-    """Token t's inputs: u, delta, z as (BLOCK_I, 1), B and C as (1, BLOCK_N), all fp32."""
-    ok = t < T  # a scalar: tl.where folds it into the masks (the interpreter mis-types scalar & tensor)
-    m_i, m_n = tl.where(ok, mi, False), tl.where(ok, mn, False)
-    u = tl.load(p_u + t * su_t, mask=m_i, other=0.0).to(tl.float32)
-    dl = tl.load(p_dl + t * sd_t, mask=m_i, other=0.0).to(tl.float32)
-    z = tl.load(p_z + t * sz_t, mask=m_i, other=0.0).to(tl.float32)
-    bm = tl.load(p_b + t * sb_t, mask=m_n, other=0.0).to(tl.float32)
-    cm = tl.load(p_c + t * sc_t, mask=m_n, other=0.0).to(tl.float32)
-    return u, dl, z, bm, cm
+def _cols8(x, BLOCK_I: tl.constexpr):
+    """The 8 columns of x (BLOCK_I, 8), each (BLOCK_I, 1); tl.split keeps them in registers."""
+    ev, od = tl.split(tl.reshape(x, (BLOCK_I, 4, 2)))  # columns 0 2 4 6 | 1 3 5 7
+    e0, e1 = tl.split(tl.reshape(ev, (BLOCK_I, 2, 2)))  # 0 4 | 2 6
+    o0, o1 = tl.split(tl.reshape(od, (BLOCK_I, 2, 2)))  # 1 5 | 3 7
+    c0, c4 = tl.split(e0)
+    c2, c6 = tl.split(e1)
+    c1, c5 = tl.split(o0)
+    c3, c7 = tl.split(o1)
+    return c0[:, None], c1[:, None], c2[:, None], c3[:, None], c4[:, None], c5[:, None], c6[:, None], c7[:, None]
 
 
 @triton.jit
-def _scan_apply(h, u, dl, z, bm, cm, a2, bias, d_skip, t, T):
-    """One token of the recurrence on the (BLOCK_I, BLOCK_N) state: returns the new state and y (BLOCK_I, 1)."""
-    dt = tl.where(t < T, _softplus(dl + bias), 0.0)  # a step past T leaves h as it is
-    h = tl.exp2(dt * a2) * h + (dt * u) * bm
-    y = (tl.sum(h * cm, axis=1, keep_dims=True) + d_skip * u) * _silu(z)
-    return h, y
+def _row(p, t, s_t, T, mn):
+    """B or C of token t as (1, BLOCK_N) fp32, zero past T."""
+    return tl.load(p + t * s_t, mask=tl.where(t < T, mn, False), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _scan_token(h, dt, dtu, bm, cm, a2):
+    """One token of the recurrence on the (BLOCK_I, BLOCK_N) state; returns it and C . h as (BLOCK_I, 1)."""
+    h = tl.exp2(dt * a2) * h + dtu * bm
+    return h, tl.sum(h * cm, axis=1, keep_dims=True)
 
 
 @triton.jit
@@ -364,10 +325,10 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
                      su_b, su_i, su_t, sd_b, sd_i, sd_t, sz_b, sz_i, sz_t,
                      sb_b, sb_t, sb_n, sc_b, sc_t, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, sy_t,
                      BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Token by token over a (BLOCK_I, BLOCK_N) state in registers. The arithmetic is short; what costs is waiting
-    # on loads and moving values between layouts. So each loop turn issues the loads of 8 tokens before it uses
-    # any, every operand is shaped (BLOCK_I, 1) or (1, BLOCK_N) so that it lands in the state's layout as loaded,
-    # and the 8 outputs are joined into one (BLOCK_I, 8) tile: one layout change and one store per 8 tokens.
+    # Token by token over a (BLOCK_I, BLOCK_N) state in registers, 8 tokens a loop turn. The per-channel maths
+    # (softplus, the gate, the D skip) runs on (BLOCK_I, 8) tiles, once per element, not once per state lane;
+    # per token only exp2, two FMAs and the C . h reduction remain. Operands are shaped (BLOCK_I, 1) or
+    # (1, BLOCK_N) so that they land in the state's layout; layouts change a few times a turn, not per token.
     i = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I))[:, None]  # (BI, 1)
     b = tl.program_id(1).to(tl.int64)
     n = tl.arange(0, BLOCK_N)[None, :]  # (1, BN)
@@ -384,36 +345,75 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
     cols = tl.arange(0, 8)[None, :]
     for t0 in range(0, T, 8):
         t = t0 * one
-        u0, d0, z0, b0, c0 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t, T, mi, mn)
-        u1, d1, z1, b1, c1 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 1, T, mi, mn)
-        u2, d2, z2, b2, c2 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 2, T, mi, mn)
-        u3, d3, z3, b3, c3 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 3, T, mi, mn)
-        u4, d4, z4, b4, c4 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 4, T, mi, mn)
-        u5, d5, z5, b5, c5 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 5, T, mi, mn)
-        u6, d6, z6, b6, c6 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 6, T, mi, mn)
-        u7, d7, z7, b7, c7 = _scan_load(p_u, p_dl, p_z, p_b, p_c, su_t, sd_t, sz_t, sb_t, sc_t, t + 7, T, mi, mn)
-        h, y0 = _scan_apply(h, u0, d0, z0, b0, c0, a2, bias, d_skip, t, T)
-        h, y1 = _scan_apply(h, u1, d1, z1, b1, c1, a2, bias, d_skip, t + 1, T)
-        h, y2 = _scan_apply(h, u2, d2, z2, b2, c2, a2, bias, d_skip, t + 2, T)
-        h, y3 = _scan_apply(h, u3, d3, z3, b3, c3, a2, bias, d_skip, t + 3, T)
-        h, y4 = _scan_apply(h, u4, d4, z4, b4, c4, a2, bias, d_skip, t + 4, T)
-        h, y5 = _scan_apply(h, u5, d5, z5, b5, c5, a2, bias, d_skip, t + 5, T)
-        h, y6 = _scan_apply(h, u6, d6, z6, b6, c6, a2, bias, d_skip, t + 6, T)
-        h, y7 = _scan_apply(h, u7, d7, z7, b7, c7, a2, bias, d_skip, t + 7, T)
+        tt = t + cols  # (1, 8)
+        m8 = mi & (tt < T)
+        u = tl.load(p_u + tt * su_t, mask=m8, other=0.0).to(tl.float32)  # (BI, 8)
+        z = tl.load(p_z + tt * sz_t, mask=m8, other=0.0).to(tl.float32)
+        dt = tl.where(m8, _softplus(tl.load(p_dl + tt * sd_t, mask=m8, other=0.0).to(tl.float32) + bias), 0.0)
+        dt0, dt1, dt2, dt3, dt4, dt5, dt6, dt7 = _cols8(dt, BLOCK_I)  # past T: dt = 0 leaves h as it is
+        du0, du1, du2, du3, du4, du5, du6, du7 = _cols8(dt * u, BLOCK_I)
+        b0, c0 = _row(p_b, t, sb_t, T, mn), _row(p_c, t, sc_t, T, mn)
+        b1, c1 = _row(p_b, t + 1, sb_t, T, mn), _row(p_c, t + 1, sc_t, T, mn)
+        b2, c2 = _row(p_b, t + 2, sb_t, T, mn), _row(p_c, t + 2, sc_t, T, mn)
+        b3, c3 = _row(p_b, t + 3, sb_t, T, mn), _row(p_c, t + 3, sc_t, T, mn)
+        b4, c4 = _row(p_b, t + 4, sb_t, T, mn), _row(p_c, t + 4, sc_t, T, mn)
+        b5, c5 = _row(p_b, t + 5, sb_t, T, mn), _row(p_c, t + 5, sc_t, T, mn)
+        b6, c6 = _row(p_b, t + 6, sb_t, T, mn), _row(p_c, t + 6, sc_t, T, mn)
+        b7, c7 = _row(p_b, t + 7, sb_t, T, mn), _row(p_c, t + 7, sc_t, T, mn)
+        h, y0 = _scan_token(h, dt0, du0, b0, c0, a2)
+        h, y1 = _scan_token(h, dt1, du1, b1, c1, a2)
+        h, y2 = _scan_token(h, dt2, du2, b2, c2, a2)
+        h, y3 = _scan_token(h, dt3, du3, b3, c3, a2)
+        h, y4 = _scan_token(h, dt4, du4, b4, c4, a2)
+        h, y5 = _scan_token(h, dt5, du5, b5, c5, a2)
+        h, y6 = _scan_token(h, dt6, du6, b6, c6, a2)
+        h, y7 = _scan_token(h, dt7, du7, b7, c7, a2)
         # join appends a last axis, so the outermost join picks bit 0 of the token index and the innermost bit 2
         ys = tl.join(tl.join(tl.join(y0, y4), tl.join(y2, y6)), tl.join(tl.join(y1, y5), tl.join(y3, y7)))
-        tt = t + cols  # (1, 8)
-        tl.store(p_y + tt * sy_t, tl.reshape(ys, (BLOCK_I, 8)).to(p_y.dtype.element_ty), mask=mi & (tt < T))
+        y = (tl.reshape(ys, (BLOCK_I, 8)) + d_skip * u) * _silu(z)
+        tl.store(p_y + tt * sy_t, y.to(p_y.dtype.element_ty), mask=m8)
     tl.store(h_ptrs, h, mask=mi & mn)
 
 
 @triton.jit
-def _ssm_step_kernel(u_ptr, dl_ptr, wdt_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, idx_ptr, y_ptr,
-                     cs_ptr, cw_ptr, cb_ptr, I, N, R, su_b, su_i, sd_b, sd_i, sw_i, sw_r, sz_b, sz_i, sb_b, sb_n,
-                     sc_b, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, scs_b, scs_i, scs_k, scw_i, scw_k,
-                     FUSE_DT: tl.constexpr, HAS_IDX: tl.constexpr, FUSE_CONV: tl.constexpr,
-                     K: tl.constexpr, KP: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-                     BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _ssm_state_update(u, dl, bias, a_ptr, d_ptr, bm, cm, z, h_ptrs, i, n, mi, mn, N):
+    """h <- exp(dt A) h + dt u B at h_ptrs (BLOCK_I, BLOCK_N); returns (C . h + D u) silu(z) (BLOCK_I,)."""
+    dt = _softplus(dl + bias)
+    m_in = mi[:, None] & mn[None, :]
+    A = tl.load(a_ptr + i[:, None] * N + n[None, :], mask=m_in, other=0.0)
+    h = tl.load(h_ptrs, mask=m_in, other=0.0)
+    h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * bm[None, :]
+    tl.store(h_ptrs, h, mask=m_in)
+    y = tl.sum(h * cm[None, :], axis=1) + tl.load(d_ptr + i, mask=mi, other=0.0) * u
+    return y * _silu(z)
+
+
+@triton.jit
+def _ssm_step_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, y_ptr, I, N,
+                     su_b, su_i, sd_b, sd_i, sz_b, sz_i, sb_b, sb_n, sc_b, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i,
+                     BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr):
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.arange(0, BLOCK_N)
+    mi = i < I
+    mn = n < N
+    u = tl.load(u_ptr + b * su_b + i * su_i, mask=mi, other=0.0).to(tl.float32)
+    dl = tl.load(dl_ptr + b * sd_b + i * sd_i, mask=mi, other=0.0).to(tl.float32)
+    bm = tl.load(bm_ptr + b * sb_b + n * sb_n, mask=mn, other=0.0).to(tl.float32)
+    cm = tl.load(cm_ptr + b * sc_b + n * sc_n, mask=mn, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + b * sz_b + i * sz_i, mask=mi, other=0.0).to(tl.float32)
+    y = _ssm_state_update(u, dl, tl.load(bias_ptr + i, mask=mi, other=0.0), a_ptr, d_ptr, bm, cm, z,
+                          h_ptr + b * sh_b + i[:, None] * sh_i + n[None, :] * sh_n, i, n, mi, mn, N)
+    tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
+
+
+@triton.jit
+def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, idx_ptr, y_ptr, I, N, R, P,
+                       sxc_b, sp_b, sp_p, sw_i, sw_r, sz_b, sz_i, sh_b, sh_i, sh_n, sy_b, sy_i,
+                       HAS_IDX: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    # The decode graph's SSM step: add up x_proj's partial sums into dt_low, B and C (rounded to the weight dtype
+    # as a matmul's output would be), dt_proj for this block of channels, then the state update and the gate.
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     b = tl.program_id(1).to(tl.int64)
     if HAS_IDX:
@@ -421,37 +421,28 @@ def _ssm_step_kernel(u_ptr, dl_ptr, wdt_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr
     else:
         slot = b
     n = tl.arange(0, BLOCK_N)
-    mi = i < I
-    mn = n < N
-    m_in = mi[:, None] & mn[None, :]
-    if FUSE_CONV:  # u is the conv's input: convolve here and shift the conv state
-        cs_rows = cs_ptr + slot * scs_b + i[:, None] * scs_i
-        new, u = _conv_tap(u_ptr + b * su_b + i * su_i, cs_rows, cw_ptr, cb_ptr, i, mi, scw_i, scw_k, scs_k,
-                           K, KP, HAS_CONV_BIAS)
-        kk = tl.arange(0, KP)[None, :]
-        tl.debug_barrier()  # the shifted read in _conv_tap overlaps other threads' writes below
-        tl.store(cs_rows + kk * scs_k, new, mask=mi[:, None] & (kk < K))
-    else:
-        u = tl.load(u_ptr + b * su_b + i * su_i, mask=mi, other=0.0).to(tl.float32)
-    if FUSE_DT:  # delta = dt_proj(dt_low), rounded to the weight dtype as the unfused matmul's output would be
-        r = tl.arange(0, BLOCK_R)
-        mr = r < R
-        dlow = tl.load(dl_ptr + b * sd_b + r * sd_i, mask=mr, other=0.0).to(tl.float32)
-        w = tl.load(wdt_ptr + i[:, None] * sw_i + r[None, :] * sw_r, mask=mi[:, None] & mr[None, :], other=0.0)
-        dl = tl.sum(w.to(tl.float32) * dlow[None, :], axis=1).to(w.dtype).to(tl.float32)
-    else:
-        dl = tl.load(dl_ptr + b * sd_b + i * sd_i, mask=mi, other=0.0).to(tl.float32)
-    dt = _softplus(dl + tl.load(bias_ptr + i, mask=mi, other=0.0))
-    A = tl.load(a_ptr + i[:, None] * N + n[None, :], mask=m_in, other=0.0)
-    bm = tl.load(bm_ptr + b * sb_b + n * sb_n, mask=mn, other=0.0).to(tl.float32)
-    cm = tl.load(cm_ptr + b * sc_b + n * sc_n, mask=mn, other=0.0).to(tl.float32)
-    h_ptrs = h_ptr + slot * sh_b + i[:, None] * sh_i + n[None, :] * sh_n
-    h = tl.load(h_ptrs, mask=m_in, other=0.0)
-    h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * bm[None, :]
-    tl.store(h_ptrs, h, mask=m_in)
-    y = tl.sum(h * cm[None, :], axis=1) + tl.load(d_ptr + i, mask=mi, other=0.0) * u
+    r = tl.arange(0, BLOCK_R)
+    mi, mn, mr = i < I, n < N, r < R
+    acc_r = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        rows = p_ptr + b * sp_b + p[:, None] * sp_p
+        mp = (p < P)[:, None]
+        acc_r += tl.sum(tl.load(rows + r[None, :], mask=mp & mr[None, :], other=0.0), axis=0)
+        acc_b += tl.sum(tl.load(rows + R + n[None, :], mask=mp & mn[None, :], other=0.0), axis=0)
+        acc_c += tl.sum(tl.load(rows + R + N + n[None, :], mask=mp & mn[None, :], other=0.0), axis=0)
+    xdt = xc_ptr.dtype.element_ty
+    u = tl.load(xc_ptr + b * sxc_b + i, mask=mi, other=0.0).to(tl.float32)
+    w = tl.load(wdt_ptr + i[:, None] * sw_i + r[None, :] * sw_r, mask=mi[:, None] & mr[None, :], other=0.0)
+    dlow = acc_r.to(xdt).to(tl.float32)
+    dl = tl.sum(w.to(tl.float32) * dlow[None, :], axis=1).to(w.dtype).to(tl.float32)
     z = tl.load(z_ptr + b * sz_b + i * sz_i, mask=mi, other=0.0).to(tl.float32)
-    tl.store(y_ptr + b * sy_b + i * sy_i, (y * _silu(z)).to(y_ptr.dtype.element_ty), mask=mi)
+    y = _ssm_state_update(u, dl, tl.load(bias_ptr + i, mask=mi, other=0.0), a_ptr, d_ptr,
+                          acc_b.to(xdt).to(tl.float32), acc_c.to(xdt).to(tl.float32), z,
+                          h_ptr + slot * sh_b + i[:, None] * sh_i + n[None, :] * sh_n, i, n, mi, mn, N)
+    tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
@@ -467,7 +458,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     A, D, delta_bias = A.float().contiguous(), D.float().contiguous(), delta_bias.float().contiguous()
     if t == 1:
         return ssm_step(u[:, :, 0], delta[:, :, 0], A, Bm[:, 0], Cm[:, 0], D, z[:, :, 0], delta_bias, ssm_state,
-                        out_dtype=out_dtype).unsqueeze(-1)
+                        out_dtype).unsqueeze(-1)
     y = torch.empty(bsz, t, dim, dtype=out_dtype, device=u.device).transpose(1, 2)  # (B, I, T)
     config = config or SCAN_CONFIG
     args = (u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, t, dim, nst,
@@ -485,30 +476,38 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
 
 def ssm_step(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
              D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
-             idx: torch.Tensor | None = None, dt_weight: torch.Tensor | None = None,
-             out_dtype: torch.dtype = torch.float32,
-             conv: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
-    """One token of the selective scan with gating: u, z: (B, I); Bm, Cm: (B, N) -> y (B, I) in out_dtype.
+             out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One token of the selective scan with gating: u, delta, z: (B, I); Bm, Cm: (B, N) -> y (B, I) in out_dtype.
 
-    delta: (B, I) before bias and softplus, or with `dt_weight` (I, R) the low-rank dt (B, R) whose projection is
-    fused here. ssm_state: (B, I, N) fp32, or with `idx` (B,) int64 a pool (S, I, N) addressed by idx[b].
-    With conv = (conv_state, conv_weight, conv_bias), u is the conv's input: the conv runs here and shifts
-    conv_state (addressed like ssm_state). A, D, delta_bias must be fp32 and contiguous.
+    ssm_state: (B, I, N) fp32, updated. A (I, N), D and delta_bias (I,) fp32 and contiguous.
     """
     bsz, dim = u.shape
     nst = A.shape[1]
     y = torch.empty(bsz, dim, dtype=out_dtype, device=u.device)
-    rank = 1 if dt_weight is None else dt_weight.shape[1]
-    cs, cw, cb = conv if conv is not None else (ssm_state, A, None)
-    block_i = 32 if dt_weight is None else 16
+    block_i = 32
     _ssm_step_kernel[(triton.cdiv(dim, block_i), bsz)](
-        u, delta, delta if dt_weight is None else dt_weight, z, Bm, Cm, A, D, delta_bias, ssm_state,
-        u if idx is None else idx, y, cs, cw, cw if cb is None else cb, dim, nst, rank,
-        *u.stride(), *delta.stride(), *((0, 0) if dt_weight is None else dt_weight.stride()), *z.stride(),
-        *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride(), *cs.stride(), *cw.stride(),
-        FUSE_DT=dt_weight is not None, HAS_IDX=idx is not None, FUSE_CONV=conv is not None,
-        K=cw.shape[-1], KP=triton.next_power_of_2(cw.shape[-1]), HAS_CONV_BIAS=cb is not None,
-        BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), BLOCK_R=triton.next_power_of_2(rank), num_warps=4)
+        u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, dim, nst, *u.stride(), *delta.stride(), *z.stride(),
+        *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride(),
+        BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=4)
+    return y
+
+
+def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor,
+               D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
+               idx: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The decode graph's SSM step after conv_xproj: xc (B, I), partials (B, P, R + 2N) -> y (B, I) in out_dtype.
+
+    dt_weight: (I, R); z: (B, I); ssm_state (B, I, N) fp32, or with idx (B,) a pool (S, I, N) addressed by idx[b].
+    """
+    bsz, dim = xc.shape
+    nst, rank, n_part = A.shape[1], dt_weight.shape[1], partials.shape[1]
+    y = torch.empty(bsz, dim, dtype=out_dtype, device=xc.device)
+    block_i = 32
+    _ssm_decode_kernel[(triton.cdiv(dim, block_i), bsz)](
+        xc, partials, dt_weight, z, A, D, delta_bias, ssm_state, xc if idx is None else idx, y, dim, nst, rank,
+        n_part, xc.stride(0), partials.stride(0), partials.stride(1), *dt_weight.stride(), *z.stride(),
+        *ssm_state.stride(), *y.stride(), HAS_IDX=idx is not None, BLOCK_I=block_i,
+        BLOCK_N=triton.next_power_of_2(nst), BLOCK_R=triton.next_power_of_2(rank), BLOCK_P=8, num_warps=4)
     return y
 
 

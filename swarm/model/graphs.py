@@ -18,10 +18,6 @@ from swarm.model.block import LayerState, MambaBlock
 from swarm.model.stack import BlockStack
 
 
-# Decode's in_proj and out_proj: Triton's skinny matmul or cuBLAS (F.linear). scripts/bench_gpu.py measures both.
-TRITON_LINEAR = False
-
-
 def _triton_kernels():
     try:
         from swarm.kernels import triton_ops
@@ -196,26 +192,18 @@ class GraphDecoder:
     def _step_blocks(self, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """hidden: (Bk, D) fp32, idx: (Bk,) slots -> (Bk, D) fp32: one token through every block (what is captured)."""
         n = self.cfg.intermediate_size
-        r, ns = self.cfg.time_step_rank, self.cfg.state_size
         res, out = hidden, None
         for j, w in enumerate(self._w):
             if out is None:
                 h = self._k.rms_norm(res, w.norm_w, w.eps)
             else:
                 h, res = self._k.add_rms_norm(res, out, w.norm_w, w.eps)
-            xz = self._linear(h, w.in_w, w.in_b)  # (Bk, 2I)
-            x = xz[:, :n]  # the conv's input; both kernels below convolve it, the second shifts the conv state
-            dbc = self._k.conv_xproj(x, self.conv[j], w.conv_w, w.conv_b, w.x_w, idx)  # (Bk, R + 2N)
-            y = self._k.ssm_step(x, dbc[:, :r], w.A, dbc[:, r:r + ns], dbc[:, r + ns:], w.D, xz[:, n:], w.dt_b,
-                                 self.ssm[j], idx=idx, dt_weight=w.dt_w, out_dtype=self.dtype,
-                                 conv=(self.conv[j], w.conv_w, w.conv_b))  # (Bk, I)
-            out = self._linear(y, w.out_w, w.out_b)  # (Bk, D)
+            xz = F.linear(h, w.in_w, w.in_b)  # (Bk, 2I)
+            xc, partials = self._k.conv_xproj(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, w.x_w, idx)
+            y = self._k.ssm_decode(xc, partials, w.dt_w, w.A, w.D, xz[:, n:], w.dt_b, self.ssm[j], idx,
+                                   out_dtype=self.dtype)  # (Bk, I)
+            out = F.linear(y, w.out_w, w.out_b)  # (Bk, D)
         return torch.add(res, out)
-
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if TRITON_LINEAR and x.shape[0] <= 16 and w.dtype in (torch.bfloat16, torch.float16):
-            return self._k.linear_small_m(x, w, b)
-        return F.linear(x, w, b)
 
     @torch.no_grad()
     def _capture(self) -> None:

@@ -84,21 +84,6 @@ def test_add_rms_norm(shape, dtype):
     assert rel_err(out, ref.rms_norm_ref(want_res.to(dtype), w, 1e-5)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 100, 200), (8, 257, 384), (16, 64, 130)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_small_m(m, n, k, dtype, bias):
-    if DEVICE == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; checked on CUDA")
-    x = _rand(m, k, dtype=dtype)
-    w = _rand(n, k, dtype=dtype, scale=k ** -0.5)
-    bb = _rand(n, dtype=dtype) if bias else None
-    want = torch.nn.functional.linear(x.float(), w.float(), None if bb is None else bb.float())
-    out = tk.linear_small_m(x, w, bb)
-    assert out.shape == (m, n) and out.dtype == dtype
-    assert rel_err(out, want) < TOL[dtype]
-
-
 # ------------------------------------------------------------------ causal conv1d
 
 def _conv_inputs(b, i, t, k, dtype, bias):
@@ -188,34 +173,22 @@ def test_selective_scan_configs(config):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("i,n,r", [(96, 16, 6), (37, 5, 3)])
-def test_ssm_step_fused_dt_and_slots(i, n, r, dtype):
-    b, slots = 3, 5
-    u, _, a, _, _, d, z, delta_bias, _ = _scan_inputs(b, i, 1, n, r, dtype, "contiguous")
-    u, z = u[..., 0], z[..., 0]
-    dbc = _rand(b, r + 2 * n, dtype=dtype)
-    dt_w = _rand(i, r, dtype=dtype, scale=r ** -0.5)
-    pool = _rand(slots, i, n)
-    idx = torch.tensor([3, 1, 4], device=DEVICE)
-    delta = torch.nn.functional.linear(dbc[:, :r], dt_w)  # (B, I) in dtype, as the unfused path computes it
-    gathered = pool[idx].clone()
-    want = ref.selective_scan_ref(u[..., None], delta[..., None], a, dbc[:, None, r:r + n], dbc[:, None, r + n:], d,
-                                  z[..., None], delta_bias, gathered)[..., 0]
-    out = tk.ssm_step(u, dbc[:, :r], a, dbc[:, r:r + n], dbc[:, r + n:], d, z, delta_bias, pool, idx=idx,
-                      dt_weight=dt_w, out_dtype=dtype)
+@pytest.mark.parametrize("b,i,n", [(1, 96, 16), (3, 37, 5)])
+def test_ssm_step(b, i, n, dtype):
+    u, delta, a, bm, cm, d, z, delta_bias, state = _scan_inputs(b, i, 1, n, 4, dtype, "block")
+    state_ref = state.clone()
+    want = ref.selective_scan_ref(u, delta, a, bm, cm, d, z, delta_bias, state_ref)[..., 0]
+    out = tk.ssm_step(u[..., 0], delta[..., 0], a.contiguous(), bm[:, 0], cm[:, 0], d, z[..., 0], delta_bias, state,
+                      out_dtype=dtype)
     assert out.dtype == dtype
     assert rel_err(out, want) < TOL[dtype]
-    assert rel_err(pool[idx], gathered) < TOL[dtype]
-    unfused = tk.ssm_step(u, delta, a, dbc[:, r:r + n], dbc[:, r + n:], d, z, delta_bias, pool[idx].clone())
-    assert rel_err(unfused, ref.selective_scan_ref(u[..., None], delta[..., None], a, dbc[:, None, r:r + n],
-                                                   dbc[:, None, r + n:], d, z[..., None], delta_bias,
-                                                   pool[idx].clone())[..., 0]) < 1e-4
+    assert rel_err(state, state_ref) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("i,n,r,k,bias", [(96, 16, 6, 4, True), (300, 5, 3, 3, False)])
-def test_conv_xproj_and_fused_conv_step(i, n, r, k, bias, dtype):
-    """The decode graph's pair: conv + x_proj in one kernel (state untouched), then conv again + shift + scan."""
+@pytest.mark.parametrize("i,n,r,k,bias", [(96, 16, 6, 4, True), (300, 5, 3, 3, False), (2500, 16, 160, 4, True)])
+def test_conv_xproj_and_ssm_decode(i, n, r, k, bias, dtype):
+    """The decode graph's pair: conv + shift + x_proj partial sums, then their sum + dt_proj + state update + gate."""
     b, slots = 3, 5
     xz = _rand(b, 2 * i, dtype=dtype)
     x, z = xz[:, :i], xz[:, i:]
@@ -224,24 +197,25 @@ def test_conv_xproj_and_fused_conv_step(i, n, r, k, bias, dtype):
     x_w = _rand(r + 2 * n, i, dtype=dtype, scale=i ** -0.5)
     dt_w = _rand(i, r, dtype=dtype, scale=r ** -0.5)
     _, _, a, _, _, d, _, delta_bias, _ = _scan_inputs(b, i, 1, n, r, dtype, "contiguous")
+    a = a.contiguous()
     idx = torch.tensor([2, 0, 4], device=DEVICE)
     conv_ref, ssm_ref = conv_pool[idx].clone(), ssm_pool[idx].clone()
-    xc = ref.causal_conv1d_ref(x.unsqueeze(-1), conv_ref, conv_w, conv_b)[..., 0]  # (B, I) in dtype
-    dbc_ref = torch.nn.functional.linear(xc, x_w)
-    delta = torch.nn.functional.linear(dbc_ref[:, :r], dt_w)
-    y_ref = ref.selective_scan_ref(xc[..., None], delta[..., None], a, dbc_ref[:, None, r:r + n],
-                                   dbc_ref[:, None, r + n:], d, z[..., None], delta_bias, ssm_ref)[..., 0]
-    before = conv_pool.clone()
-    dbc = tk.conv_xproj(x, conv_pool, conv_w, conv_b, x_w, idx)
-    assert dbc.dtype == dtype and rel_err(dbc, dbc_ref) < TOL[dtype]
-    assert torch.equal(conv_pool, before)
-    y = tk.ssm_step(x, dbc[:, :r], a, dbc[:, r:r + n], dbc[:, r + n:], d, z, delta_bias, ssm_pool, idx=idx,
-                    dt_weight=dt_w, out_dtype=dtype, conv=(conv_pool, conv_w, conv_b))
-    assert rel_err(y, y_ref) < TOL[dtype] * 2
+    xc_ref = ref.causal_conv1d_ref(x.unsqueeze(-1), conv_ref, conv_w, conv_b)[..., 0]  # (B, I) in dtype
+    dbc = torch.nn.functional.linear(xc_ref, x_w)
+    delta = torch.nn.functional.linear(dbc[:, :r], dt_w)
+    y_ref = ref.selective_scan_ref(xc_ref[..., None], delta[..., None], a, dbc[:, None, r:r + n],
+                                   dbc[:, None, r + n:], d, z[..., None], delta_bias, ssm_ref)[..., 0]
+    before_conv, before_ssm = conv_pool.clone(), ssm_pool.clone()
+    xc, partials = tk.conv_xproj(x, conv_pool, conv_w, conv_b, x_w, idx)
+    assert xc.dtype == dtype and rel_err(xc, xc_ref) < TOL[dtype]
+    assert rel_err(partials.sum(1), dbc) < TOL[dtype]
     assert_state_equal(conv_pool[idx], conv_ref, dtype)
+    y = tk.ssm_decode(xc, partials, dt_w, a, d, z, delta_bias, ssm_pool, idx, out_dtype=dtype)
+    assert y.dtype == dtype and rel_err(y, y_ref) < TOL[dtype] * 2
     assert rel_err(ssm_pool[idx], ssm_ref) < TOL[dtype] * 2
     untouched = [s for s in range(slots) if s not in idx.tolist()]
-    assert torch.equal(conv_pool[untouched], before[untouched])
+    assert torch.equal(conv_pool[untouched], before_conv[untouched])
+    assert torch.equal(ssm_pool[untouched], before_ssm[untouched])
 
 
 # ------------------------------------------------------------------ GraphDecoder vs BlockStack
@@ -290,14 +264,9 @@ def _stacks(cfg, dtype):
     return want, fast
 
 
-@pytest.mark.parametrize("dtype,triton_linear", [(torch.float32, False), (torch.bfloat16, False),
-                                                  (torch.bfloat16, True)])
-def test_graph_decoder_matches_block_stack(dtype, triton_linear, monkeypatch):
-    from swarm.model import graphs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_decoder_matches_block_stack(dtype):
     from swarm.model.graphs import GraphDecoder
-    if triton_linear and DEVICE == "cpu":
-        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; checked on CUDA")
-    monkeypatch.setattr(graphs, "TRITON_LINEAR", triton_linear)
     cfg = _config()
     want, fast = _stacks(cfg, dtype)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
