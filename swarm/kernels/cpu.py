@@ -416,7 +416,7 @@ _zero_cache: dict[int, np.ndarray] = {}
 
 
 def _zeros(n: int) -> np.ndarray:
-    """A shared read-only zero bias (adding 0.0 changes nothing)."""
+    """A shared zero bias for a conv without one (the kernels only read it; adding 0.0 changes nothing)."""
     z = _zero_cache.get(n)
     if z is None:
         z = _zero_cache[n] = np.zeros(n, np.float32)
