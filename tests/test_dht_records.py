@@ -80,3 +80,29 @@ def test_peer_id_is_the_identity_files(nodes):
     a, _, ident = nodes
     with open(ident, "rb") as f:
         assert PeerID.from_identity(f.read()) == a.peer_id
+
+
+async def test_model_records_are_signed_and_voted(nodes):
+    from swarm.dht import ModelRecord, announce_model, lookup_models
+    from swarm.dht.records import MODELS_KEY
+    a, b, _ = nodes
+    honest = ModelRecord("mv", ("http://good/m.knot",), LAYERS, "d" * 64)
+    assert await announce_model(a, honest, _exp(30), str(a.peer_id))
+    # an unsigned record naming another location is dropped and counted
+    fake = ModelRecord("mv", ("http://evil/m.knot",), LAYERS, "d" * 64).to_dict()
+    await b.store(MODELS_KEY, subkey="mv", value=fake, expiration_time=_exp(30), return_future=True)
+    # b cannot overwrite a's signed statement
+    a_subkey = signed_subkey(str(a.peer_id), a.swarm_validator.local_public_key)
+    assert not await b.store(MODELS_KEY, subkey=a_subkey, value=fake, expiration_time=_exp(40), return_future=True)
+    models, dropped = await lookup_models(b)
+    assert models["mv"].locations == ("http://good/m.knot",) and dropped >= 1
+    # two honest peers outvote one signed dissenter
+    assert await announce_model(b, ModelRecord("mv", ("http://evil/m.knot",), LAYERS, "d" * 64), _exp(30),
+                                str(b.peer_id))
+    c = start_dht("127.0.0.1", 0, [str(m) for m in a.get_visible_maddrs()], None)
+    try:
+        assert await announce_model(c, honest, _exp(30), str(c.peer_id))
+        models, _ = await lookup_models(a)
+        assert models["mv"].locations == ("http://good/m.knot",)
+    finally:
+        c.shutdown()

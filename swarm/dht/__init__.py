@@ -48,9 +48,13 @@ async def announce_server(dht: Any, model: str, peer_id: str, record: ServerReco
     return all(r is True for r in results)
 
 
-async def announce_model(dht: Any, record: ModelRecord, expiration_time: float) -> bool:
-    res = await dht.store(MODELS_KEY, subkey=record.name, value=record.to_dict(), expiration_time=expiration_time,
-                          return_future=True)
+async def announce_model(dht: Any, record: ModelRecord, expiration_time: float, peer_id: str) -> bool:
+    """Store this peer's signed statement of where `record.name`'s KNOT lives (one subkey per announcing peer)."""
+    validator = getattr(dht, "swarm_validator", None)
+    if validator is None:
+        raise SwarmError("this DHT node cannot sign records: start it with start_dht(..., signed=True)")
+    res = await dht.store(MODELS_KEY, subkey=signed_subkey(peer_id, validator.local_public_key),
+                          value=record.to_dict(), expiration_time=expiration_time, return_future=True)
     return bool(res)
 
 
@@ -66,16 +70,23 @@ def _subkey_values(res: Any) -> list[tuple[Any, Any, float]]:
 
 
 async def lookup_models(dht: Any) -> tuple[dict[str, ModelRecord], int]:
-    """Every model announced in the swarm, and how many malformed records were dropped."""
+    """Every model announced in the swarm, and how many malformed or unsigned records were dropped.
+
+    Model records are signed by the announcing peer (nobody can overwrite another peer's); when peers disagree
+    about a model's locations or config digest, the statement made by the most peers wins.
+    """
     res = await dht.get(MODELS_KEY, latest=True, return_future=True)
-    models: dict[str, ModelRecord] = {}
+    votes: dict[str, dict[tuple, tuple[int, ModelRecord]]] = {}
     dropped = 0
     for subkey, value, _ in _subkey_values(res):
         rec = ModelRecord.parse(value)
-        if rec is None or rec.name != subkey:
+        if rec is None or owner_of_subkey(subkey) is None:
             dropped += 1
             continue
-        models[rec.name] = rec
+        key = (rec.locations, rec.num_layers, rec.config_digest)
+        count, _ = votes.setdefault(rec.name, {}).get(key, (0, rec))
+        votes[rec.name][key] = (count + 1, rec)
+    models = {name: max(options.values(), key=lambda v: v[0])[1] for name, options in votes.items()}
     return models, dropped
 
 

@@ -1,6 +1,7 @@
 """DHT record formats and keys: per-block server records and the model record. Pure logic, no I/O.
 
-Keys: "swarm.models" (subkey: model name) -> ModelRecord; "<model>.block.<i>" (subkey: peer id) -> ServerRecord.
+Keys: "swarm.models" -> ModelRecord and "<model>.block.<i>" -> ServerRecord, each under a subkey signed by the
+announcing peer ("<peer id>[owner:<public key>]").
 Every record carries a version "v" and an "extras" dict that old readers ignore. Parsing never raises on hostile
 input: it returns None, and callers count what they dropped.
 """

@@ -110,7 +110,7 @@ class Peer:
         if self.state == ServerState.ONLINE:
             n = self.model_cfg.num_layers if self.model_cfg else 0
             model = ModelRecord(self.model_name, (self.cfg.model,), n, config_digest(self.model_config_dict))
-            ok = await announce_model(self.dht, model, exp) and ok
+            ok = await announce_model(self.dht, model, exp, self.peer_id) and ok
         if not ok:
             log.warning("some DHT records were not stored (state %s)", self.state.value)
 
