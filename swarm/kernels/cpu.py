@@ -360,7 +360,7 @@ def _gemv_rows(x, w, y, lo, hi):
 @njit(types.void(_C2, _C2, _C2), parallel=True, **_DOT)
 def _gemv_par(x, w, y):
     n_out = w.shape[0]
-    chunk = 64
+    chunk = 64 if n_out >= 4096 else 8  # x_proj has 80 outputs: 64 a chunk would leave one core idle
     for ci in prange((n_out + chunk - 1) // chunk):
         _gemv_rows(x, w, y, ci * chunk, min(n_out, (ci + 1) * chunk))
 
