@@ -7,7 +7,6 @@ import math
 import os
 import sys
 import tempfile
-import threading
 import time
 
 import torch

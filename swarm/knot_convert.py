@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from contextlib import ExitStack
 from typing import Callable
@@ -105,7 +106,7 @@ def convert(src: str, out: str, dtype: str | None = None, name: str | None = Non
         if os.path.exists(tok):
             with open(tok, "rb") as f:
                 blobs["tokenizer.json"] = f.read()
-        total = sum(torch.tensor([], dtype=s.dtype).element_size() * _numel(s.shape) for s in sources)
+        total = sum(s.dtype.itemsize * math.prod(s.shape) for s in sources)
         model_name = name or os.path.basename(os.path.normpath(src))
         bar = None
         if progress:
@@ -118,9 +119,3 @@ def convert(src: str, out: str, dtype: str | None = None, name: str | None = Non
                 bar.close()
     return out
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -258,6 +258,17 @@ async def send(writer: asyncio.StreamWriter, msg: Message) -> None:
     await writer.drain()
 
 
+async def request_info(p2p: Any, peer_id: str) -> Message:
+    """One info RPC on hivemind P2P `p2p`: the peer's answer (normally an Info). The caller sets the deadline."""
+    from hivemind.p2p import PeerID
+    _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), INFO_PROTOCOL)
+    try:
+        await send(writer, InfoRequest())
+        return await recv(reader)
+    finally:
+        writer.close()
+
+
 async def recv(reader: asyncio.StreamReader) -> Message:
     """Read one framed message. EOF -> ConnectionError; an oversized frame -> ProtocolError (before reading it)."""
     try:

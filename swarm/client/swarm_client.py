@@ -142,22 +142,10 @@ class SwarmClient:
 
     async def ping(self, peer: PeerId) -> tuple[float, wire.Info]:
         """Round-trip time in seconds of an info RPC, and the peer's answer."""
-        from hivemind.p2p import PeerID
         t0 = time.perf_counter()
-
-        async def call() -> wire.Info:
-            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer),
-                                                                          wire.INFO_PROTOCOL)
-            try:
-                await wire.send(writer, wire.InfoRequest())
-                msg = await wire.recv(reader)
-            finally:
-                writer.close()
-            if not isinstance(msg, wire.Info):
-                raise SwarmError(f"peer {peer[:12]} answered {msg.TAG!r} to info")
-            return msg
-
-        info = await asyncio.wait_for(call(), timeout=self.config.ping_timeout)
+        info = await asyncio.wait_for(wire.request_info(self.p2p, peer), timeout=self.config.ping_timeout)
+        if not isinstance(info, wire.Info):
+            raise SwarmError(f"peer {peer[:12]} answered {info.TAG!r} to info")
         return time.perf_counter() - t0, info
 
     def ban(self, peer: PeerId, error: BaseException) -> None:

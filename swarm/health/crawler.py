@@ -75,20 +75,9 @@ class Crawler:
 
     async def ping(self, peer: PeerId) -> PingResult:
         """One info RPC with a deadline; a failure comes back as a value, never raised."""
-        from hivemind.p2p import PeerID
         t0 = time.perf_counter()
-
-        async def call() -> wire.Message:
-            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer),
-                                                                          wire.INFO_PROTOCOL)
-            try:
-                await wire.send(writer, wire.InfoRequest())
-                return await wire.recv(reader)
-            finally:
-                writer.close()
-
         try:
-            msg = await asyncio.wait_for(call(), timeout=self.config.ping_timeout)
+            msg = await asyncio.wait_for(wire.request_info(self.p2p, peer), timeout=self.config.ping_timeout)
         except asyncio.TimeoutError:
             return PingResult(False, error=f"no answer within {self.config.ping_timeout:g}s")
         except Exception as e:  # hivemind raises bare Exceptions for dial failures; any failure is "unreachable"

@@ -4,6 +4,7 @@ A backend provides:
     conv1d(x, conv_state, weight, bias) -> y           # see reference.causal_conv1d_ref
     scan(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state) -> y   # see reference.selective_scan_ref
     rms_norm(x, weight, eps) -> y
+    linear(x, weight, bias=None) -> y                  # F.linear's contract; F.linear unless the backend has better
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from swarm.errors import BackendUnavailable
 from swarm.kernels import reference
@@ -26,6 +28,7 @@ class Backend:
     conv1d: Callable[..., torch.Tensor]
     scan: Callable[..., torch.Tensor]
     rms_norm: Callable[..., torch.Tensor]
+    linear: Callable[..., torch.Tensor] = F.linear
 
 
 REFERENCE = Backend("reference", reference.causal_conv1d_ref, reference.selective_scan_ref, reference.rms_norm_ref)

@@ -16,8 +16,6 @@ each kernel when this module is imported, never in the middle of a decode; any o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -436,11 +434,4 @@ def warmup() -> None:
     linear(torch.randn(1, i), torch.randn(_SERIAL_GEMV // i, i))
 
 
-@dataclass(frozen=True)
-class CpuBackend(Backend):
-    """The Backend contract plus `linear` (F.linear's contract), which the model uses when a backend has one."""
-
-    linear: Callable[..., torch.Tensor] = F.linear
-
-
-BACKEND = CpuBackend("cpu", conv1d, scan, rms_norm, linear)
+BACKEND = Backend("cpu", conv1d, scan, rms_norm, linear)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from swarm.errors import ConfigError, UnknownTensor
@@ -120,4 +119,4 @@ class Head(nn.Module):
         h = kern.rms_norm(hidden.to(w.device, w.dtype), w, self.norm_f.eps)
         weight = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
         # the LM head is the largest matrix per token (vocab x d_model); a backend's own matmul streams it fastest
-        return getattr(kern, "linear", F.linear)(h, weight).float()
+        return kern.linear(h, weight).float()
