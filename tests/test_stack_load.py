@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -34,6 +33,7 @@ def _copied(module: nn.Module, tensors, prefix_of) -> None:
 
 
 def _stack_key(start: int):
+    """Stack parameter name ('blocks.J.mixer...') -> file tensor name ('backbone.layers.{start+J}.mixer...')."""
     return lambda pname: f"backbone.layers.{start + int(pname.split('.')[1])}.{pname.split('.', 2)[2]}"
 
 
