@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must not try to fet
 
 import torch  # noqa: E402
 
+from swarm.kernels import triton_decode as td  # noqa: E402
 from swarm.kernels import triton_ops as tk  # noqa: E402
 from swarm.model import BlockStack, Head, MambaConfig  # noqa: E402
 from swarm.model.graphs import GraphDecoder  # noqa: E402
@@ -47,6 +48,21 @@ def cuda_ms(fn, iters: int, warmup: int = 3, inner: int = 1) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / inner)
     return statistics.median(times)
+
+
+def graph_ms(fn, reps: int = 20, iters: int = 10) -> float:
+    """GPU time of one fn() call, from a CUDA graph of `reps` calls: no host launch overhead in the number."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return cuda_ms(g.replay, iters=iters) / reps
 
 
 def top_kernels(fn, title: str, n: int = 7) -> None:
@@ -118,16 +134,25 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
     floor_stack_ms = block_bytes / bandwidth * 1e3
     print(f"[{name}] {cfg.num_layers} blocks, weights {block_bytes / 1e9:.3f} GB + head {head_bytes / 1e9:.3f} GB")
 
-    dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8))
-    for batch in (1, 8):
-        slots = [dec.alloc_slot() for _ in range(batch)]
-        h1 = torch.randn(batch, 1, cfg.hidden_size, device="cuda")
-        ms = cuda_ms(lambda: dec.step(slots, h1), iters=20, inner=20 if name == "130m" else 5)
-        ROWS.append((name, f"decode b={batch}, ms/step, blocks only", f"{ms:.3f}", "", f"{floor_stack_ms:.3f}"))
-        top_kernels(lambda: dec._step_blocks(dec._h_in[batch], dec._idx[batch]), f"[{name}] eager step b={batch}")
-        for s in slots:
-            dec.free_slot(s)
-
+    # the step with cuBLAS GEMVs (gemv_batch=0), and at batch 1 with the fused Triton GEMVs (gemv_batch=1)
+    best = 1e9, 0
+    for gemv_batch, batches in ((0, (1, 8)), (1, (1,))):
+        dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8), gemv_batch=gemv_batch)
+        kind = "triton gemv" if gemv_batch else "cublas"
+        for batch in batches:
+            slots = [dec.alloc_slot() for _ in range(batch)]
+            h1 = torch.randn(batch, 1, cfg.hidden_size, device="cuda")
+            ms = cuda_ms(lambda: dec.step(slots, h1), iters=20, inner=20 if name == "130m" else 5)
+            ROWS.append((name, f"decode b={batch}, ms/step, blocks, {kind}", f"{ms:.3f}", "", f"{floor_stack_ms:.3f}"))
+            if batch == 1 and ms < best[0]:
+                best = ms, gemv_batch
+            top_kernels(lambda: dec._step_blocks(dec._h_in[batch], dec._idx[batch], dec._h_out[batch]),
+                        f"[{name}] eager step b={batch}, {kind}")
+            for s in slots:
+                dec.free_slot(s)
+    gemv_batch = best[1]
+    print(f"[{name}] decoding below with gemv_batch={gemv_batch}")
+    dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8), gemv_batch=gemv_batch)
     for batch in (1, 8):
         slots = [dec.alloc_slot() for _ in range(batch)]
         for s in slots:
@@ -154,8 +179,6 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
         with torch.no_grad():
             hf_pre = f"{cuda_ms(lambda: hf(ids), iters=1, warmup=0):.1f}"
     ROWS.append((name, "prefill 2048 tokens, ms (blocks only)", f"{pre_ms:.2f}", hf_pre, ""))
-    del dec, stack, head, hf, tensors
-    torch.cuda.empty_cache()
 
 
 def bench_scan_configs() -> None:
@@ -169,16 +192,50 @@ def bench_scan_configs() -> None:
     state = torch.zeros(1, i, n, device="cuda")
     u, z = xz[..., :i].transpose(1, 2), xz[..., i:].transpose(1, 2)
     conv_w, conv_state = torch.randn(i, 4, device="cuda", dtype=torch.bfloat16), torch.zeros(1, i, 4, device="cuda")
-    conv_ms = cuda_ms(lambda: tk.causal_conv1d(u, conv_state, conv_w, None), iters=10, inner=10)
+    conv_ms = graph_ms(lambda: tk.causal_conv1d(u, conv_state, conv_w, None))
     print(f"causal_conv1d 1x{i}x{t} bf16: {conv_ms * 1e3:.1f} us")
-    for config in (("chunk", 16, 16, 4), ("seq", 16, 4), ("seq", 8, 2), ("seq", 8, 1), ("seq", 16, 2), ("seq", 32, 4),
-                   ("seq", 16, 8), ("seq", 4, 1)):
+    for config in (("seq", 16, 4), ("seq", 16, 2, 8), ("seq", 16, 1, 8), ("seq", 16, 1, 16), ("seq", 32, 2, 8),
+                   ("seq", 32, 1, 8), ("seq", 64, 2, 8), ("seq", 32, 2, 16), ("seq", 16, 2, 16), ("seq", 64, 4, 8),
+                   ("seq", 32, 2, 4), ("seq", 8, 1, 8), ("seq", 32, 4, 8), ("seq", 64, 2, 4)):
         try:
-            ms = cuda_ms(lambda: tk.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
-                                                   state, out_dtype=torch.bfloat16, config=config), iters=5, inner=4)
+            ms = graph_ms(lambda: tk.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
+                                                   state, out_dtype=torch.bfloat16, config=config), reps=4, iters=5)
             print(f"selective_scan 1x{i}x{t} (BLOCK_T, BLOCK_I, warps)={config}: {ms * 1e3:.1f} us")
         except Exception as e:  # a tile too large for the registers or shared memory: say so, try the next
             print(f"selective_scan config {config}: failed: {type(e).__name__}: {str(e)[:200]}")
+
+
+def bench_gemv() -> None:
+    """The decode GEMVs alone: fused Triton kernels (configs) vs cuBLAS (+ the separate norm / add), b = 1 and 8."""
+    shapes = {"2.8b in_proj": (2560, 10240), "2.8b out_proj": (5120, 2560), "130m in_proj": (768, 3072),
+              "130m out_proj": (1536, 768)}
+    configs = {"in_proj": [(8, 512, 4), (16, 256, 4), (4, 512, 2), (8, 256, 2), (16, 512, 8), (4, 1024, 4),
+                           (8, 1024, 8), (32, 256, 8), (2, 1024, 2)],
+               "out_proj": [(4, 512, 4), (4, 1024, 4), (8, 512, 4), (2, 1024, 2), (8, 256, 2), (2, 512, 1),
+                            (16, 512, 8), (8, 1024, 8), (4, 256, 1)]}
+    for label, (k, n) in shapes.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+        nw = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+        mb = w.numel() * 2 / 1e6
+        for b in (1, 2, 8):
+            x = torch.randn(b, k, device="cuda")
+            xb = x.to(torch.bfloat16)
+            res = torch.randn(b, n, device="cuda")
+            kind = label.split()[1]
+            if kind == "in_proj":
+                base = graph_ms(lambda: torch.nn.functional.linear(tk.rms_norm(x, nw, 1e-5), w))
+                runs = {c: (lambda c=c: td.norm_gemv(x, nw, 1e-5, w, None, config=c)) for c in configs[kind]}
+            else:
+                base = graph_ms(lambda: res.add_(torch.nn.functional.linear(xb, w)))
+                runs = {c: (lambda c=c: td.gemv_residual(xb, w, None, res, config=c)) for c in configs[kind]}
+            out = [f"{label} {mb:.1f} MB b={b}: cublas(+norm/add) {base * 1e3:.1f} us ({mb / base * 1e-3:.2f} TB/s)"]
+            for c, fn in runs.items():
+                try:
+                    ms = graph_ms(fn)
+                    out.append(f"{c}: {ms * 1e3:.1f} us ({mb / ms * 1e-3:.2f} TB/s)")
+                except Exception as e:
+                    out.append(f"{c}: failed {type(e).__name__}")
+            print("; ".join(out))
 
 
 def peer_memory() -> None:
@@ -234,10 +291,12 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"device copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
     if not args.skip_scan_configs:
+        bench_gemv()
         bench_scan_configs()
     peer_memory()
     for name in args.models.split(","):
         bench_model(name, bw, hf_prefill=name == "130m")
+        torch.cuda.empty_cache()  # the model's tensors went with bench_model's frame
     print(f"\n{'model':6} {'what':42} {'swarm':>10} {'transformers':>13} {'floor':>8}")
     for row in ROWS:
         print(f"{row[0]:6} {row[1]:42} {row[2]:>10} {row[3]:>13} {row[4]:>8}")

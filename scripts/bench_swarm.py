@@ -22,7 +22,6 @@ from swarm.launch import FileServer, start_bootstrap, start_peers, stop_all
 
 
 def timed_generate(session, prompt, n):
-    t0 = time.perf_counter()
     first = None
     count = 0
     for _ in session.stream(prompt, n):

@@ -14,8 +14,8 @@ import triton.language as tl
 
 from swarm.kernels import Backend
 
-# The prefill scan's kernel and tiles: ("seq", BLOCK_I, num_warps) or ("chunk", BLOCK_T, BLOCK_I, num_warps).
-# The bench measures the alternatives.
+# The prefill scan's kernel and tiles: ("seq", BLOCK_I, num_warps[, segments]) or ("chunk", BLOCK_T, BLOCK_I,
+# num_warps); "seq" without a segment count picks one from the shape. The bench measures the alternatives.
 SCAN_CONFIG: tuple = ("seq", 16, 4)
 
 
@@ -158,35 +158,6 @@ def _conv_step_kernel(x_ptr, s_ptr, idx_ptr, w_ptr, b_ptr, y_ptr, I,
     tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
 
 
-@triton.jit
-def _conv_xproj_kernel(x_ptr, s_ptr, idx_ptr, cw_ptr, cb_ptr, wx_ptr, xc_ptr, p_ptr, I, J,
-                       sx_b, sx_i, ss_b, ss_i, ss_k, sw_i, sw_k, swx_j, swx_i, sxc_b, sp_b, sp_p,
-                       K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
-                       BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
-    # One token: conv + SiLU for BLOCK_I channels, the shift of their conv state, then their share of x_proj,
-    # x_proj[:, i-block] . xc[i-block], written as a partial sum (B, P, J) that the SSM step adds up. Splitting
-    # x_proj over channels instead of over its R + 2N outputs gives enough programs to stream its weight.
-    pid_i = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    if HAS_IDX:
-        slot = tl.load(idx_ptr + b).to(tl.int64)
-    else:
-        slot = b
-    i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    mi = i < I
-    s_rows = s_ptr + slot * ss_b + i[:, None] * ss_i
-    new, xc = _conv_tap(x_ptr + b * sx_b + i * sx_i, s_rows, cw_ptr, cb_ptr, i, mi, sw_i, sw_k, ss_k, K, KP, HAS_BIAS)
-    kk = tl.arange(0, KP)[None, :]
-    tl.debug_barrier()  # the shifted read in _conv_tap overlaps other threads' writes below
-    tl.store(s_rows + kk * ss_k, new, mask=mi[:, None] & (kk < K))
-    tl.store(xc_ptr + b * sxc_b + i, xc.to(xc_ptr.dtype.element_ty), mask=mi)
-    for j0 in range(0, J, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        mj = j < J
-        w = tl.load(wx_ptr + j[:, None] * swx_j + i[None, :] * swx_i, mask=mj[:, None] & mi[None, :], other=0.0)
-        tl.store(p_ptr + b * sp_b + pid_i * sp_p + j, tl.sum(w.to(tl.float32) * xc[None, :], axis=1), mask=mj)
-
-
 def causal_conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """x: (B, I, T) any strides; conv_state: (B, I, K) fp32, updated; weight (I, K); bias (I,) or None.
@@ -223,27 +194,6 @@ def conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
         K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_IDX=idx is not None,
         BLOCK_I=block_i, num_warps=4)
     return y
-
-
-def conv_xproj(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               x_proj: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token: xc = silu(conv(x)) (B, I) in x's dtype, shifting conv_state, and x_proj(xc) as partial sums.
-
-    x: (B, I); conv_state (B, I, K) fp32 or with idx a pool (S, I, K); weight (I, K); x_proj: (R + 2N, I).
-    Returns xc and partials (B, P, R + 2N) fp32 whose sum over P is x_proj(xc); ssm_decode adds them up.
-    """
-    bsz, dim = x.shape
-    k, out_dim = weight.shape[-1], x_proj.shape[0]
-    block_i, block_j = (32 if dim <= 2048 else 64), 64
-    n_part = triton.cdiv(dim, block_i)
-    xc = torch.empty(bsz, dim, dtype=x.dtype, device=x.device)
-    partials = torch.empty(bsz, n_part, out_dim, dtype=torch.float32, device=x.device)
-    _conv_xproj_kernel[(n_part, bsz)](
-        x, conv_state, x if idx is None else idx, weight, weight if bias is None else bias, x_proj, xc, partials,
-        dim, out_dim, *x.stride(), *conv_state.stride(), *weight.stride(), *x_proj.stride(), xc.stride(0),
-        partials.stride(0), partials.stride(1), K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None,
-        HAS_IDX=idx is not None, BLOCK_J=block_j, BLOCK_I=block_i, num_warps=4)
-    return xc, partials
 
 
 # ---------------------------------------------------------------- selective scan
@@ -314,65 +264,98 @@ def _row(p, t, s_t, T, mn):
 
 
 @triton.jit
-def _scan_token(h, dt, dtu, bm, cm, a2):
+def _scan_token(h, dt, dtu, bm, cm, a2, WANT_Y: tl.constexpr):
     """One token of the recurrence on the (BLOCK_I, BLOCK_N) state; returns it and C . h as (BLOCK_I, 1)."""
     h = tl.exp2(dt * a2) * h + dtu * bm
-    return h, tl.sum(h * cm, axis=1, keep_dims=True)
+    if WANT_Y:
+        return h, tl.sum(h * cm, axis=1, keep_dims=True)
+    return h, dt
 
 
 @triton.jit
-def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, y_ptr, T, I, N,
+def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, y_ptr, hs_ptr, ds_ptr,
+                     T, I, N, SEG, NSEG,
                      su_b, su_i, su_t, sd_b, sd_i, sd_t, sz_b, sz_i, sz_t,
                      sb_b, sb_t, sb_n, sc_b, sc_t, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, sy_t,
-                     BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr):
+                     MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr):
     # Token by token over a (BLOCK_I, BLOCK_N) state in registers, 8 tokens a loop turn. The per-channel maths
     # (softplus, the gate, the D skip) runs on (BLOCK_I, 8) tiles, once per element, not once per state lane;
     # per token only exp2, two FMAs and the C . h reduction remain. Operands are shaped (BLOCK_I, 1) or
     # (1, BLOCK_N) so that they land in the state's layout; layouts change a few times a turn, not per token.
+    #
+    # Segments (program_id 2) add parallelism in time. The recurrence is affine, h -> exp(dt A) h + dt u B, and the
+    # decay over a run of tokens is exp(A * sum dt). MODE 1 scans segment s from a zero state and writes that local
+    # end state and sum(dt) to the workspaces hs (B, S, I, N), ds (B, S, I). MODE 2 starts segment s from the real
+    # state, h0 folded through the earlier segments' (decay, local state) pairs, and writes y; its last segment
+    # writes the final state to hs[:, S - 1] (h itself is still being read by the other segments). MODE 0 is
+    # the whole sequence in one segment, from h to h.
     i = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I))[:, None]  # (BI, 1)
     b = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
+    n_seg = NSEG  # not num_programs: MODE 1 runs one segment fewer
     n = tl.arange(0, BLOCK_N)[None, :]  # (1, BN)
     mi = i < I
     mn = n < N
     a2 = tl.load(a_ptr + i * N + n, mask=mi & mn, other=0.0) * 1.4426950408889634  # exp(x) = exp2(x log2 e)
     h_ptrs = h_ptr + b * sh_b + i * sh_i + n * sh_n
-    h = tl.load(h_ptrs, mask=mi & mn, other=0.0)
+    hs_row = hs_ptr + ((b * n_seg) * I + i) * N + n  # + s * I * N: segment s
+    ds_row = ds_ptr + (b * n_seg) * I + i  # + s * I
+    if MODE == 1:
+        h = tl.zeros([BLOCK_I, BLOCK_N], dtype=tl.float32)
+    else:
+        h = tl.load(h_ptrs, mask=mi & mn, other=0.0)
+    if MODE == 2:
+        for s in range(0, seg):
+            h = tl.exp2(a2 * tl.load(ds_row + s * I, mask=mi, other=0.0)) * h + \
+                tl.load(hs_row + s * I * N, mask=mi & mn, other=0.0)
     d_skip = tl.load(d_ptr + i, mask=mi, other=0.0)
     bias = tl.load(bias_ptr + i, mask=mi, other=0.0)
     p_u, p_dl, p_z = u_ptr + b * su_b + i * su_i, dl_ptr + b * sd_b + i * sd_i, z_ptr + b * sz_b + i * sz_i
     p_b, p_c, p_y = bm_ptr + b * sb_b + n * sb_n, cm_ptr + b * sc_b + n * sc_n, y_ptr + b * sy_b + i * sy_i
     one = tl.full([], 1, tl.int64)  # token offsets in 64 bits: T times a (B, T, 2I) stride can pass 2**31
     cols = tl.arange(0, 8)[None, :]
-    for t0 in range(0, T, 8):
+    t_lo = seg * SEG
+    t_hi = tl.minimum(t_lo + SEG, T)
+    dsum = tl.zeros([BLOCK_I, 1], dtype=tl.float32)
+    for t0 in range(t_lo, t_hi, 8):
         t = t0 * one
         tt = t + cols  # (1, 8)
-        m8 = mi & (tt < T)
+        m8 = mi & (tt < t_hi)
         u = tl.load(p_u + tt * su_t, mask=m8, other=0.0).to(tl.float32)  # (BI, 8)
-        z = tl.load(p_z + tt * sz_t, mask=m8, other=0.0).to(tl.float32)
         dt = tl.where(m8, _softplus(tl.load(p_dl + tt * sd_t, mask=m8, other=0.0).to(tl.float32) + bias), 0.0)
-        dt0, dt1, dt2, dt3, dt4, dt5, dt6, dt7 = _cols8(dt, BLOCK_I)  # past T: dt = 0 leaves h as it is
+        if MODE == 1:
+            dsum += tl.sum(dt, axis=1, keep_dims=True)
+        dt0, dt1, dt2, dt3, dt4, dt5, dt6, dt7 = _cols8(dt, BLOCK_I)  # past the end: dt = 0 leaves h as it is
         du0, du1, du2, du3, du4, du5, du6, du7 = _cols8(dt * u, BLOCK_I)
-        b0, c0 = _row(p_b, t, sb_t, T, mn), _row(p_c, t, sc_t, T, mn)
-        b1, c1 = _row(p_b, t + 1, sb_t, T, mn), _row(p_c, t + 1, sc_t, T, mn)
-        b2, c2 = _row(p_b, t + 2, sb_t, T, mn), _row(p_c, t + 2, sc_t, T, mn)
-        b3, c3 = _row(p_b, t + 3, sb_t, T, mn), _row(p_c, t + 3, sc_t, T, mn)
-        b4, c4 = _row(p_b, t + 4, sb_t, T, mn), _row(p_c, t + 4, sc_t, T, mn)
-        b5, c5 = _row(p_b, t + 5, sb_t, T, mn), _row(p_c, t + 5, sc_t, T, mn)
-        b6, c6 = _row(p_b, t + 6, sb_t, T, mn), _row(p_c, t + 6, sc_t, T, mn)
-        b7, c7 = _row(p_b, t + 7, sb_t, T, mn), _row(p_c, t + 7, sc_t, T, mn)
-        h, y0 = _scan_token(h, dt0, du0, b0, c0, a2)
-        h, y1 = _scan_token(h, dt1, du1, b1, c1, a2)
-        h, y2 = _scan_token(h, dt2, du2, b2, c2, a2)
-        h, y3 = _scan_token(h, dt3, du3, b3, c3, a2)
-        h, y4 = _scan_token(h, dt4, du4, b4, c4, a2)
-        h, y5 = _scan_token(h, dt5, du5, b5, c5, a2)
-        h, y6 = _scan_token(h, dt6, du6, b6, c6, a2)
-        h, y7 = _scan_token(h, dt7, du7, b7, c7, a2)
-        # join appends a last axis, so the outermost join picks bit 0 of the token index and the innermost bit 2
-        ys = tl.join(tl.join(tl.join(y0, y4), tl.join(y2, y6)), tl.join(tl.join(y1, y5), tl.join(y3, y7)))
-        y = (tl.reshape(ys, (BLOCK_I, 8)) + d_skip * u) * _silu(z)
-        tl.store(p_y + tt * sy_t, y.to(p_y.dtype.element_ty), mask=m8)
-    tl.store(h_ptrs, h, mask=mi & mn)
+        b0, c0 = _row(p_b, t, sb_t, t_hi, mn), _row(p_c, t, sc_t, t_hi, mn)
+        b1, c1 = _row(p_b, t + 1, sb_t, t_hi, mn), _row(p_c, t + 1, sc_t, t_hi, mn)
+        b2, c2 = _row(p_b, t + 2, sb_t, t_hi, mn), _row(p_c, t + 2, sc_t, t_hi, mn)
+        b3, c3 = _row(p_b, t + 3, sb_t, t_hi, mn), _row(p_c, t + 3, sc_t, t_hi, mn)
+        b4, c4 = _row(p_b, t + 4, sb_t, t_hi, mn), _row(p_c, t + 4, sc_t, t_hi, mn)
+        b5, c5 = _row(p_b, t + 5, sb_t, t_hi, mn), _row(p_c, t + 5, sc_t, t_hi, mn)
+        b6, c6 = _row(p_b, t + 6, sb_t, t_hi, mn), _row(p_c, t + 6, sc_t, t_hi, mn)
+        b7, c7 = _row(p_b, t + 7, sb_t, t_hi, mn), _row(p_c, t + 7, sc_t, t_hi, mn)
+        h, y0 = _scan_token(h, dt0, du0, b0, c0, a2, MODE != 1)
+        h, y1 = _scan_token(h, dt1, du1, b1, c1, a2, MODE != 1)
+        h, y2 = _scan_token(h, dt2, du2, b2, c2, a2, MODE != 1)
+        h, y3 = _scan_token(h, dt3, du3, b3, c3, a2, MODE != 1)
+        h, y4 = _scan_token(h, dt4, du4, b4, c4, a2, MODE != 1)
+        h, y5 = _scan_token(h, dt5, du5, b5, c5, a2, MODE != 1)
+        h, y6 = _scan_token(h, dt6, du6, b6, c6, a2, MODE != 1)
+        h, y7 = _scan_token(h, dt7, du7, b7, c7, a2, MODE != 1)
+        if MODE != 1:
+            z = tl.load(p_z + tt * sz_t, mask=m8, other=0.0).to(tl.float32)
+            # join appends a last axis, so the outermost join picks bit 0 of the token index and the innermost bit 2
+            ys = tl.join(tl.join(tl.join(y0, y4), tl.join(y2, y6)), tl.join(tl.join(y1, y5), tl.join(y3, y7)))
+            y = (tl.reshape(ys, (BLOCK_I, 8)) + d_skip * u) * _silu(z)
+            tl.store(p_y + tt * sy_t, y.to(p_y.dtype.element_ty), mask=m8)
+    if MODE == 0:
+        tl.store(h_ptrs, h, mask=mi & mn)
+    elif MODE == 1:
+        tl.store(hs_row + seg * I * N, h, mask=mi & mn)
+        tl.store(ds_row + seg * I, dsum, mask=mi)
+    elif seg == n_seg - 1:
+        tl.store(hs_row + seg * I * N, h, mask=mi & mn)
 
 
 @triton.jit
@@ -407,44 +390,6 @@ def _ssm_step_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
     tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
 
 
-@triton.jit
-def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, idx_ptr, y_ptr, I, N, R, P,
-                       sxc_b, sp_b, sp_p, sw_i, sw_r, sz_b, sz_i, sh_b, sh_i, sh_n, sy_b, sy_i,
-                       HAS_IDX: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_P: tl.constexpr):
-    # The decode graph's SSM step: add up x_proj's partial sums into dt_low, B and C (rounded to the weight dtype
-    # as a matmul's output would be), dt_proj for this block of channels, then the state update and the gate.
-    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-    b = tl.program_id(1).to(tl.int64)
-    if HAS_IDX:
-        slot = tl.load(idx_ptr + b).to(tl.int64)
-    else:
-        slot = b
-    n = tl.arange(0, BLOCK_N)
-    r = tl.arange(0, BLOCK_R)
-    mi, mn, mr = i < I, n < N, r < R
-    acc_r = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_c = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        rows = p_ptr + b * sp_b + p[:, None] * sp_p
-        mp = (p < P)[:, None]
-        acc_r += tl.sum(tl.load(rows + r[None, :], mask=mp & mr[None, :], other=0.0), axis=0)
-        acc_b += tl.sum(tl.load(rows + R + n[None, :], mask=mp & mn[None, :], other=0.0), axis=0)
-        acc_c += tl.sum(tl.load(rows + R + N + n[None, :], mask=mp & mn[None, :], other=0.0), axis=0)
-    xdt = xc_ptr.dtype.element_ty
-    u = tl.load(xc_ptr + b * sxc_b + i, mask=mi, other=0.0).to(tl.float32)
-    w = tl.load(wdt_ptr + i[:, None] * sw_i + r[None, :] * sw_r, mask=mi[:, None] & mr[None, :], other=0.0)
-    dlow = acc_r.to(xdt).to(tl.float32)
-    dl = tl.sum(w.to(tl.float32) * dlow[None, :], axis=1).to(w.dtype).to(tl.float32)
-    z = tl.load(z_ptr + b * sz_b + i * sz_i, mask=mi, other=0.0).to(tl.float32)
-    y = _ssm_state_update(u, dl, tl.load(bias_ptr + i, mask=mi, other=0.0), a_ptr, d_ptr,
-                          acc_b.to(xdt).to(tl.float32), acc_c.to(xdt).to(tl.float32), z,
-                          h_ptr + slot * sh_b + i[:, None] * sh_i + n[None, :] * sh_n, i, n, mi, mn, N)
-    tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
-
-
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
                    D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
                    out_dtype: torch.dtype = torch.float32, config: tuple | None = None) -> torch.Tensor:
@@ -461,16 +406,30 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
                         out_dtype).unsqueeze(-1)
     y = torch.empty(bsz, t, dim, dtype=out_dtype, device=u.device).transpose(1, 2)  # (B, I, T)
     config = config or SCAN_CONFIG
-    args = (u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, t, dim, nst,
-            *u.stride(), *delta.stride(), *z.stride(), *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride())
+    strides = (*u.stride(), *delta.stride(), *z.stride(), *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride())
     if config[0] == "seq":
-        _, block_i, warps = config
-        _scan_seq_kernel[(triton.cdiv(dim, block_i), bsz)](
-            *args, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)
+        _, block_i, warps = config[:3]
+        n_i = triton.cdiv(dim, block_i)
+        # segments: enough programs to fill the GPU (about 4 per SM of 132), each at least 128 tokens long
+        n_seg = config[3] if len(config) > 3 else max(1, min(triton.cdiv(528, n_i * bsz), t // 128))
+        seg_len = triton.cdiv(triton.cdiv(t, n_seg), 8) * 8
+        n_seg = triton.cdiv(t, seg_len)
+        kw = dict(BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)
+        if n_seg == 1:
+            _scan_seq_kernel[(n_i, bsz, 1)](u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, ssm_state, D,
+                                            t, dim, nst, seg_len, 1, *strides, MODE=0, **kw)
+        else:
+            hs = torch.empty(bsz, n_seg, dim, nst, dtype=torch.float32, device=u.device)
+            ds = torch.empty(bsz, n_seg, dim, dtype=torch.float32, device=u.device)
+            args = (u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, hs, ds, t, dim, nst, seg_len, n_seg, *strides)
+            _scan_seq_kernel[(n_i, bsz, n_seg - 1)](*args, MODE=1, **kw)  # the last segment's local state is unused
+            _scan_seq_kernel[(n_i, bsz, n_seg)](*args, MODE=2, **kw)
+            ssm_state.copy_(hs[:, n_seg - 1])
     else:
         _, block_t, block_i, warps = config
         _scan_fwd_kernel[(triton.cdiv(dim, block_i), bsz)](
-            *args, BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)
+            u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, t, dim, nst, *strides,
+            BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)
     return y
 
 
@@ -489,25 +448,6 @@ def ssm_step(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Te
         u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, dim, nst, *u.stride(), *delta.stride(), *z.stride(),
         *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride(),
         BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=4)
-    return y
-
-
-def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor,
-               D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
-               idx: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The decode graph's SSM step after conv_xproj: xc (B, I), partials (B, P, R + 2N) -> y (B, I) in out_dtype.
-
-    dt_weight: (I, R); z: (B, I); ssm_state (B, I, N) fp32, or with idx (B,) a pool (S, I, N) addressed by idx[b].
-    """
-    bsz, dim = xc.shape
-    nst, rank, n_part = A.shape[1], dt_weight.shape[1], partials.shape[1]
-    y = torch.empty(bsz, dim, dtype=out_dtype, device=xc.device)
-    block_i = 32
-    _ssm_decode_kernel[(triton.cdiv(dim, block_i), bsz)](
-        xc, partials, dt_weight, z, A, D, delta_bias, ssm_state, xc if idx is None else idx, y, dim, nst, rank,
-        n_part, xc.stride(0), partials.stride(0), partials.stride(1), *dt_weight.stride(), *z.stride(),
-        *ssm_state.stride(), *y.stride(), HAS_IDX=idx is not None, BLOCK_I=block_i,
-        BLOCK_N=triton.next_power_of_2(nst), BLOCK_R=triton.next_power_of_2(rank), BLOCK_P=8, num_warps=4)
     return y
 
 

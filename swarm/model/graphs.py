@@ -8,6 +8,7 @@ graph gathers and scatters states without copies; row S is scratch for the paddi
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,10 @@ from swarm.model.stack import BlockStack
 
 def _triton_kernels():
     try:
-        from swarm.kernels import triton_ops
+        from swarm.kernels import triton_decode, triton_ops
     except ImportError as e:  # a CPU-only install: say so where the decoder is asked for, not at import
         raise BackendUnavailable(f"GraphDecoder needs Triton, which failed to import: {e}") from None
-    return triton_ops
+    return triton_ops, triton_decode
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,19 @@ class GraphDecoder:
 
     dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8))
     slot = dec.alloc_slot(); h = dec.prefill(slot, hidden); h = dec.step([slot, ...], hidden); dec.free_slot(slot)
-    `graphs=False` runs the same step eagerly (debugging, or the Triton interpreter on CPU).
+    `graphs=False` runs the same step eagerly (debugging, or the Triton interpreter on CPU). Buckets of up to
+    `gemv_batch` rows run in_proj and out_proj as Triton GEMVs with the norm and the residual add fused (4 launches
+    a block); larger ones use cuBLAS, which wins once the weights are read for several rows (6 launches a block).
     """
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
-                 graphs: bool = True):
+                 graphs: bool = True, gemv_batch: int = 1):
         if graphs and stack.device.type != "cuda":
             raise ValueError(f"GraphDecoder captures CUDA graphs; the stack is on {stack.device}")
         if max_slots < 1 or not buckets or min(buckets) < 1:
             raise ValueError(f"GraphDecoder needs max_slots >= 1 and buckets >= 1, got {max_slots}, {buckets}")
-        self._k = _triton_kernels()
+        self._k, self._d = _triton_kernels()
+        self.gemv_batch = gemv_batch
         cfg = stack.cfg
         self.cfg, self.device, self.dtype = cfg, stack.device, stack.dtype
         self.max_slots = max_slots
@@ -84,6 +88,7 @@ class GraphDecoder:
         self.ssm = torch.zeros(n_blocks, max_slots + 1, cfg.intermediate_size, cfg.state_size, device=self.device)
         self._free = list(range(max_slots))
         self._used: set[int] = set()
+        self._lock = threading.Lock()  # a peer allocates slots on its event loop and frees them on its compute thread
         self._scratch = scratch
         # static buffers a replay reads and writes: copy into them, never rebind them
         self._idx = {bk: torch.full((bk,), scratch, dtype=torch.int64, device=self.device) for bk in self.buckets}
@@ -96,21 +101,36 @@ class GraphDecoder:
 
     # ------------------------------------------------------------------ slots and states
 
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
     def alloc_slot(self) -> int:
         """A free slot with zeroed states; raises RuntimeError when all max_slots are taken."""
-        if not self._free:
-            raise RuntimeError(f"GraphDecoder: all {self.max_slots} session slots are in use")
-        slot = self._free.pop(0)
-        self._used.add(slot)
+        with self._lock:
+            if not self._free:
+                raise RuntimeError(f"GraphDecoder: all {self.max_slots} session slots are in use")
+            slot = self._free.pop(0)
+            self._used.add(slot)
         self.conv[:, slot].zero_()
         self.ssm[:, slot].zero_()
         return slot
 
     def free_slot(self, slot: int) -> None:
+        with self._lock:
+            self._check_slots([slot])
+            self._used.discard(slot)
+            self._free.append(slot)
+            self._free.sort()
+
+    def views(self, slot: int, lo: int = 0, hi: int | None = None) -> list[LayerState]:
+        """The slot's states of blocks lo..hi-1 (indices inside the stack) as LayerStates that alias the pool.
+
+        Eager code (a prefill through BlockStack, a state import) that updates them in place updates the slot.
+        """
         self._check_slots([slot])
-        self._used.discard(slot)
-        self._free.append(slot)
-        self._free.sort()
+        hi = len(self._w) if hi is None else hi
+        return [LayerState(self.conv[j, slot:slot + 1], self.ssm[j, slot:slot + 1]) for j in range(lo, hi)]
 
     def export_state(self, slot: int) -> list[LayerState]:
         """The slot's states, one LayerState (batch 1, fp32, on the CPU) per block."""
@@ -175,7 +195,7 @@ class GraphDecoder:
         if self._graphs:
             self._graphs[bk].replay()
         else:
-            self._h_out[bk].copy_(self._step_blocks(self._h_in[bk], self._idx[bk]))
+            self._step_blocks(self._h_in[bk], self._idx[bk], self._h_out[bk])
         return self._h_out[bk][:bsz].clone().unsqueeze(1)
 
     def _index(self, bucket: int, slots: list[int]) -> torch.Tensor:
@@ -189,21 +209,29 @@ class GraphDecoder:
             idx = self._idx_cache[key] = torch.tensor(list(slots) + pad, dtype=torch.int64, device=self.device)
         return idx
 
-    def _step_blocks(self, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """hidden: (Bk, D) fp32, idx: (Bk,) slots -> (Bk, D) fp32: one token through every block (what is captured)."""
+    def _step_blocks(self, hidden: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """One token through every block (what is captured): hidden (Bk, D) fp32, idx (Bk,) slots -> out, in place.
+
+        The residual stream lives in `out` (fp32) from the first block to the last.
+        """
         n = self.cfg.intermediate_size
-        res, out = hidden, None
+        d = self._d
+        fused = hidden.shape[0] <= self.gemv_batch
+        res = out
+        res.copy_(hidden)
         for j, w in enumerate(self._w):
-            if out is None:
-                h = self._k.rms_norm(res, w.norm_w, w.eps)
+            if fused:
+                xz = d.norm_gemv(res, w.norm_w, w.eps, w.in_w, w.in_b)  # (Bk, 2I)
             else:
-                h, res = self._k.add_rms_norm(res, out, w.norm_w, w.eps)
-            xz = F.linear(h, w.in_w, w.in_b)  # (Bk, 2I)
-            xc, partials = self._k.conv_xproj(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, w.x_w, idx)
-            y = self._k.ssm_decode(xc, partials, w.dt_w, w.A, w.D, xz[:, n:], w.dt_b, self.ssm[j], idx,
-                                   out_dtype=self.dtype)  # (Bk, I)
-            out = F.linear(y, w.out_w, w.out_b)  # (Bk, D)
-        return torch.add(res, out)
+                xz = F.linear(self._k.rms_norm(res, w.norm_w, w.eps), w.in_w, w.in_b)
+            xc, partials = d.conv_xproj(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, w.x_w, idx)
+            y = d.ssm_decode(xc, partials, w.dt_w, w.A, w.D, xz[:, n:], w.dt_b, self.ssm[j], idx,
+                             out_dtype=self.dtype)  # (Bk, I)
+            if fused:
+                d.gemv_residual(y, w.out_w, w.out_b, res)
+            else:
+                res.add_(F.linear(y, w.out_w, w.out_b))  # out_proj's output in the weight dtype, added in fp32
+        return res
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -214,11 +242,11 @@ class GraphDecoder:
         with torch.cuda.stream(side):  # compile the kernels and warm cuBLAS; idx is all scratch, so no slot changes
             for bk in self.buckets:
                 for _ in range(2):
-                    self._h_out[bk].copy_(self._step_blocks(self._h_in[bk], self._idx[bk]))
+                    self._step_blocks(self._h_in[bk], self._idx[bk], self._h_out[bk])
         torch.cuda.current_stream(self.device).wait_stream(side)
         for bk in reversed(self.buckets):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self._h_out[bk].copy_(self._step_blocks(self._h_in[bk], self._idx[bk]))
+                self._step_blocks(self._h_in[bk], self._idx[bk], self._h_out[bk])
             self._graphs[bk] = g
         torch.cuda.synchronize(self.device)

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from swarm.errors import ProtocolError
 from swarm.model import BlockStack, LayerState
+from swarm.model.graphs import GraphDecoder
 from swarm.peer.sessions import Session
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,14 @@ def run_span(stack: BlockStack, start: int, end: int, hidden: torch.Tensor, stat
 
 
 class Batcher:
-    """Queues steps; the worker thread takes every waiting decode step of the same span as one batch."""
+    """Queues steps; the worker thread takes every waiting decode step of the same span as one batch.
 
-    def __init__(self, stack: BlockStack, max_batch: int, corrupt: float = 0.0):
-        self.stack, self.max_batch, self.corrupt = stack, max_batch, corrupt
+    With a GraphDecoder, decode steps of sessions that hold a pool slot and span the whole stack replay its
+    captured graph; everything else (prefills, sub-spans, sessions without a slot) runs the stack eagerly.
+    """
+
+    def __init__(self, stack: BlockStack, max_batch: int, corrupt: float = 0.0, decoder: GraphDecoder | None = None):
+        self.stack, self.max_batch, self.corrupt, self.decoder = stack, max_batch, corrupt, decoder
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
         self.batches = 0
@@ -56,6 +62,10 @@ class Batcher:
             jobs = [await self.queue.get()]
             while not self.queue.empty() and len(jobs) < self.max_batch:
                 jobs.append(self.queue.get_nowait())
+            for j in jobs:
+                if j.session.closed and not j.future.done():
+                    j.future.set_exception(ProtocolError("session closed"))
+            jobs = [j for j in jobs if not j.future.done()]
             for group in self._groups(jobs):
                 try:
                     outs = await loop.run_in_executor(self.pool, self._compute, group)
@@ -80,7 +90,28 @@ class Batcher:
                 alone.append([j])
         return list(groups.values()) + alone
 
+    def release(self, slot: int) -> None:
+        """Free a GraphDecoder slot on the compute thread, after every step already handed to it."""
+        assert self.decoder is not None
+        self.pool.submit(self.decoder.free_slot, slot)
+
+    def _graph_step(self, group: list[_Job]) -> list[torch.Tensor] | None:
+        dec, s0 = self.decoder, group[0].session
+        if dec is None or (s0.start, s0.end) != (self.stack.start, self.stack.end) or len(group) > dec.buckets[-1] \
+                or any(j.session.slot is None or j.hidden.shape[1] != 1 for j in group):
+            return None
+        out = dec.step([j.session.slot for j in group], torch.cat([j.hidden for j in group]))
+        if len(group) > 1:
+            self.batches += 1
+            self.batched_steps += len(group)
+        return [self._maybe_corrupt(o) for o in out.split(1)]
+
     def _compute(self, group: list[_Job]) -> list[torch.Tensor]:
+        if any(j.session.closed for j in group):  # closed while queued: its slot may be someone else's by now
+            raise ProtocolError("session closed")
+        outs = self._graph_step(group)
+        if outs is not None:
+            return outs
         s0 = group[0].session
         if len(group) == 1:
             out = run_span(self.stack, s0.start, s0.end, group[0].hidden, s0.states)
@@ -109,15 +140,25 @@ class Batcher:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def measure_throughput(stack: BlockStack, steps: int = 5) -> float:
-    """Tokens per second through one block: decode steps of batch 1 over the whole stack."""
-    states = stack.new_states(1)
+def measure_throughput(stack: BlockStack, steps: int = 5, decoder: GraphDecoder | None = None) -> float:
+    """Tokens per second through one block: decode steps of batch 1 over the whole stack (graphs if given)."""
     hidden = torch.zeros(1, 1, stack.cfg.hidden_size, device=stack.device)
-    stack(hidden, states)  # warm-up (kernel compile, allocator)
+    if decoder is not None:
+        slot = decoder.alloc_slot()
+        step = lambda: decoder.step([slot], hidden)  # noqa: E731
+        steps *= 4  # a replay is short: time more of them
+    else:
+        states = stack.new_states(1)
+        step = lambda: stack(hidden, states)  # noqa: E731
+    step()  # warm-up (kernel compile, allocator)
+    if stack.device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        stack(hidden, states)
+        step()
     if stack.device.type == "cuda":
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - t0) / steps
+    if decoder is not None:
+        decoder.free_slot(slot)
     return (stack.end - stack.start) / max(per_step, 1e-9)

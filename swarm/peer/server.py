@@ -17,6 +17,7 @@ from swarm.dht import (ModelRecord, ServerRecord, ServerState, announce_model, a
                        start_dht)
 from swarm.errors import PeerBusy, ProtocolError, SwarmError
 from swarm.model import BlockStack, MambaConfig
+from swarm.model.graphs import GraphDecoder
 from swarm.peer.compute import Batcher, measure_throughput
 from swarm.peer.config import PeerConfig
 from swarm.peer.sessions import Session, SessionId, SessionTable, state_bytes
@@ -53,6 +54,13 @@ class Peer:
             raise SwarmError(f"--device must be cpu, cuda or auto, got {device!r}")
         return device
 
+    def _graph_decoder(self, slots: int) -> GraphDecoder | None:
+        """On CUDA: a state pool of `slots` batch-1 sessions and decode graphs for batches up to max_batch."""
+        if self.device.type != "cuda" or slots < 1:
+            return None
+        buckets = tuple(sorted({min(2 ** k, self.cfg.max_batch) for k in range(8)}))
+        return GraphDecoder(self.stack, max_slots=slots, buckets=buckets)
+
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -86,12 +94,15 @@ class Peer:
                        for k, v in tensors.items()}
         self.stack = BlockStack.from_tensors(self.model_cfg, cfg.start, cfg.end, tensors, self.device)
         del tensors
-        self.throughput = measure_throughput(self.stack)
-        log.info("kernel backend %s, throughput %.1f tokens/s a block", self.stack.kern.name, self.throughput)
         per_session = state_bytes(self.model_cfg, cfg.end - cfg.start, 1)
         budget = int(cfg.memory_budget_mb * 2**20) if cfg.memory_budget_mb else per_session * cfg.max_sessions
-        self.sessions = SessionTable(self.model_cfg, cfg.max_sessions, budget, self.device)
-        self.batcher = Batcher(self.stack, cfg.max_batch, cfg.corrupt_outputs)
+        decoder = self._graph_decoder(min(cfg.max_sessions, budget // per_session))
+        self.throughput = measure_throughput(self.stack, decoder=decoder)
+        log.info("kernel backend %s%s, throughput %.1f tokens/s a block", self.stack.kern.name,
+                 " with CUDA graphs" if decoder else "", self.throughput)
+        self.batcher = Batcher(self.stack, cfg.max_batch, cfg.corrupt_outputs, decoder)
+        self.sessions = SessionTable(self.model_cfg, cfg.max_sessions, budget, self.device, pool=decoder,
+                                     pool_start=cfg.start, release=self.batcher.release if decoder else None)
         self.p2p = await self.dht.replicate_p2p()
         await self.p2p.add_binary_stream_handler(wire.INFERENCE_PROTOCOL, self._handle_inference)
         await self.p2p.add_binary_stream_handler(wire.INFO_PROTOCOL, self._handle_info)

@@ -1,0 +1,226 @@
+"""Triton kernels of the CUDA-graph decode step: one token of a block in four launches.
+
+    norm_gemv      RMSNorm of the fp32 residual row, fused into in_proj's GEMV       -> xz (B, 2I)
+    conv_xproj     conv + SiLU + conv-state shift, and x_proj as partial sums       -> xc (B, I), partials
+    ssm_decode     partial sums -> dt_low, B, C; dt_proj; state update; D skip; gate -> y (B, I)
+    gemv_residual  out_proj's GEMV, added to the fp32 residual in place
+
+At batch 1 a decode step is bound by streaming the weights, so the GEMVs are written for bandwidth: each program
+owns BLOCK_N output rows over the whole input and the batch is the grid's fastest axis, so the programs that
+share a weight tile run together and the tile comes from L2 after the first. States live in pools (S, I, ...)
+addressed by a slot index (B,), so a captured graph gathers and scatters them for free. Every kernel rounds where
+the eager block rounds (weight-dtype outputs of each matmul and norm), so the two agree to the dtype's precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from swarm.kernels.triton_ops import _conv_tap, _ssm_state_update
+
+# (BLOCK_N, BLOCK_K, num_warps) of the two GEMVs; scripts/bench_gpu.py measures the alternatives
+GEMV_IN_CONFIG: tuple[int, int, int] = (8, 512, 4)
+GEMV_OUT_CONFIG: tuple[int, int, int] = (4, 512, 4)
+
+
+@triton.jit
+def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, sx_b, sw_n, sy_b, eps, D: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # D is a compile-time constant so that the loops unroll and every chunk's weight load is in flight at once:
+    # a rolled loop waits a DRAM latency per chunk and streams at half the bandwidth
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = n < N
+    k = tl.arange(0, BLOCK_K)
+    wdt = nw_ptr.dtype.element_ty
+    x_row = x_ptr + b * sx_b
+    # the row's statistics (a few KB from L2, read by every program: cheaper than a launch to share them)
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in tl.static_range(0, D, BLOCK_K):
+        x = tl.load(x_row + k0 + k, mask=k0 + k < D, other=0.0).to(wdt).to(tl.float32)
+        ss += x * x
+    rstd = tl.rsqrt(tl.sum(ss, axis=0) / D + eps)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    w_rows = w_ptr + n[:, None].to(tl.int64) * sw_n
+    for k0 in tl.static_range(0, D, BLOCK_K):
+        kk = k0 + k
+        mk = kk < D
+        x = tl.load(x_row + kk, mask=mk, other=0.0).to(wdt).to(tl.float32)
+        g = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+        xn = ((x * rstd).to(wdt).to(tl.float32) * g).to(wdt).to(tl.float32)  # the norm's output, in the weight dtype
+        w = tl.load(w_rows + kk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        acc += w.to(tl.float32) * xn[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
+    tl.store(y_ptr + b * sy_b + n, y.to(y_ptr.dtype.element_ty), mask=mn)
+
+
+@triton.jit
+def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, N, sx_b, sw_n, sr_b, K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = n < N
+    k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    w_rows = w_ptr + n[:, None].to(tl.int64) * sw_n
+    for k0 in tl.static_range(0, K, BLOCK_K):  # unrolled, as in _norm_gemv_kernel
+        kk = k0 + k
+        mk = kk < K
+        x = tl.load(x_ptr + b * sx_b + kk, mask=mk, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + kk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
+    y = y.to(w_ptr.dtype.element_ty).to(tl.float32)  # the matmul's output in the weight dtype, then the fp32 add
+    r = r_ptr + b * sr_b + n
+    tl.store(r, tl.load(r, mask=mn, other=0.0) + y, mask=mn)
+
+
+def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+              config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """linear(rms_norm(x), weight, bias) in one pass: x (B, D) fp32 -> (B, N) in weight's dtype.
+
+    Rounds as the eager block does: x to the weight dtype, the normalised row, then the scaled row.
+    """
+    bsz, dim = x.shape
+    out_dim = weight.shape[0]
+    assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == dim
+    block_n, block_k, warps = config or GEMV_IN_CONFIG
+    y = torch.empty(bsz, out_dim, dtype=weight.dtype, device=x.device)
+    _norm_gemv_kernel[(bsz, triton.cdiv(out_dim, block_n))](
+        x, norm_w, weight, weight if bias is None else bias, y, out_dim, x.stride(0), weight.stride(0),
+        y.stride(0), eps, D=dim, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return y
+
+
+def gemv_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                  config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """residual += linear(x, weight, bias) rounded to weight's dtype: x (B, K), residual (B, N) fp32, in place."""
+    bsz, k = x.shape
+    out_dim = weight.shape[0]
+    assert x.stride(1) == 1 and weight.stride(1) == 1 and residual.stride(1) == 1 and weight.shape[1] == k
+    assert residual.dtype == torch.float32 and tuple(residual.shape) == (bsz, out_dim)
+    block_n, block_k, warps = config or GEMV_OUT_CONFIG
+    _gemv_residual_kernel[(bsz, triton.cdiv(out_dim, block_n))](
+        x, weight, weight if bias is None else bias, residual, out_dim, x.stride(0), weight.stride(0),
+        residual.stride(0), K=k, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return residual
+
+
+@triton.jit
+def _conv_xproj_kernel(x_ptr, s_ptr, idx_ptr, cw_ptr, cb_ptr, wx_ptr, xc_ptr, p_ptr, I, J: tl.constexpr,
+                       sx_b, sx_i, ss_b, ss_i, ss_k, sw_i, sw_k, swx_j, swx_i, sxc_b, sp_b, sp_p,
+                       K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
+                       BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
+    # One token: conv + SiLU for BLOCK_I channels, the shift of their conv state, then their share of x_proj,
+    # x_proj[:, i-block] . xc[i-block], written as a partial sum (B, P, J) that the SSM step adds up. Splitting
+    # x_proj over channels instead of over its R + 2N outputs gives enough programs to stream its weight.
+    pid_i = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if HAS_IDX:
+        slot = tl.load(idx_ptr + b).to(tl.int64)
+    else:
+        slot = b
+    i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    mi = i < I
+    s_rows = s_ptr + slot * ss_b + i[:, None] * ss_i
+    new, xc = _conv_tap(x_ptr + b * sx_b + i * sx_i, s_rows, cw_ptr, cb_ptr, i, mi, sw_i, sw_k, ss_k, K, KP, HAS_BIAS)
+    kk = tl.arange(0, KP)[None, :]
+    tl.debug_barrier()  # the shifted read in _conv_tap overlaps other threads' writes below
+    tl.store(s_rows + kk * ss_k, new, mask=mi[:, None] & (kk < K))
+    tl.store(xc_ptr + b * sxc_b + i, xc.to(xc_ptr.dtype.element_ty), mask=mi)
+    for j0 in tl.static_range(0, J, BLOCK_J):  # unrolled: all of the x_proj tile's loads in flight at once
+        j = j0 + tl.arange(0, BLOCK_J)
+        mj = j < J
+        w = tl.load(wx_ptr + j[:, None] * swx_j + i[None, :] * swx_i, mask=mj[:, None] & mi[None, :], other=0.0)
+        tl.store(p_ptr + b * sp_b + pid_i * sp_p + j, tl.sum(w.to(tl.float32) * xc[None, :], axis=1), mask=mj)
+
+
+
+def conv_xproj(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               x_proj: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token: xc = silu(conv(x)) (B, I) in x's dtype, shifting conv_state, and x_proj(xc) as partial sums.
+
+    x: (B, I); conv_state (B, I, K) fp32 or with idx a pool (S, I, K); weight (I, K); x_proj: (R + 2N, I).
+    Returns xc and partials (B, P, R + 2N) fp32 whose sum over P is x_proj(xc); ssm_decode adds them up.
+    """
+    bsz, dim = x.shape
+    k, out_dim = weight.shape[-1], x_proj.shape[0]
+    # wider channel blocks on wide models: fewer partial sums for every ssm_decode program to add up
+    block_i, block_j, warps = (32, 64, 4) if dim <= 2048 else (128, 64, 8)
+    n_part = triton.cdiv(dim, block_i)
+    xc = torch.empty(bsz, dim, dtype=x.dtype, device=x.device)
+    partials = torch.empty(bsz, n_part, out_dim, dtype=torch.float32, device=x.device)
+    _conv_xproj_kernel[(n_part, bsz)](
+        x, conv_state, x if idx is None else idx, weight, weight if bias is None else bias, x_proj, xc, partials,
+        dim, out_dim, *x.stride(), *conv_state.stride(), *weight.stride(), *x_proj.stride(), xc.stride(0),
+        partials.stride(0), partials.stride(1), K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None,
+        HAS_IDX=idx is not None, BLOCK_J=block_j, BLOCK_I=block_i, num_warps=warps)
+    return xc, partials
+
+
+
+@triton.jit
+def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, idx_ptr, y_ptr, I, N, R,
+                       sxc_b, sp_b, sp_p, sw_i, sw_r, sz_b, sz_i, sh_b, sh_i, sh_n, sy_b, sy_i, P: tl.constexpr,
+                       HAS_IDX: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    # The decode graph's SSM step: add up x_proj's partial sums into dt_low, B and C (rounded to the weight dtype
+    # as a matmul's output would be), dt_proj for this block of channels, then the state update and the gate.
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    b = tl.program_id(1).to(tl.int64)
+    if HAS_IDX:
+        slot = tl.load(idx_ptr + b).to(tl.int64)
+    else:
+        slot = b
+    n = tl.arange(0, BLOCK_N)
+    r = tl.arange(0, BLOCK_R)
+    mi, mn, mr = i < I, n < N, r < R
+    acc_r = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for p0 in tl.static_range(0, P, BLOCK_P):  # unrolled: the partial sums' loads go out together
+        p = p0 + tl.arange(0, BLOCK_P)
+        rows = p_ptr + b * sp_b + p[:, None] * sp_p
+        mp = (p < P)[:, None]
+        acc_r += tl.sum(tl.load(rows + r[None, :], mask=mp & mr[None, :], other=0.0), axis=0)
+        acc_b += tl.sum(tl.load(rows + R + n[None, :], mask=mp & mn[None, :], other=0.0), axis=0)
+        acc_c += tl.sum(tl.load(rows + R + N + n[None, :], mask=mp & mn[None, :], other=0.0), axis=0)
+    xdt = xc_ptr.dtype.element_ty
+    u = tl.load(xc_ptr + b * sxc_b + i, mask=mi, other=0.0).to(tl.float32)
+    w = tl.load(wdt_ptr + i[:, None] * sw_i + r[None, :] * sw_r, mask=mi[:, None] & mr[None, :], other=0.0)
+    dlow = acc_r.to(xdt).to(tl.float32)
+    dl = tl.sum(w.to(tl.float32) * dlow[None, :], axis=1).to(w.dtype).to(tl.float32)
+    z = tl.load(z_ptr + b * sz_b + i * sz_i, mask=mi, other=0.0).to(tl.float32)
+    y = _ssm_state_update(u, dl, tl.load(bias_ptr + i, mask=mi, other=0.0), a_ptr, d_ptr,
+                          acc_b.to(xdt).to(tl.float32), acc_c.to(xdt).to(tl.float32), z,
+                          h_ptr + slot * sh_b + i[:, None] * sh_i + n[None, :] * sh_n, i, n, mi, mn, N)
+    tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
+
+
+
+def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor,
+               D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
+               idx: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The decode graph's SSM step after conv_xproj: xc (B, I), partials (B, P, R + 2N) -> y (B, I) in out_dtype.
+
+    dt_weight: (I, R); z: (B, I); ssm_state (B, I, N) fp32, or with idx (B,) a pool (S, I, N) addressed by idx[b].
+    """
+    bsz, dim = xc.shape
+    nst, rank, n_part = A.shape[1], dt_weight.shape[1], partials.shape[1]
+    y = torch.empty(bsz, dim, dtype=out_dtype, device=xc.device)
+    block_i = 32
+    _ssm_decode_kernel[(triton.cdiv(dim, block_i), bsz)](
+        xc, partials, dt_weight, z, A, D, delta_bias, ssm_state, xc if idx is None else idx, y, dim, nst, rank,
+        xc.stride(0), partials.stride(0), partials.stride(1), *dt_weight.stride(), *z.stride(),
+        *ssm_state.stride(), *y.stride(), P=n_part, HAS_IDX=idx is not None, BLOCK_I=block_i,
+        BLOCK_N=triton.next_power_of_2(nst), BLOCK_R=triton.next_power_of_2(rank), BLOCK_P=16,
+        num_warps=4 if n_part <= 16 else 8)
+    return y
+
+
