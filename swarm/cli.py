@@ -169,7 +169,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                      initial_peers=tuple(a.initial_peers), device=a.device, dtype=a.dtype, identity=a.identity,
                      public_name=a.public_name, max_sessions=a.max_sessions, memory_budget_mb=a.memory_budget_mb,
                      cache_dir=a.cache_dir, update_period=a.update_period, max_batch=a.max_batch,
-                     allow_full_download=a.allow_full_download, corrupt_outputs=a.corrupt_outputs)
+                     allow_full_download=a.allow_full_download, corrupt_outputs=a.corrupt_outputs,
+                     graphs=a.graphs)
     asyncio.run(serve(cfg))
     return 0
 
@@ -234,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-sessions", type=int, default=16)
     s.add_argument("--memory-budget-mb", type=float, help="cap on session-state memory")
     s.add_argument("--max-batch", type=int, default=8, help="decode steps batched together")
+    s.add_argument("--graphs", choices=("auto", "off", "eager"), default="auto",
+                   help="decode through CUDA graphs with sessions in a state pool: auto = on CUDA; eager = the "
+                        "same pool and kernels without graph capture (debugging; on a CPU it needs TRITON_INTERPRET=1)")
     s.add_argument("--cache-dir", help="on-disk cache of fetched tensors")
     s.add_argument("--update-period", type=float, default=15.0, help="seconds between DHT refreshes")
     s.add_argument("--allow-full-download", action="store_true", help="accept servers without Range support")

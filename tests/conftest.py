@@ -56,3 +56,26 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], tor
         full = model(out).logits[0]  # (L, vocab)
     gen = out[0, len(prompt):].tolist()
     return gen, full[len(prompt) - 1:len(prompt) - 1 + new_tokens]
+
+
+def concurrent_generate(client, prompts: list[list[int]], new_tokens: int, timeout: float = 180) -> list[list[int]]:
+    """Greedy-generate every prompt in its own session, all at once (one thread each); re-raise the first error."""
+    import threading
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            with client.session() as s:
+                results[k] = s.generate(prompts[k], new_tokens)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors:
+        raise errors[0]
+    return [results.get(k, []) for k in range(len(prompts))]

@@ -48,3 +48,22 @@ def test_t_tokens_equal_t_single_steps_from_a_state(loaded):
     assert torch.allclose(many, single, atol=1e-5, rtol=1e-5)
     for x, y in zip(s1, s2):
         assert torch.allclose(x.ssm, y.ssm, atol=1e-5) and torch.allclose(x.conv, y.conv, atol=1e-5, rtol=1e-5)
+
+
+def test_peer_prefill_in_pieces_equals_one_call(loaded, monkeypatch):
+    """A peer runs long prefills PREFILL_CHUNK tokens at a time (bounded activations): same output and states."""
+    from swarm.peer import compute
+    cfg, tensors = loaded
+    stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors)
+    hidden = torch.randn(2, 13, cfg.hidden_size)
+    whole_states = stack.new_states(2)
+    whole = stack(hidden, whole_states)
+    monkeypatch.setattr(compute, "PREFILL_CHUNK", 5)  # 5 + 5 + 3 tokens
+    piece_states = stack.new_states(2)
+    pieces = compute.run_span(stack, 0, cfg.num_layers, hidden, piece_states)
+    assert pieces.shape == whole.shape
+    assert torch.allclose(pieces, whole, atol=1e-5, rtol=1e-5)
+    for a, b in zip(piece_states, whole_states):
+        assert torch.allclose(a.ssm, b.ssm, atol=1e-5, rtol=1e-5) and torch.allclose(a.conv, b.conv, atol=1e-5)
+    sub = compute.run_span(stack, 1, 3, hidden, stack.new_states(2)[1:3])  # a sub-span in pieces too
+    assert sub.shape == hidden.shape

@@ -9,11 +9,10 @@ Runs on the device machine (hivemind travels there as wheels).
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 import torch
-from conftest import hf_greedy
+from conftest import concurrent_generate, hf_greedy
 
 from swarm.client import ClientConfig, SwarmClient
 from swarm.launch import FileServer, peer_id_of, start_bootstrap, start_peers, stop_all
@@ -91,23 +90,7 @@ def test_gpu_concurrent_sessions_each_equal_transformers(gpu_swarm, peers):
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7], [2, 7, 1, 8]]
     refs = [hf_greedy(model, p, 12)[0] for p in prompts]
     client = _client(boot)
-    results: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
-
-    def run(k: int) -> None:
-        try:
-            with client.session() as s:
-                results[k] = s.generate(prompts[k], 12)
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-
     try:
-        threads = [threading.Thread(target=run, args=(k,)) for k in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        assert [results[k] for k in range(len(prompts))] == refs
+        assert concurrent_generate(client, prompts, 12) == refs
     finally:
         client.close()

@@ -15,8 +15,9 @@ import triton.language as tl
 from swarm.kernels import Backend
 
 # The prefill scan's kernel and tiles: ("seq", BLOCK_I, num_warps[, segments]) or ("chunk", BLOCK_T, BLOCK_I,
-# num_warps); "seq" without a segment count picks one from the shape. The bench measures the alternatives.
-SCAN_CONFIG: tuple = ("seq", 16, 4)
+# num_warps); "seq" without a segment count takes one per 256 tokens, at most 8. scripts/bench_gpu.py measures the
+# alternatives: at 2.8b's width and 2048 tokens on an H100, ("seq", 16, 2, 8) took 388 us, ("seq", 16, 4, 1) 558 us.
+SCAN_CONFIG: tuple = ("seq", 16, 2)
 
 
 @triton.jit
@@ -410,8 +411,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     if config[0] == "seq":
         _, block_i, warps = config[:3]
         n_i = triton.cdiv(dim, block_i)
-        # segments: enough programs to fill the GPU (about 4 per SM of 132), each at least 128 tokens long
-        n_seg = config[3] if len(config) > 3 else max(1, min(triton.cdiv(528, n_i * bsz), t // 128))
+        n_seg = config[3] if len(config) > 3 else max(1, min(8, t // 256))
         seg_len = triton.cdiv(triton.cdiv(t, n_seg), 8) * 8
         n_seg = triton.cdiv(t, seg_len)
         kw = dict(BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)

@@ -60,11 +60,17 @@ class Mixer(nn.Module):
             "conv_b": None if self.conv1d.bias is None else self.conv1d.bias.detach(),
         }
 
-    def forward(self, h: torch.Tensor, state: LayerState, kern: Backend) -> torch.Tensor:
-        """h: (B, T, d_model) in weight dtype -> (B, T, d_model) in weight dtype."""
+    @property
+    def prepared(self) -> dict[str, torch.Tensor]:
+        """prepare()'s tensors, computed on first use (shared with GraphDecoder: one copy on the device)."""
         if self._prepared is None:
             self.prepare()
-        p = self._prepared
+        assert self._prepared is not None
+        return self._prepared
+
+    def forward(self, h: torch.Tensor, state: LayerState, kern: Backend) -> torch.Tensor:
+        """h: (B, T, d_model) in weight dtype -> (B, T, d_model) in weight dtype."""
+        p = self.prepared
         cfg = self.cfg
         i = cfg.intermediate_size
         linear = kern.linear  # the CPU backend's streams weights faster than MKL's GEMV for a few rows

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from swarm.errors import BackendUnavailable
 from swarm.model.block import LayerState, MambaBlock
-from swarm.model.stack import BlockStack
+from swarm.model.stack import PREFILL_CHUNK, BlockStack
 
 
 def _triton_kernels():
@@ -48,14 +48,13 @@ class _BlockWeights:
     @classmethod
     def of(cls, block: MambaBlock) -> "_BlockWeights":
         m = block.mixer
+        p = m.prepared  # the eager block's own A, D, dt bias and flat conv weight: no second copy
         return cls(
             norm_w=block.norm.weight.detach(), eps=block.norm.eps,
             in_w=m.in_proj.weight.detach(), in_b=None if m.in_proj.bias is None else m.in_proj.bias.detach(),
-            conv_w=m.conv1d.weight.detach()[:, 0, :].contiguous(),
-            conv_b=None if m.conv1d.bias is None else m.conv1d.bias.detach(),
+            conv_w=p["conv_w"], conv_b=p["conv_b"],
             x_w=m.x_proj.weight.detach(), dt_w=m.dt_proj.weight.detach(),
-            dt_b=m.dt_proj.bias.detach().float().contiguous(),
-            A=(-torch.exp(m.A_log.detach().float())).contiguous(), D=m.D.detach().float().contiguous(),
+            dt_b=p["dt_bias"].contiguous(), A=p["A"].contiguous(), D=p["D"].contiguous(),
             out_w=m.out_proj.weight.detach(), out_b=None if m.out_proj.bias is None else m.out_proj.bias.detach(),
         )
 
@@ -65,19 +64,25 @@ class GraphDecoder:
 
     dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8))
     slot = dec.alloc_slot(); h = dec.prefill(slot, hidden); h = dec.step([slot, ...], hidden); dec.free_slot(slot)
-    `graphs=False` runs the same step eagerly (debugging, or the Triton interpreter on CPU). Buckets of up to
-    `gemv_batch` rows run in_proj and out_proj as Triton GEMVs with the norm and the residual add fused (4 launches
-    a block); larger ones use cuBLAS, which wins once the weights are read for several rows (6 launches a block).
+    `graphs=False` runs the same step eagerly (debugging, or the Triton interpreter on CPU).
+
+    Two choices shape a block's decode step; the defaults are what measured fastest on an H100 (docs/PERFORMANCE.md):
+    - `xproj="cublas"`: conv step, x_proj by cuBLAS, then the SSM step reads its output; `"fused"`: the conv kernel
+      also computes x_proj as partial sums over channel blocks, which the SSM step adds up (one launch fewer).
+    - buckets of up to `gemv_batch` rows run in_proj and out_proj as Triton GEMVs with the norm and the residual add
+      fused into them; other buckets use cuBLAS with a fused residual-add + RMSNorm between blocks.
     """
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
-                 graphs: bool = True, gemv_batch: int = 1):
+                 graphs: bool = True, gemv_batch: int = 0, xproj: str = "cublas"):
         if graphs and stack.device.type != "cuda":
             raise ValueError(f"GraphDecoder captures CUDA graphs; the stack is on {stack.device}")
         if max_slots < 1 or not buckets or min(buckets) < 1:
             raise ValueError(f"GraphDecoder needs max_slots >= 1 and buckets >= 1, got {max_slots}, {buckets}")
+        if xproj not in ("cublas", "fused"):
+            raise ValueError(f"GraphDecoder xproj must be 'cublas' or 'fused', got {xproj!r}")
         self._k, self._d = _triton_kernels()
-        self.gemv_batch = gemv_batch
+        self.gemv_batch, self.xproj = gemv_batch, xproj
         cfg = stack.cfg
         self.cfg, self.device, self.dtype = cfg, stack.device, stack.dtype
         self.max_slots = max_slots
@@ -96,6 +101,7 @@ class GraphDecoder:
         self._h_out = {bk: torch.zeros(bk, cfg.hidden_size, device=self.device) for bk in self.buckets}
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.captured = graphs
         if graphs:
             self._capture()
 
@@ -157,11 +163,14 @@ class GraphDecoder:
 
     @torch.no_grad()
     def prefill(self, slot: int, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (1, T, D) fp32 -> (1, T, D) fp32, eagerly; the slot's states advance by T tokens."""
+        """hidden: (1, T, D) fp32 -> (1, T, D) fp32, eagerly (PREFILL_CHUNK tokens at a time); the slot advances."""
         self._check_slots([slot])
         if hidden.dim() != 3 or hidden.shape[0] != 1:
             raise ValueError(f"prefill takes hidden (1, T, d_model), got {tuple(hidden.shape)}")
-        res = hidden.to(self.device, torch.float32)
+        hidden = hidden.to(self.device, torch.float32)
+        return torch.cat([self._prefill_piece(slot, piece) for piece in hidden.split(PREFILL_CHUNK, dim=1)], dim=1)
+
+    def _prefill_piece(self, slot: int, res: torch.Tensor) -> torch.Tensor:
         out = None
         n = self.cfg.intermediate_size
         r, ns = self.cfg.time_step_rank, self.cfg.state_size
@@ -175,8 +184,8 @@ class GraphDecoder:
             dbc = F.linear(x.transpose(1, 2), w.x_w)  # (1, T, R + 2N)
             delta = F.linear(dbc[..., :r], w.dt_w).transpose(1, 2)  # (1, I, T)
             y = self._k.selective_scan(x, delta, w.A, dbc[..., r:r + ns], dbc[..., r + ns:], w.D,
-                                  xz[..., n:].transpose(1, 2), w.dt_b, self.ssm[j, slot:slot + 1],
-                                  out_dtype=self.dtype)  # (1, I, T)
+                                       xz[..., n:].transpose(1, 2), w.dt_b, self.ssm[j, slot:slot + 1],
+                                       out_dtype=self.dtype)  # (1, I, T)
             out = F.linear(y.transpose(1, 2), w.out_w, w.out_b)  # (1, T, D)
         return torch.add(res, out)
 
@@ -210,28 +219,35 @@ class GraphDecoder:
         return idx
 
     def _step_blocks(self, hidden: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """One token through every block (what is captured): hidden (Bk, D) fp32, idx (Bk,) slots -> out, in place.
-
-        The residual stream lives in `out` (fp32) from the first block to the last.
-        """
-        n = self.cfg.intermediate_size
-        d = self._d
-        fused = hidden.shape[0] <= self.gemv_batch
-        res = out
-        res.copy_(hidden)
+        """One token through every block (what is captured): hidden (Bk, D) fp32, idx (Bk,) slots -> out (Bk, D)."""
+        k, d = self._k, self._d
+        if hidden.shape[0] <= self.gemv_batch:  # the residual stream lives in `out` from the first block on
+            out.copy_(hidden)
+            for j, w in enumerate(self._w):
+                xz = d.norm_gemv(out, w.norm_w, w.eps, w.in_w, w.in_b)  # (Bk, 2I)
+                y = self._ssm(j, w, xz, idx)
+                d.gemv_residual(y, w.out_w, w.out_b, out)
+            return out
+        res, delta = hidden, None
         for j, w in enumerate(self._w):
-            if fused:
-                xz = d.norm_gemv(res, w.norm_w, w.eps, w.in_w, w.in_b)  # (Bk, 2I)
+            if delta is None:
+                h = k.rms_norm(res, w.norm_w, w.eps)
             else:
-                xz = F.linear(self._k.rms_norm(res, w.norm_w, w.eps), w.in_w, w.in_b)
-            xc, partials = d.conv_xproj(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, w.x_w, idx)
-            y = d.ssm_decode(xc, partials, w.dt_w, w.A, w.D, xz[:, n:], w.dt_b, self.ssm[j], idx,
-                             out_dtype=self.dtype)  # (Bk, I)
-            if fused:
-                d.gemv_residual(y, w.out_w, w.out_b, res)
-            else:
-                res.add_(F.linear(y, w.out_w, w.out_b))  # out_proj's output in the weight dtype, added in fp32
-        return res
+                h, res = k.add_rms_norm(res, delta, w.norm_w, w.eps)
+            y = self._ssm(j, w, F.linear(h, w.in_w, w.in_b), idx)
+            delta = F.linear(y, w.out_w, w.out_b)  # (Bk, D) in the weight dtype
+        return torch.add(res, delta, out=out)
+
+    def _ssm(self, j: int, w: _BlockWeights, xz: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Block j's conv, x_proj, dt_proj, state update and gate for one token: xz (Bk, 2I) -> y (Bk, I)."""
+        n = self.cfg.intermediate_size
+        if self.xproj == "fused":  # x_proj as partial sums inside the conv kernel
+            xc, dbc = self._d.conv_xproj(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, w.x_w, idx)
+        else:  # cuBLAS x_proj: its (Bk, R + 2N) output is ssm_decode's single "partial sum"
+            xc = self._k.conv1d_step(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, idx)
+            dbc = F.linear(xc, w.x_w).unsqueeze(1)
+        return self._d.ssm_decode(xc, dbc, w.dt_w, w.A, w.D, xz[:, n:], w.dt_b, self.ssm[j], idx,
+                                  out_dtype=self.dtype)
 
     @torch.no_grad()
     def _capture(self) -> None:

@@ -43,6 +43,11 @@ def _check_materialized(module: nn.Module, what: str) -> None:
             raise ConfigError(f"{what}: {name!r} was not loaded from any tensor (still on the meta device)")
 
 
+# A peer runs a longer prefill in pieces of this many tokens, the states carried from one to the next: the same
+# result, with activations bounded (2.8b: ~0.15 GB for 1024 tokens instead of growing with the prompt).
+PREFILL_CHUNK = 1024
+
+
 class BlockStack(nn.Module):
     """Blocks start..end-1 of a model. forward(hidden, states) runs T tokens through them all."""
 

@@ -12,6 +12,7 @@ import torch
 
 from swarm.errors import ProtocolError
 from swarm.model import BlockStack, LayerState
+from swarm.model.stack import PREFILL_CHUNK
 from swarm.model.graphs import GraphDecoder
 from swarm.peer.sessions import Session
 
@@ -26,15 +27,18 @@ class _Job:
 
 
 def run_span(stack: BlockStack, start: int, end: int, hidden: torch.Tensor, states: list[LayerState]) -> torch.Tensor:
-    """Run blocks start..end-1 (absolute indices inside the stack's range). hidden: (B, T, D) fp32."""
-    lo = start - stack.start
-    if lo == 0 and end == stack.end:
-        return stack(hidden, states)
+    """Run blocks start..end-1 (absolute indices inside the stack's range), PREFILL_CHUNK tokens at a time.
+
+    hidden: (B, T, D) fp32 -> (B, T, D) fp32 on the stack's device; `states` advance by T tokens.
+    """
+    blocks = stack.blocks[start - stack.start:end - stack.start]
+    outs = []
     with torch.inference_mode():
-        hidden = hidden.to(stack.device, torch.float32)
-        for block, st in zip(stack.blocks[lo:end - stack.start], states):
-            hidden = block(hidden, st, stack.kern)
-    return hidden
+        for piece in hidden.to(stack.device, torch.float32).split(PREFILL_CHUNK, dim=1):
+            for block, st in zip(blocks, states):
+                piece = block(piece, st, stack.kern)
+            outs.append(piece)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 class Batcher:
@@ -50,6 +54,7 @@ class Batcher:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
         self.batches = 0
         self.batched_steps = 0
+        self.pool_steps = 0  # session-steps that ran through the GraphDecoder
 
     async def submit(self, session: Session, hidden: torch.Tensor) -> torch.Tensor:
         fut = asyncio.get_running_loop().create_future()
@@ -101,6 +106,7 @@ class Batcher:
                 or any(j.session.slot is None or j.hidden.shape[1] != 1 for j in group):
             return None
         out = dec.step([j.session.slot for j in group], torch.cat([j.hidden for j in group]))
+        self.pool_steps += len(group)
         if len(group) > 1:
             self.batches += 1
             self.batched_steps += len(group)
@@ -146,7 +152,7 @@ def measure_throughput(stack: BlockStack, steps: int = 5, decoder: GraphDecoder 
     if decoder is not None:
         slot = decoder.alloc_slot()
         step = lambda: decoder.step([slot], hidden)  # noqa: E731
-        steps *= 4  # a replay is short: time more of them
+        steps *= 4 if decoder.captured else 1  # a replay is short: time more of them
     else:
         states = stack.new_states(1)
         step = lambda: stack(hidden, states)  # noqa: E731

@@ -26,6 +26,7 @@ class PeerConfig:
     max_batch: int = 8  # decode steps of several sessions run together, up to this many
     max_step_tokens: int = 4096  # largest T a step may carry
     allow_full_download: bool = False  # accept a server without Range support (reads the whole file)
+    graphs: str = "auto"  # auto: GraphDecoder (state pool + CUDA graphs) on CUDA | off | eager: pool, no capture
     corrupt_outputs: float = 0.0  # TESTING ONLY (hidden flag): add noise of this size to every output
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -55,11 +56,16 @@ class Peer:
         return device
 
     def _graph_decoder(self, slots: int) -> GraphDecoder | None:
-        """On CUDA: a state pool of `slots` batch-1 sessions and decode graphs for batches up to max_batch."""
-        if self.device.type != "cuda" or slots < 1:
+        """A state pool of `slots` batch-1 sessions and decode steps for batches up to max_batch: CUDA graphs on
+        CUDA (--graphs auto), or the same kernels launched eagerly (--graphs eager, which a CPU runs only under
+        Triton's interpreter: tests of the pool without a GPU)."""
+        mode = self.cfg.graphs
+        if mode == "off" or slots < 1 or (mode == "auto" and self.device.type != "cuda"):
             return None
+        if mode == "eager" and self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SwarmError("--graphs eager on a CPU runs Triton kernels: set TRITON_INTERPRET=1 (slow; for tests)")
         buckets = tuple(sorted({min(2 ** k, self.cfg.max_batch) for k in range(8)}))
-        return GraphDecoder(self.stack, max_slots=slots, buckets=buckets)
+        return GraphDecoder(self.stack, max_slots=slots, buckets=buckets, graphs=mode == "auto")
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -108,7 +114,9 @@ class Peer:
         await self.p2p.add_binary_stream_handler(wire.INFO_PROTOCOL, self._handle_info)
         self.state = ServerState.ONLINE
         await self._announce()
-        print(f"ONLINE: {self.throughput:.1f} tokens/s a block on {self.stack.kern.name}", file=sys.stderr,
+        pool = "" if decoder is None else f", {decoder.max_slots} session slots" + (
+            ", CUDA graphs" if decoder.captured else ", eager")
+        print(f"ONLINE: {self.throughput:.1f} tokens/s a block on {self.stack.kern.name}{pool}", file=sys.stderr,
               flush=True)
         self.tasks = [asyncio.create_task(self.batcher.run(), name="batcher"),
                       asyncio.create_task(self._refresh_loop(), name="announcer")]
@@ -153,7 +161,10 @@ class Peer:
             except Exception as e:  # shutting down anyway
                 log.warning("could not announce OFFLINE: %s", e)
         if self.batcher:
-            self.batcher.close()
+            b = self.batcher
+            print(f"served {b.pool_steps} decode steps from pool slots, {b.batches} batches of "
+                  f"{b.batched_steps} steps", file=sys.stderr, flush=True)
+            b.close()
         if self.p2p is not None:
             await self.p2p.shutdown()
         if self.dht is not None:
