@@ -12,8 +12,8 @@ import torch
 
 from swarm.errors import ProtocolError
 from swarm.model import BlockStack, LayerState
-from swarm.model.stack import PREFILL_CHUNK
 from swarm.model.graphs import GraphDecoder
+from swarm.model.stack import PREFILL_CHUNK
 from swarm.peer.sessions import Session
 
 log = logging.getLogger(__name__)
