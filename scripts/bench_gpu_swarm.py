@@ -28,6 +28,8 @@ from swarm.kernels import backend_for
 from swarm.knot_convert import convert
 from swarm.launch import FileServer, start_bootstrap, start_peers, stop_all
 
+from bench_swarm import timed_generate  # noqa: E402  (scripts/ is on sys.path when run as a script)
+
 # HF config fields, as scripts/bench_gpu.py's MODELS (random_mamba fixes expand=2 and time_step_rank=ceil(d/16))
 MODELS = {
     "130m": dict(vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16, conv_kernel=4, expand=2),
@@ -66,14 +68,7 @@ def make_knot(workdir: str, name: str, cfg: dict, dtype: str) -> str:
 
 def decode_ms(session, tokens: int) -> float:
     """Prefill PROMPT, then decode `tokens`; ms per token after the first (the first includes the prefill)."""
-    first = None
-    count = 0
-    for _ in session.stream(PROMPT, tokens):
-        count += 1
-        if first is None:
-            first = time.perf_counter()
-    assert first is not None
-    return (time.perf_counter() - first) / max(count - 1, 1) * 1000
+    return timed_generate(session, PROMPT, tokens)
 
 
 def head_to(client: SwarmClient, device: str) -> None:

@@ -22,6 +22,7 @@ from swarm.launch import FileServer, start_bootstrap, start_peers, stop_all
 
 
 def timed_generate(session, prompt, n):
+    """Prefill `prompt`, then decode `n`; ms per token after the first (the first includes the prefill)."""
     first = None
     count = 0
     for _ in session.stream(prompt, n):

@@ -79,3 +79,18 @@ def concurrent_generate(client, prompts: list[list[int]], new_tokens: int, timeo
     if errors:
         raise errors[0]
     return [results.get(k, []) for k in range(len(prompts))]
+
+
+@pytest.fixture
+def peers():
+    """Peer processes a test starts; all stopped at its end."""
+    from swarm.launch import stop_all
+    started = []
+    yield started
+    stop_all(started)
+
+
+def swarm_client(boot, **config):
+    """A SwarmClient bootstrapped from `boot` with ClientConfig(**config)."""
+    from swarm.client import ClientConfig, SwarmClient
+    return SwarmClient(initial_peers=boot.maddrs, config=ClientConfig(**config))

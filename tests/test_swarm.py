@@ -10,9 +10,8 @@ import sys
 import time
 
 import pytest
-from conftest import concurrent_generate, hf_greedy
+from conftest import concurrent_generate, hf_greedy, swarm_client
 
-from swarm.client import ClientConfig, SwarmClient
 from swarm.errors import NoRoute
 from swarm.launch import FileServer, peer_id_of, start_bootstrap, start_peer, start_peers, stop_all
 
@@ -33,15 +32,6 @@ def swarm_env(hf_models):
             boot.stop()
 
 
-@pytest.fixture
-def peers():
-    started = []
-    yield started
-    stop_all(started)
-
-
-def _client(boot, **kw):
-    return SwarmClient(initial_peers=boot.maddrs, config=ClientConfig(**kw))
 
 
 @pytest.mark.parametrize("split", [["0:5"], ["0:2", "2:5"], ["0:1", "1:3", "3:5"], ["0:2", "2:3", "3:4", "4:5"]])
@@ -50,7 +40,7 @@ def test_greedy_through_peers_equals_transformers(swarm_env, peers, split):
     url = files.url(os.path.basename(knot))
     peers += start_peers(url, {f"p{i}": blocks for i, blocks in enumerate(split)}, boot.maddrs, FAST)
     ref, ref_logits = hf_greedy(model, PROMPT, 10)
-    client = _client(boot)
+    client = swarm_client(boot)
     try:
         with client.session() as s:
             s.keep_logits = True
@@ -71,7 +61,7 @@ def test_sigkill_mid_generation_recovers_with_identical_tokens(swarm_env, peers)
     url = files.url(os.path.basename(knot))
     peers += start_peers(url, {"a": "0:3", "b": "3:5", "backup": "2:5"}, boot.maddrs, FAST)
     ref, _ = hf_greedy(model, PROMPT, 24)
-    client = _client(boot, checkpoint_every=4)
+    client = swarm_client(boot, checkpoint_every=4)
     try:
         with client.session() as s:
             out = s.generate(PROMPT, 6)
@@ -92,7 +82,7 @@ def test_sigstop_frozen_peer_hits_the_deadline(swarm_env, peers):
     url = files.url(os.path.basename(knot))
     peers += start_peers(url, {"x": "0:5", "y": "0:5"}, boot.maddrs, FAST)
     ref, _ = hf_greedy(model, PROMPT, 12)
-    client = _client(boot, min_step_timeout=1.5)
+    client = swarm_client(boot, min_step_timeout=1.5)
     try:
         with client.session() as s:
             out = s.generate(PROMPT, 5)
@@ -111,7 +101,7 @@ def test_late_join_used_leaver_dropped_and_gap_named(swarm_env, peers):
     files, boot, (_, _, knot) = swarm_env
     url = files.url(os.path.basename(knot))
     peers.append(start_peer(url, "0:3", boot.maddrs, "early", FAST))
-    client = _client(boot, lookup_timeout=1.0, view_max_age=0.5)
+    client = swarm_client(boot, lookup_timeout=1.0, view_max_age=0.5)
     try:
         with pytest.raises(NoRoute, match=r"no ONLINE peer serves blocks 3:5"):
             client.generate(PROMPT, 2)
@@ -159,7 +149,7 @@ def test_pool_slots_without_a_gpu(swarm_env, peers, monkeypatch):
     pool = FAST + ["--graphs", "eager", "--max-sessions", "3"]
     peers += start_peers(url, {"pa": "0:3", "pb": "3:5", "pc": "0:5"}, boot.maddrs, pool)
     ref, _ = hf_greedy(model, PROMPT, 12)
-    client = _client(boot, checkpoint_every=4, verify_rate=0.0)
+    client = swarm_client(boot, checkpoint_every=4, verify_rate=0.0)
     try:
         with client.session() as s:  # a route over pa + pb or pc; kill whichever holds block 0
             out = s.generate(PROMPT, 5)

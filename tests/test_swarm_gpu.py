@@ -12,10 +12,9 @@ import os
 
 import pytest
 import torch
-from conftest import concurrent_generate, hf_greedy
+from conftest import concurrent_generate, hf_greedy, swarm_client
 
-from swarm.client import ClientConfig, SwarmClient
-from swarm.launch import FileServer, peer_id_of, start_bootstrap, start_peers, stop_all
+from swarm.launch import FileServer, peer_id_of, start_bootstrap, start_peers
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="peers on CUDA need a CUDA device")]
@@ -34,15 +33,6 @@ def gpu_swarm(hf_models):
             boot.stop()
 
 
-@pytest.fixture
-def peers():
-    started = []
-    yield started
-    stop_all(started)
-
-
-def _client(boot, **kw):
-    return SwarmClient(initial_peers=boot.maddrs, config=ClientConfig(**kw))
 
 
 @pytest.mark.parametrize("split", [["0:3"], ["0:1", "1:3"]])
@@ -51,7 +41,7 @@ def test_gpu_peers_equal_transformers(gpu_swarm, peers, split):
     peers += start_peers(files.url(os.path.basename(knot)), {f"g{i}": b for i, b in enumerate(split)},
                          boot.maddrs, GPU)
     ref, ref_logits = hf_greedy(model, PROMPT, 10)
-    client = _client(boot)
+    client = swarm_client(boot)
     try:
         with client.session() as s:
             s.keep_logits = True
@@ -70,7 +60,7 @@ def test_gpu_failover_restores_state_into_a_slot(gpu_swarm, peers):
     peers += start_peers(files.url(os.path.basename(knot)), {"a": "0:2", "b": "2:3", "backup": "0:3"},
                          boot.maddrs, GPU)
     ref, _ = hf_greedy(model, PROMPT, 20)
-    client = _client(boot, checkpoint_every=4)
+    client = swarm_client(boot, checkpoint_every=4)
     try:
         with client.session() as s:
             out = s.generate(PROMPT, 6)
@@ -89,7 +79,7 @@ def test_gpu_concurrent_sessions_each_equal_transformers(gpu_swarm, peers):
     peers += start_peers(files.url(os.path.basename(knot)), {"all": "0:3"}, boot.maddrs, GPU)
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7], [2, 7, 1, 8]]
     refs = [hf_greedy(model, p, 12)[0] for p in prompts]
-    client = _client(boot)
+    client = swarm_client(boot)
     try:
         assert concurrent_generate(client, prompts, 12) == refs
     finally:

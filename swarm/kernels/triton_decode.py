@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from swarm.kernels.triton_ops import _conv_tap, _ssm_state_update
+from swarm.kernels.triton_ops import _conv_tap, _slot, _ssm_state_update
 
 # (BLOCK_N, BLOCK_K, num_warps) of the two GEMVs; scripts/bench_gpu.py measures the alternatives
 GEMV_IN_CONFIG: tuple[int, int, int] = (8, 512, 4)
@@ -122,10 +122,7 @@ def _conv_xproj_kernel(x_ptr, s_ptr, idx_ptr, cw_ptr, cb_ptr, wx_ptr, xc_ptr, p_
     # x_proj over channels instead of over its R + 2N outputs gives enough programs to stream its weight.
     pid_i = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    if HAS_IDX:
-        slot = tl.load(idx_ptr + b).to(tl.int64)
-    else:
-        slot = b
+    slot = _slot(idx_ptr, b, HAS_IDX)
     i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     mi = i < I
     s_rows = s_ptr + slot * ss_b + i[:, None] * ss_i
@@ -174,10 +171,7 @@ def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_
     # as a matmul's output would be), dt_proj for this block of channels, then the state update and the gate.
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     b = tl.program_id(1).to(tl.int64)
-    if HAS_IDX:
-        slot = tl.load(idx_ptr + b).to(tl.int64)
-    else:
-        slot = b
+    slot = _slot(idx_ptr, b, HAS_IDX)
     n = tl.arange(0, BLOCK_N)
     r = tl.arange(0, BLOCK_R)
     mi, mn, mr = i < I, n < N, r < R

@@ -140,16 +140,21 @@ def _conv_tap(x_ptrs, s_ptrs, w_ptr, b_ptr, i, mi, sw_i, sw_k, ss_k,
 
 
 @triton.jit
+def _slot(idx_ptr, b, HAS_IDX: tl.constexpr):
+    """The state row of batch row b: idx[b] in a slot pool, or b itself."""
+    if HAS_IDX:
+        return tl.load(idx_ptr + b).to(tl.int64)
+    return b
+
+
+@triton.jit
 def _conv_step_kernel(x_ptr, s_ptr, idx_ptr, w_ptr, b_ptr, y_ptr, I,
                       sx_b, sx_i, ss_b, ss_i, ss_k, sw_i, sw_k, sy_b, sy_i,
                       K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
                       BLOCK_I: tl.constexpr):
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     b = tl.program_id(1).to(tl.int64)
-    if HAS_IDX:
-        slot = tl.load(idx_ptr + b).to(tl.int64)
-    else:
-        slot = b
+    slot = _slot(idx_ptr, b, HAS_IDX)
     mi = i < I
     s_rows = s_ptr + slot * ss_b + i[:, None] * ss_i
     new, y = _conv_tap(x_ptr + b * sx_b + i * sx_i, s_rows, w_ptr, b_ptr, i, mi, sw_i, sw_k, ss_k, K, KP, HAS_BIAS)
