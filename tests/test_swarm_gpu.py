@@ -84,3 +84,20 @@ def test_gpu_concurrent_sessions_each_equal_transformers(gpu_swarm, peers):
         assert concurrent_generate(client, prompts, 12) == refs
     finally:
         client.close()
+
+
+def test_gpu_local_model_decodes_through_graphs(hf_models):
+    """`swarm generate --local --device cuda`: LocalModel's sessions take GraphDecoder slots; the oracle holds."""
+    from swarm.client import LocalModel
+    model, _, knot = hf_models["tied"]
+    ref, ref_logits = hf_greedy(model, PROMPT, 10)
+    local = LocalModel(knot, device="cuda")
+    assert local.decoder is not None and local.decoder.captured
+    with local.session() as s:
+        assert s.slot is not None
+        s.keep_logits = True
+        out = s.generate(PROMPT, 10)
+        logits = torch.stack(s.last_logits).cpu()
+    assert out == ref
+    assert (logits - ref_logits).abs().max().item() < 1e-4
+    assert local.decoder.free_slots == local.decoder.max_slots  # closing the session gave its slot back

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import weakref
 
 import torch
 
 from swarm.client.generation import GenerationSession
 from swarm.client.tokenizer import Tokenizer
 from swarm.model import BlockStack, Head, MambaConfig
+
+log = logging.getLogger(__name__)
+GRAPH_SLOTS = 4  # sessions of one LocalModel that decode through the CUDA graphs at once; more run eagerly
 
 
 async def _load(location: str, cache_dir: str | None, allow_full_download: bool, progress: bool):
@@ -26,11 +31,18 @@ async def _load(location: str, cache_dir: str | None, allow_full_download: bool,
 
 
 class LocalModel:
-    """A whole model in this process. `generate` and `session()` mirror SwarmClient's API."""
+    """A whole model in this process. `generate` and `session()` mirror SwarmClient's API.
+
+    On CUDA (graphs="auto") sessions decode through a GraphDecoder: the whole step is one graph replay instead of
+    hundreds of launches from Python. graphs="off" runs every step eagerly through the BlockStack; "eager" is the
+    GraphDecoder's slot pool without capture (the Triton interpreter on a CPU).
+    """
 
     def __init__(self, location: str, device: str = "cpu", dtype: torch.dtype | None = None,
                  backend: str | None = None, cache_dir: str | None = None, allow_full_download: bool = False,
-                 progress: bool = False):
+                 progress: bool = False, graphs: str = "auto"):
+        if graphs not in ("auto", "off", "eager"):
+            raise ValueError(f"LocalModel graphs must be 'auto', 'off' or 'eager', got {graphs!r}")
         name, cfg, tensors, tok = asyncio.run(_load(location, cache_dir, allow_full_download, progress))
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(("A_log", "mixer.D")) else v
@@ -39,25 +51,50 @@ class LocalModel:
         self.head = Head.from_tensors(cfg, tensors, device)
         self.stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device, backend)
         self.tokenizer = Tokenizer(tok, name)
+        self.decoder = None
+        if graphs == "eager" or (graphs == "auto" and self.stack.device.type == "cuda" and backend in (None, "cuda")):
+            from swarm.model.graphs import GraphDecoder
+            self.decoder = GraphDecoder(self.stack, max_slots=GRAPH_SLOTS, buckets=(1,), graphs=graphs == "auto")
 
     def session(self) -> "LocalSession":
         return LocalSession(self)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int, **kw) -> list[int]:
-        return self.session().generate(prompt, max_new_tokens, **kw)
+        with self.session() as s:
+            return s.generate(prompt, max_new_tokens, **kw)
 
 
 class LocalSession(GenerationSession):
+    """One sequence. With the model's GraphDecoder it holds a slot of its state pool until close() (or until it is
+    garbage-collected); when every slot is taken it keeps its own states and runs eagerly."""
+
     def __init__(self, model: LocalModel):
         super().__init__(model.head, model.tokenizer)
         self.stack = model.stack
-        self.states = model.stack.new_states(1)
+        self.decoder, self.slot = model.decoder, None
+        if self.decoder is not None:
+            try:
+                self.slot = self.decoder.alloc_slot()
+            except RuntimeError:
+                log.warning("all %d graph slots are taken: this session runs eagerly", self.decoder.max_slots)
+        if self.slot is None:
+            self.states = model.stack.new_states(1)
+        else:
+            self._release = weakref.finalize(self, self.decoder.free_slot, self.slot)
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.stack(hidden, self.states)
+        if self.slot is None:
+            return self.stack(hidden, self.states)
+        if hidden.shape[1] == 1:
+            return self.decoder.step([self.slot], hidden)
+        return self.decoder.prefill(self.slot, hidden)
+
+    def close(self) -> None:
+        if self.slot is not None:
+            self._release()
 
     def __enter__(self) -> "LocalSession":
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
+        self.close()

@@ -23,6 +23,8 @@ from swarm.kernels.triton_ops import _conv_tap, _slot, _ssm_state_update
 # (BLOCK_N, BLOCK_K, num_warps) of the two GEMVs; scripts/bench_gpu.py measures the alternatives
 GEMV_IN_CONFIG: tuple[int, int, int] = (8, 512, 4)
 GEMV_OUT_CONFIG: tuple[int, int, int] = (4, 512, 4)
+# (BLOCK_I, num_warps) of ssm_decode, or None for (32, 4 or 8 with many partial sums)
+SSM_DECODE_CONFIG: tuple[int, int] | None = None
 
 
 @triton.jit
@@ -200,7 +202,8 @@ def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_
 
 def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor,
                D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
-               idx: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+               idx: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+               config: tuple[int, int] | None = None) -> torch.Tensor:
     """The decode graph's SSM step after conv_xproj: xc (B, I), partials (B, P, R + 2N) -> y (B, I) in out_dtype.
 
     dt_weight: (I, R); z: (B, I); ssm_state (B, I, N) fp32, or with idx (B,) a pool (S, I, N) addressed by idx[b].
@@ -208,13 +211,12 @@ def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor
     bsz, dim = xc.shape
     nst, rank, n_part = A.shape[1], dt_weight.shape[1], partials.shape[1]
     y = torch.empty(bsz, dim, dtype=out_dtype, device=xc.device)
-    block_i = 32
+    block_i, warps = config or SSM_DECODE_CONFIG or (32, 4 if n_part <= 16 else 8)
     _ssm_decode_kernel[(triton.cdiv(dim, block_i), bsz)](
         xc, partials, dt_weight, z, A, D, delta_bias, ssm_state, xc if idx is None else idx, y, dim, nst, rank,
         xc.stride(0), partials.stride(0), partials.stride(1), *dt_weight.stride(), *z.stride(),
         *ssm_state.stride(), *y.stride(), P=n_part, HAS_IDX=idx is not None, BLOCK_I=block_i,
-        BLOCK_N=triton.next_power_of_2(nst), BLOCK_R=triton.next_power_of_2(rank), BLOCK_P=16,
-        num_warps=4 if n_part <= 16 else 8)
+        BLOCK_N=triton.next_power_of_2(nst), BLOCK_R=triton.next_power_of_2(rank), BLOCK_P=16, num_warps=warps)
     return y
 
 

@@ -1,0 +1,54 @@
+"""LocalModel's GraphDecoder slots on a CPU, through Triton's interpreter (the same kernels a CUDA device runs).
+
+A subprocess, because TRITON_INTERPRET must be set before Triton is imported. Tokens must equal transformers'
+greedy tokens for more sessions than there are slots (the extra ones run eagerly), slots must come back on close
+and on garbage collection, and a session must not see another's state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import hf_greedy
+
+pytest.importorskip("triton", reason="the interpreter test needs Triton (a dev extra)")
+
+SCRIPT = r"""
+import gc, json, sys
+from swarm.client import local
+from swarm.client.local import LocalModel
+local.GRAPH_SLOTS = 2
+m = LocalModel(sys.argv[1], graphs="eager")
+a, b, c = m.session(), m.session(), m.session()  # c: no slot left, eager
+out = {"slots": [a.slot, b.slot, c.slot], "free_after_open": m.decoder.free_slots}
+ta = a.generate([3, 17, 5, 9], 3)
+tb = b.generate([22, 1, 14], 3)  # b's prefill between a's calls: states must not mix
+tc = c.generate([3, 17, 5, 9], 3)
+ta += a.generate(None, 3)
+out.update(a=ta, b=tb, c=tc)
+a.close()
+del b
+gc.collect()
+out["free_after_close"] = m.decoder.free_slots
+with m.session() as d:
+    out["d"] = d.generate([22, 1, 14], 2)
+print(json.dumps(out))
+"""
+
+
+def test_local_sessions_in_graph_slots_under_the_interpreter(hf_models):
+    model, _, knot = hf_models["tied"]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, knot], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["slots"] == [0, 1, None] and out["free_after_open"] == 0
+    assert out["a"] == hf_greedy(model, [3, 17, 5, 9], 6)[0]
+    assert out["c"] == out["a"][:3]
+    assert out["b"] == hf_greedy(model, [22, 1, 14], 3)[0]
+    assert out["d"] == out["b"][:2]
+    assert out["free_after_close"] == 2
