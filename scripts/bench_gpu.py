@@ -135,13 +135,14 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
     print(f"[{name}] {cfg.num_layers} blocks, weights {block_bytes / 1e9:.3f} GB + head {head_bytes / 1e9:.3f} GB")
 
     # the decode step's variants (GraphDecoder's xproj and gemv_batch): the default first
-    variants = {"default (cuBLAS x_proj and GEMVs)": dict(xproj="cublas", gemv_batch=0),
-                "x_proj fused into the conv kernel": dict(xproj="fused", gemv_batch=0),
-                "Triton norm+in_proj / out_proj+residual GEMVs": dict(xproj="cublas", gemv_batch=1)}
-    best = 1e9, variants["default (cuBLAS x_proj and GEMVs)"]
+    variants = {"default (Triton GEMVs at b=1, cuBLAS x_proj)": dict(xproj="cublas", gemv_batch=1),
+                "Triton GEMV for x_proj too": dict(xproj="gemv", gemv_batch=1),
+                "cuBLAS GEMVs": dict(xproj="cublas", gemv_batch=0),
+                "x_proj fused into the conv kernel": dict(xproj="fused", gemv_batch=1)}
+    best = 1e9, variants["default (Triton GEMVs at b=1, cuBLAS x_proj)"]
     for kind, kw in variants.items():
         dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8), **kw)
-        for batch in ((1, 8) if kw["gemv_batch"] == 0 else (1,)):
+        for batch in ((1, 8) if kw["gemv_batch"] == 1 and kw["xproj"] != "fused" else (1,)):
             slots = [dec.alloc_slot() for _ in range(batch)]
             h1 = torch.randn(batch, 1, cfg.hidden_size, device="cuda")
             ms = cuda_ms(lambda: dec.step(slots, h1), iters=20, inner=20 if name == "130m" else 5)
@@ -171,6 +172,10 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
             dec.free_slot(s)
 
     slot = dec.alloc_slot()
+    for t in (16, 200):  # short prompts: bound by launches unless graphed
+        short = torch.randn(1, t, cfg.hidden_size, device="cuda")
+        ms = cuda_ms(lambda: dec.prefill(slot, short), iters=10, warmup=2)
+        ROWS.append((name, f"prefill {t} tokens, ms (blocks only)", f"{ms:.2f}", "", ""))
     hidden = torch.randn(1, 2048, cfg.hidden_size, device="cuda")
     pre_ms = cuda_ms(lambda: dec.prefill(slot, hidden), iters=5, warmup=2)
     top_kernels(lambda: dec.prefill(slot, hidden), f"[{name}] prefill 2048")
@@ -272,6 +277,8 @@ def peer_memory() -> None:
         dec.step(slots, torch.randn(8, 1, dm, device="cuda"))
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
+    print(f"peer memory: reserved by the allocator after serving {torch.cuda.memory_reserved() / 2**30:.2f} GiB "
+          f"(includes the graphs' pool)")
     print(f"peer memory, 2.8b blocks 0:32 bf16, 16 slots: weights {weights / 2**30:.2f} GiB, state pool "
           f"{pool / 2**30:.3f} GiB; peak allocated while loading {load_peak / 2**30:.2f} GiB, while serving "
           f"(graphs, 2048-token prefill, 8-wide steps) {peak / 2**30:.2f} GiB ({peak / weights:.3f} x weights)")

@@ -22,8 +22,10 @@ from swarm.kernels.triton_ops import _conv_tap, _slot, _ssm_state_update
 
 # (BLOCK_N, BLOCK_K, num_warps) of the two GEMVs; scripts/bench_gpu.py measures the alternatives
 GEMV_IN_CONFIG: tuple[int, int, int] = (8, 512, 4)
-GEMV_OUT_CONFIG: tuple[int, int, int] = (4, 512, 4)
-# (BLOCK_I, num_warps) of ssm_decode, or None for (32, 4 or 8 with many partial sums)
+GEMV_OUT_CONFIG: tuple[int, int, int] = (2, 1024, 2)
+GEMV_XPROJ_CONFIG: tuple[int, int, int] = (2, 1024, 2)
+# (BLOCK_I, num_warps) of ssm_decode, or None for the measured best: (16, 1) at batch 1, (32, 1) above (2.8b, H100:
+# 3.6 and 6.8 us against 4.0 and 10.6 for the old (32, 4))
 SSM_DECODE_CONFIG: tuple[int, int] | None = None
 
 
@@ -62,7 +64,10 @@ def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, sx_b, sw_n, sy_b, e
 
 @triton.jit
 def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, N, sx_b, sw_n, sr_b, K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          ADD: tl.constexpr = True):
+    # ADD: r += y rounded to the weight dtype (out_proj into the residual); else r = y in fp32 (x_proj, whose
+    # consumer rounds it)
     b = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = n < N
@@ -78,9 +83,11 @@ def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, N, sx_b, sw_n, sr_b, K: tl
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
-    y = y.to(w_ptr.dtype.element_ty).to(tl.float32)  # the matmul's output in the weight dtype, then the fp32 add
     r = r_ptr + b * sr_b + n
-    tl.store(r, tl.load(r, mask=mn, other=0.0) + y, mask=mn)
+    if ADD:
+        y = y.to(w_ptr.dtype.element_ty).to(tl.float32)  # the matmul's output in the weight dtype, then the fp32 add
+        y += tl.load(r, mask=mn, other=0.0)
+    tl.store(r, y, mask=mn)
 
 
 def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -112,6 +119,19 @@ def gemv_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, weight, weight if bias is None else bias, residual, out_dim, x.stride(0), weight.stride(0),
         residual.stride(0), K=k, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return residual
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """linear(x, weight) for a few rows, unrounded: x (B, K) -> (B, N) fp32 (x_proj of the decode step)."""
+    bsz, k = x.shape
+    out_dim = weight.shape[0]
+    assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == k
+    block_n, block_k, warps = config or GEMV_XPROJ_CONFIG
+    y = torch.empty(bsz, out_dim, dtype=torch.float32, device=x.device)
+    _gemv_residual_kernel[(bsz, triton.cdiv(out_dim, block_n))](
+        x, weight, weight, y, out_dim, x.stride(0), weight.stride(0), y.stride(0), K=k, HAS_BIAS=False,
+        BLOCK_N=block_n, BLOCK_K=block_k, ADD=False, num_warps=warps)
+    return y
 
 
 @triton.jit
@@ -211,7 +231,9 @@ def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor
     bsz, dim = xc.shape
     nst, rank, n_part = A.shape[1], dt_weight.shape[1], partials.shape[1]
     y = torch.empty(bsz, dim, dtype=out_dtype, device=xc.device)
-    block_i, warps = config or SSM_DECODE_CONFIG or (32, 4 if n_part <= 16 else 8)
+    block_i, warps = config or SSM_DECODE_CONFIG or ((16, 1) if bsz == 1 else (32, 1))
+    if n_part > 16:
+        warps = max(warps, 4)  # many partial sums to add up
     _ssm_decode_kernel[(triton.cdiv(dim, block_i), bsz)](
         xc, partials, dt_weight, z, A, D, delta_bias, ssm_state, xc if idx is None else idx, y, dim, nst, rank,
         xc.stride(0), partials.stride(0), partials.stride(1), *dt_weight.stride(), *z.stride(),

@@ -86,10 +86,12 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
 # ---------------------------------------------------------------- causal conv1d + SiLU
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, T, I,
+def _conv_fwd_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I,
                      sx_b, sx_i, sx_t, ss_b, ss_i, ss_k, sw_i, sw_k, sy_b, sy_i, sy_t,
-                     K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+    # HAS_LEN: only the first len_ptr[0] of the T tokens are real (a padded piece of a captured prefill); every
+    # output is written, the state advances by the real tokens
     # every operand is (BLOCK_T, 1) or (1, BLOCK_I), so all of them share the tile's layout as loaded
     pid_t = tl.program_id(0)
     i = (tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :]  # (1, BI)
@@ -112,6 +114,8 @@ def _conv_fwd_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, T, I,
     tl.store(y_ptr + b * sy_b + t * sy_t + i * sy_i, _silu(acc).to(y_ptr.dtype.element_ty), mask=mt & mi)
     if pid_t == 0:  # only this program reads the old state, so only it may write the new one
         kk = tl.arange(0, KP)[:, None]
+        if HAS_LEN:
+            T = tl.load(len_ptr).to(tl.int32)
         last = T - K + kk  # new state[k] = full[T - 1 + k]
         mk = kk < K
         x_tail = tl.load(x_base + last * sx_t, mask=(last >= 0) & mk & mi, other=0.0)
@@ -165,21 +169,24 @@ def _conv_step_kernel(x_ptr, s_ptr, idx_ptr, w_ptr, b_ptr, y_ptr, I,
 
 
 def causal_conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
+                  bias: torch.Tensor | None, length: torch.Tensor | None = None) -> torch.Tensor:
     """x: (B, I, T) any strides; conv_state: (B, I, K) fp32, updated; weight (I, K); bias (I,) or None.
 
     Returns silu(conv): (B, I, T) in x's dtype, laid out as (B, T, I) so that its transpose feeds x_proj as is.
+    `length`: a one-element int device tensor, 1 <= length <= T: only that many leading tokens are real, and the
+    state advances by them (the outputs past it are computed from the padding and mean nothing).
     """
     bsz, dim, t = x.shape
-    if t == 1:
+    if t == 1 and length is None:
         return conv1d_step(x[:, :, 0], conv_state, weight, bias).unsqueeze(-1)
     k = weight.shape[-1]
     y = torch.empty(bsz, t, dim, dtype=x.dtype, device=x.device).transpose(1, 2)  # (B, I, T)
     block_t, block_i = 32, 64
     grid = (triton.cdiv(t, block_t), triton.cdiv(dim, block_i), bsz)
-    _conv_fwd_kernel[grid](x, conv_state, weight, weight if bias is None else bias, y, t, dim,
+    _conv_fwd_kernel[grid](x, conv_state, weight, weight if bias is None else bias, y,
+                           weight if length is None else length, t, dim,
                            *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
-                           K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None,
+                           K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_LEN=length is not None,
                            BLOCK_T=block_t, BLOCK_I=block_i, num_warps=4)
     return y
 
@@ -280,10 +287,10 @@ def _scan_token(h, dt, dtu, bm, cm, a2, WANT_Y: tl.constexpr):
 
 @triton.jit
 def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, y_ptr, hs_ptr, ds_ptr,
-                     T, I, N, SEG, NSEG,
+                     len_ptr, T, I, N, SEG, NSEG,
                      su_b, su_i, su_t, sd_b, sd_i, sd_t, sz_b, sz_i, sz_t,
                      sb_b, sb_t, sb_n, sc_b, sc_t, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, sy_t,
-                     MODE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr):
+                     MODE: tl.constexpr, HAS_LEN: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr):
     # Token by token over a (BLOCK_I, BLOCK_N) state in registers, 8 tokens a loop turn. The per-channel maths
     # (softplus, the gate, the D skip) runs on (BLOCK_I, 8) tiles, once per element, not once per state lane;
     # per token only exp2, two FMAs and the C . h reduction remain. Operands are shaped (BLOCK_I, 1) or
@@ -294,7 +301,10 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
     # end state and sum(dt) to the workspaces hs (B, S, I, N), ds (B, S, I). MODE 2 starts segment s from the real
     # state, h0 folded through the earlier segments' (decay, local state) pairs, and writes y; its last segment
     # writes the final state to hs[:, S - 1] (h itself is still being read by the other segments). MODE 0 is
-    # the whole sequence in one segment, from h to h.
+    # the whole sequence in one segment, from h to h. HAS_LEN: only the first len_ptr[0] tokens are real; the
+    # others are skipped (y left unwritten there), so segments past them leave the state as it is.
+    if HAS_LEN:
+        T = tl.load(len_ptr).to(tl.int32)
     i = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I))[:, None]  # (BI, 1)
     b = tl.program_id(1).to(tl.int64)
     seg = tl.program_id(2)
@@ -398,35 +408,41 @@ def _ssm_step_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
                    D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
-                   out_dtype: torch.dtype = torch.float32, config: tuple | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype = torch.float32, config: tuple | None = None,
+                   length: torch.Tensor | None = None) -> torch.Tensor:
     """Selective scan from ssm_state; shapes and maths as reference.selective_scan_ref.
 
     u, delta, z: (B, I, T); Bm, Cm: (B, T, N); A: (I, N) fp32; D, delta_bias: (I,) fp32; ssm_state (B, I, N) fp32.
     Returns y: (B, I, T) in out_dtype, laid out as (B, T, I). T == 1 takes the one-step kernel.
+    `length`: a one-element int device tensor: only the first `length` tokens are scanned (y past them unwritten).
     """
     bsz, dim, t = u.shape
     nst = A.shape[1]
     A, D, delta_bias = A.float().contiguous(), D.float().contiguous(), delta_bias.float().contiguous()
-    if t == 1:
+    if length is not None and config is not None and config[0] != "seq":
+        raise ValueError("selective_scan: a device-side length needs the 'seq' kernel")
+    if t == 1 and length is None:
         return ssm_step(u[:, :, 0], delta[:, :, 0], A, Bm[:, 0], Cm[:, 0], D, z[:, :, 0], delta_bias, ssm_state,
                         out_dtype).unsqueeze(-1)
     y = torch.empty(bsz, t, dim, dtype=out_dtype, device=u.device).transpose(1, 2)  # (B, I, T)
     config = config or SCAN_CONFIG
     strides = (*u.stride(), *delta.stride(), *z.stride(), *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride())
-    if config[0] == "seq":
-        _, block_i, warps = config[:3]
+    if config[0] == "seq" or length is not None:
+        _, block_i, warps = config[:3] if config[0] == "seq" else SCAN_CONFIG[:3]
         n_i = triton.cdiv(dim, block_i)
         n_seg = config[3] if len(config) > 3 else max(1, min(8, t // 256))
         seg_len = triton.cdiv(triton.cdiv(t, n_seg), 8) * 8
         n_seg = triton.cdiv(t, seg_len)
-        kw = dict(BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)
+        kw = dict(HAS_LEN=length is not None, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)
+        n_ptr = D if length is None else length
         if n_seg == 1:
-            _scan_seq_kernel[(n_i, bsz, 1)](u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, ssm_state, D,
+            _scan_seq_kernel[(n_i, bsz, 1)](u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, ssm_state, D, n_ptr,
                                             t, dim, nst, seg_len, 1, *strides, MODE=0, **kw)
         else:
             hs = torch.empty(bsz, n_seg, dim, nst, dtype=torch.float32, device=u.device)
             ds = torch.empty(bsz, n_seg, dim, dtype=torch.float32, device=u.device)
-            args = (u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, hs, ds, t, dim, nst, seg_len, n_seg, *strides)
+            args = (u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, hs, ds, n_ptr, t, dim, nst, seg_len, n_seg,
+                    *strides)
             _scan_seq_kernel[(n_i, bsz, n_seg - 1)](*args, MODE=1, **kw)  # the last segment's local state is unused
             _scan_seq_kernel[(n_i, bsz, n_seg)](*args, MODE=2, **kw)
             ssm_state.copy_(hs[:, n_seg - 1])

@@ -18,6 +18,9 @@ from swarm.errors import BackendUnavailable
 from swarm.model.block import LayerState, MambaBlock
 from swarm.model.stack import PREFILL_CHUNK, BlockStack
 
+PREFILL_MIN_BUCKET = 16  # the smallest padded prefill piece (buckets 16, 32, ... PREFILL_CHUNK tokens)
+assert PREFILL_CHUNK & (PREFILL_CHUNK - 1) == 0 and PREFILL_CHUNK >= PREFILL_MIN_BUCKET
+
 
 def _triton_kernels():
     try:
@@ -67,20 +70,21 @@ class GraphDecoder:
     `graphs=False` runs the same step eagerly (debugging, or the Triton interpreter on CPU).
 
     Two choices shape a block's decode step; the defaults are what measured fastest on an H100 (docs/PERFORMANCE.md):
-    - `xproj="cublas"`: conv step, x_proj by cuBLAS, then the SSM step reads its output; `"fused"`: the conv kernel
+    - `xproj="cublas"`: conv step, x_proj by cuBLAS, then the SSM step reads its output; `"gemv"`: the same with a
+      Triton GEMV for x_proj (no split-K reduction launch, fp32 output); `"fused"`: the conv kernel
       also computes x_proj as partial sums over channel blocks, which the SSM step adds up (one launch fewer).
     - buckets of up to `gemv_batch` rows run in_proj and out_proj as Triton GEMVs with the norm and the residual add
       fused into them; other buckets use cuBLAS with a fused residual-add + RMSNorm between blocks.
     """
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
-                 graphs: bool = True, gemv_batch: int = 0, xproj: str = "cublas"):
+                 graphs: bool = True, gemv_batch: int = 1, xproj: str = "cublas"):
         if graphs and stack.device.type != "cuda":
             raise ValueError(f"GraphDecoder captures CUDA graphs; the stack is on {stack.device}")
         if max_slots < 1 or not buckets or min(buckets) < 1:
             raise ValueError(f"GraphDecoder needs max_slots >= 1 and buckets >= 1, got {max_slots}, {buckets}")
-        if xproj not in ("cublas", "fused"):
-            raise ValueError(f"GraphDecoder xproj must be 'cublas' or 'fused', got {xproj!r}")
+        if xproj not in ("cublas", "gemv", "fused"):
+            raise ValueError(f"GraphDecoder xproj must be 'cublas', 'gemv' or 'fused', got {xproj!r}")
         self._k, self._d = _triton_kernels()
         self.gemv_batch, self.xproj = gemv_batch, xproj
         cfg = stack.cfg
@@ -101,6 +105,10 @@ class GraphDecoder:
         self._h_out = {bk: torch.zeros(bk, cfg.hidden_size, device=self.device) for bk in self.buckets}
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._len = torch.zeros(1, dtype=torch.int32, device=self.device)  # a prefill piece's real length
+        self._prefill_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self.captured = graphs
         if graphs:
             self._capture()
@@ -163,16 +171,57 @@ class GraphDecoder:
 
     @torch.no_grad()
     def prefill(self, slot: int, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (1, T, D) fp32 -> (1, T, D) fp32, eagerly (PREFILL_CHUNK tokens at a time); the slot advances."""
+        """hidden: (1, T, D) fp32 -> (1, T, D) fp32, PREFILL_CHUNK tokens at a time; the slot advances by T tokens.
+
+        Each piece is padded to a power-of-two bucket (at least PREFILL_MIN_BUCKET tokens) and runs as that bucket's
+        captured graph, captured on the bucket's first use: an eager prefill costs a few hundred microseconds of
+        Python a block, more than its kernels take on the GPU. The real length travels as a device scalar that the
+        conv and scan kernels read, so padding never touches the state. The slot's states are copied to the scratch
+        row, which the graphs address, and back.
+        """
         self._check_slots([slot])
         if hidden.dim() != 3 or hidden.shape[0] != 1:
             raise ValueError(f"prefill takes hidden (1, T, d_model), got {tuple(hidden.shape)}")
         hidden = hidden.to(self.device, torch.float32)
-        return torch.cat([self._prefill_piece(slot, piece) for piece in hidden.split(PREFILL_CHUNK, dim=1)], dim=1)
+        outs = []
+        s = self._scratch
+        self.conv[:, s].copy_(self.conv[:, slot])
+        self.ssm[:, s].copy_(self.ssm[:, slot])
+        for piece in hidden.split(PREFILL_CHUNK, dim=1):
+            t = piece.shape[1]
+            bucket = max(PREFILL_MIN_BUCKET, 1 << (t - 1).bit_length())
+            h_in, h_out = self._prefill_buffers(bucket)
+            h_in[:, :t].copy_(piece)
+            self._len.fill_(t)
+            graph = self._prefill_graphs.get(bucket)
+            if graph is not None:
+                graph.replay()
+            elif not self.captured:
+                self._prefill_piece(h_in, h_out)
+            else:  # the bucket's first piece runs eagerly on a side stream (compiles, warms cuBLAS), then capture
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    self._prefill_piece(h_in, h_out)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                self._capture_prefill(bucket)
+            outs.append(h_out[:, :t].clone())
+        self.conv[:, slot].copy_(self.conv[:, s])
+        self.ssm[:, slot].copy_(self.ssm[:, s])
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def _prefill_piece(self, slot: int, res: torch.Tensor) -> torch.Tensor:
+    def _prefill_buffers(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bufs = self._prefill_io.get(bucket)
+        if bufs is None:
+            shape = (1, bucket, self.cfg.hidden_size)
+            bufs = self._prefill_io[bucket] = (torch.zeros(shape, device=self.device),
+                                               torch.zeros(shape, device=self.device))
+        return bufs
+
+    def _prefill_piece(self, res: torch.Tensor, result: torch.Tensor) -> None:
+        """res (1, Tb, D) fp32 -> result, the scratch row's states advancing by self._len tokens (what is captured)."""
         out = None
-        n = self.cfg.intermediate_size
+        n, s = self.cfg.intermediate_size, self._scratch
         r, ns = self.cfg.time_step_rank, self.cfg.state_size
         for j, w in enumerate(self._w):
             if out is None:
@@ -180,14 +229,26 @@ class GraphDecoder:
             else:
                 h, res = self._k.add_rms_norm(res, out, w.norm_w, w.eps)
             xz = F.linear(h, w.in_w, w.in_b)  # (1, T, 2I)
-            x = self._k.causal_conv1d(xz[..., :n].transpose(1, 2), self.conv[j, slot:slot + 1], w.conv_w, w.conv_b)
+            x = self._k.causal_conv1d(xz[..., :n].transpose(1, 2), self.conv[j, s:s + 1], w.conv_w, w.conv_b,
+                                      length=self._len)
             dbc = F.linear(x.transpose(1, 2), w.x_w)  # (1, T, R + 2N)
             delta = F.linear(dbc[..., :r], w.dt_w).transpose(1, 2)  # (1, I, T)
             y = self._k.selective_scan(x, delta, w.A, dbc[..., r:r + ns], dbc[..., r + ns:], w.D,
-                                       xz[..., n:].transpose(1, 2), w.dt_b, self.ssm[j, slot:slot + 1],
-                                       out_dtype=self.dtype)  # (1, I, T)
+                                       xz[..., n:].transpose(1, 2), w.dt_b, self.ssm[j, s:s + 1],
+                                       out_dtype=self.dtype, length=self._len)  # (1, I, T)
             out = F.linear(y.transpose(1, 2), w.out_w, w.out_b)  # (1, T, D)
-        return torch.add(res, out)
+        torch.add(res, out, out=result)
+
+    def _capture_prefill(self, bucket: int) -> None:
+        """Capture the bucket's prefill into the decode graphs' memory pool (no two replays ever overlap)."""
+        h_in, h_out = self._prefill_buffers(bucket)
+        conv, ssm = self.conv[:, self._scratch].clone(), self.ssm[:, self._scratch].clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):  # records, runs nothing: the scratch states stay as they are
+            self._prefill_piece(h_in, h_out)
+        torch.cuda.synchronize(self.device)
+        assert torch.equal(conv, self.conv[:, self._scratch]) and torch.equal(ssm, self.ssm[:, self._scratch])
+        self._prefill_graphs[bucket] = g
 
     @torch.no_grad()
     def step(self, slots: list[int], hidden: torch.Tensor) -> torch.Tensor:
@@ -243,16 +304,16 @@ class GraphDecoder:
         n = self.cfg.intermediate_size
         if self.xproj == "fused":  # x_proj as partial sums inside the conv kernel
             xc, dbc = self._d.conv_xproj(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, w.x_w, idx)
-        else:  # cuBLAS x_proj: its (Bk, R + 2N) output is ssm_decode's single "partial sum"
+        else:  # x_proj's (Bk, R + 2N) output is ssm_decode's single "partial sum"
             xc = self._k.conv1d_step(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, idx)
-            dbc = F.linear(xc, w.x_w).unsqueeze(1)
+            dbc = (self._d.gemv(xc, w.x_w) if self.xproj == "gemv" else F.linear(xc, w.x_w)).unsqueeze(1)
         return self._d.ssm_decode(xc, dbc, w.dt_w, w.A, w.D, xz[:, n:], w.dt_b, self.ssm[j], idx,
                                   out_dtype=self.dtype)
 
     @torch.no_grad()
     def _capture(self) -> None:
         """Capture one graph per bucket, largest first, all in one memory pool (replays never overlap)."""
-        pool = torch.cuda.graph_pool_handle()
+        pool = self._pool
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # compile the kernels and warm cuBLAS; idx is all scratch, so no slot changes

@@ -44,8 +44,8 @@ def run_span(stack: BlockStack, start: int, end: int, hidden: torch.Tensor, stat
 class Batcher:
     """Queues steps; the worker thread takes every waiting decode step of the same span as one batch.
 
-    With a GraphDecoder, decode steps of sessions that hold a pool slot and span the whole stack replay its
-    captured graph; everything else (prefills, sub-spans, sessions without a slot) runs the stack eagerly.
+    With a GraphDecoder, decode steps and prefills of sessions that hold a pool slot and span the whole stack replay
+    its captured graphs; everything else (sub-spans, sessions without a slot) runs the stack eagerly.
     """
 
     def __init__(self, stack: BlockStack, max_batch: int, corrupt: float = 0.0, decoder: GraphDecoder | None = None):
@@ -55,6 +55,7 @@ class Batcher:
         self.batches = 0
         self.batched_steps = 0
         self.pool_steps = 0  # session-steps that ran through the GraphDecoder
+        self.pool_prefills = 0
 
     async def submit(self, session: Session, hidden: torch.Tensor) -> torch.Tensor:
         fut = asyncio.get_running_loop().create_future()
@@ -119,6 +120,10 @@ class Batcher:
         if outs is not None:
             return outs
         s0 = group[0].session
+        if len(group) == 1 and s0.slot is not None and self.decoder is not None \
+                and (s0.start, s0.end) == (self.stack.start, self.stack.end):
+            self.pool_prefills += 1  # a prefill (or a replay after a restore) through the padded prefill graphs
+            return [self._maybe_corrupt(self.decoder.prefill(s0.slot, group[0].hidden))]
         if len(group) == 1:
             out = run_span(self.stack, s0.start, s0.end, group[0].hidden, s0.states)
             return [self._maybe_corrupt(out)]

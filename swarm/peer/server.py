@@ -162,8 +162,8 @@ class Peer:
                 log.warning("could not announce OFFLINE: %s", e)
         if self.batcher:
             b = self.batcher
-            print(f"served {b.pool_steps} decode steps from pool slots, {b.batches} batches of "
-                  f"{b.batched_steps} steps", file=sys.stderr, flush=True)
+            print(f"served {b.pool_steps} decode steps and {b.pool_prefills} prefills from pool slots, {b.batches} "
+                  f"batches of {b.batched_steps} steps", file=sys.stderr, flush=True)
             b.close()
         if self.p2p is not None:
             await self.p2p.shutdown()
