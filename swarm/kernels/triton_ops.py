@@ -15,9 +15,14 @@ import triton.language as tl
 from swarm.kernels import Backend
 
 # The prefill scan's kernel and tiles: ("seq", BLOCK_I, num_warps[, segments]) or ("chunk", BLOCK_T, BLOCK_I,
-# num_warps); "seq" without a segment count takes one per 256 tokens, at most 8. scripts/bench_gpu.py measures the
-# alternatives: at 2.8b's width and 2048 tokens on an H100, ("seq", 16, 2, 8) took 388 us, ("seq", 16, 4, 1) 558 us.
-SCAN_CONFIG: tuple = ("seq", 16, 2)
+# num_warps); "seq" without a segment count (or with 0) takes one per 64 tokens, at most 16; a fifth entry pipelines
+# the token loop's loads over that many stages. scripts/bench_gpu.py measures the
+# alternatives: at 2.8b's width on an H100, 1024 tokens: ("seq", 16, 1, 16) 173 us, ("seq", 16, 2, 4) 190 us;
+# 2048 tokens: ("seq", 16, 1, 16) 335 us, ("seq", 16, 2, 8) 364 us, ("seq", 16, 4, 1) 557 us. Inside a 2.8b prefill
+# ("seq", 16, 1) with one segment per 64 tokens took 25.5 ms of scan against 23.9 for ("seq", 16, 2); with the loads
+# pipelined over 2 stages the order turns: a 2048-token prefill through 16 blocks took 11.2 ms with ("seq", 16, 1,
+# 16, 2), 11.8 with ("seq", 16, 2, 8, 2), 13.1 with ("seq", 16, 2) (graphs, one H100 run).
+SCAN_CONFIG: tuple = ("seq", 16, 1, 0, 2)
 
 
 @triton.jit
@@ -290,7 +295,8 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
                      len_ptr, T, I, N, SEG, NSEG,
                      su_b, su_i, su_t, sd_b, sd_i, sd_t, sz_b, sz_i, sz_t,
                      sb_b, sb_t, sb_n, sc_b, sc_t, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, sy_t,
-                     MODE: tl.constexpr, HAS_LEN: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr):
+                     MODE: tl.constexpr, HAS_LEN: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
+                     STAGES: tl.constexpr = 1):
     # Token by token over a (BLOCK_I, BLOCK_N) state in registers, 8 tokens a loop turn. The per-channel maths
     # (softplus, the gate, the D skip) runs on (BLOCK_I, 8) tiles, once per element, not once per state lane;
     # per token only exp2, two FMAs and the C . h reduction remain. Operands are shaped (BLOCK_I, 1) or
@@ -333,7 +339,7 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
     t_lo = seg * SEG
     t_hi = tl.minimum(t_lo + SEG, T)
     dsum = tl.zeros([BLOCK_I, 1], dtype=tl.float32)
-    for t0 in range(t_lo, t_hi, 8):
+    for t0 in tl.range(t_lo, t_hi, 8, num_stages=STAGES):  # STAGES > 1: the next turns' loads go out early
         t = t0 * one
         tt = t + cols  # (1, 8)
         m8 = mi & (tt < t_hi)
@@ -419,21 +425,23 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     bsz, dim, t = u.shape
     nst = A.shape[1]
     A, D, delta_bias = A.float().contiguous(), D.float().contiguous(), delta_bias.float().contiguous()
-    if length is not None and config is not None and config[0] != "seq":
-        raise ValueError("selective_scan: a device-side length needs the 'seq' kernel")
     if t == 1 and length is None:
         return ssm_step(u[:, :, 0], delta[:, :, 0], A, Bm[:, 0], Cm[:, 0], D, z[:, :, 0], delta_bias, ssm_state,
                         out_dtype).unsqueeze(-1)
     y = torch.empty(bsz, t, dim, dtype=out_dtype, device=u.device).transpose(1, 2)  # (B, I, T)
     config = config or SCAN_CONFIG
+    if length is not None and config[0] != "seq":
+        raise ValueError("selective_scan: a device-side length needs the 'seq' kernel")
     strides = (*u.stride(), *delta.stride(), *z.stride(), *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride())
-    if config[0] == "seq" or length is not None:
-        _, block_i, warps = config[:3] if config[0] == "seq" else SCAN_CONFIG[:3]
+    if config[0] == "seq":
+        _, block_i, warps = config[:3]
         n_i = triton.cdiv(dim, block_i)
-        n_seg = config[3] if len(config) > 3 else max(1, min(8, t // 256))
+        n_seg = config[3] if len(config) > 3 and config[3] else max(1, min(16, t // 64))
+        stages = config[4] if len(config) > 4 else 1
         seg_len = triton.cdiv(triton.cdiv(t, n_seg), 8) * 8
         n_seg = triton.cdiv(t, seg_len)
-        kw = dict(HAS_LEN=length is not None, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)
+        kw = dict(HAS_LEN=length is not None, STAGES=stages, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst),
+                  num_warps=warps)
         n_ptr = D if length is None else length
         if n_seg == 1:
             _scan_seq_kernel[(n_i, bsz, 1)](u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, ssm_state, D, n_ptr,

@@ -78,7 +78,7 @@ class GraphDecoder:
     """
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
-                 graphs: bool = True, gemv_batch: int = 1, xproj: str = "cublas"):
+                 graphs: bool = True, gemv_batch: int = 1, xproj: str = "gemv"):
         if graphs and stack.device.type != "cuda":
             raise ValueError(f"GraphDecoder captures CUDA graphs; the stack is on {stack.device}")
         if max_slots < 1 or not buckets or min(buckets) < 1:
@@ -249,6 +249,8 @@ class GraphDecoder:
         torch.cuda.synchronize(self.device)
         assert torch.equal(conv, self.conv[:, self._scratch]) and torch.equal(ssm, self.ssm[:, self._scratch])
         self._prefill_graphs[bucket] = g
+        del conv, ssm
+        torch.cuda.empty_cache()  # the side stream's warm-up blocks: cached there, unusable by the graphs' pool
 
     @torch.no_grad()
     def step(self, slots: list[int], hidden: torch.Tensor) -> torch.Tensor:

@@ -174,6 +174,7 @@ def test_selective_scan(b, i, t, n, dtype, layout):
 
 
 @pytest.mark.parametrize("config", [("seq", 8, 4), ("seq", 32, 4), ("seq", 4, 2), ("seq", 16, 4, 3), ("seq", 8, 2, 9),
+                                    ("seq", 16, 2, 4, 3),
                                     ("chunk", 16, 16, 4), ("chunk", 32, 8, 4)])
 def test_selective_scan_configs(config):
     args = _scan_inputs(2, 80, 70, 16, 6, torch.bfloat16, "block")
@@ -393,6 +394,26 @@ def test_graph_decoder_replays_without_host_sync():
     h = torch.randn(1, 1, cfg.hidden_size)
     for _ in range(3):
         assert rel_err(dec.step([s], h).cpu(), want(h, st)) < 1e-4
+
+
+@needs_cuda
+def test_graph_prefill_buckets_across_pieces_and_slots():
+    """Captured prefill graphs: lengths that share a bucket, a prompt longer than PREFILL_CHUNK (two pieces), two
+    slots interleaved, and a decode step after each; all against the eager BlockStack in fp32."""
+    from swarm.model.graphs import GraphDecoder
+    from swarm.model.stack import PREFILL_CHUNK
+    torch.manual_seed(3)
+    cfg = _config(num_layers=2)
+    want, fast = _stacks(cfg, torch.float32)
+    dec = GraphDecoder(fast, max_slots=3, buckets=(1, 2))
+    slots = [dec.alloc_slot(), dec.alloc_slot()]
+    ref = {s: want.new_states(1) for s in slots}
+    for s, t in [(slots[0], 20), (slots[1], 31), (slots[0], 17), (slots[1], PREFILL_CHUNK + 300), (slots[0], 5)]:
+        h = torch.randn(1, t, cfg.hidden_size)
+        assert rel_err(dec.prefill(s, h).cpu(), want(h, ref[s])) < 1e-4
+        h1 = torch.randn(1, 1, cfg.hidden_size)
+        assert rel_err(dec.step([s], h1).cpu(), want(h1, ref[s])) < 1e-4
+    assert sorted(dec._prefill_graphs) == [16, 32, 512, PREFILL_CHUNK]
 
 
 # ------------------------------------------------------------------ logits vs transformers

@@ -1,0 +1,203 @@
+"""GPU tuning sweeps behind the defaults in swarm/kernels (docs/PERFORMANCE.md has the results).
+
+    PYTHONPATH=$PWD python3 scripts/sweep_gpu.py [launch_costs prefill_profile ssm_decode_sweep step_sweep
+                                                  prefill_sweep scan_sweep]
+
+launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
+prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
+step_sweep: the decode step of 16 blocks of 2.8b width (1.3 GB, past L2) with x_proj tile variants;
+prefill_sweep: a 2048-token prefill through those blocks for scan configs (the scan in context);
+scan_sweep: the scan alone at 1024 tokens (L2-warm: context changes the order, see prefill_sweep).
+"""
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench_gpu import MODELS, cuda_ms, graph_ms, hf_model  # noqa: E402
+from swarm.kernels import triton_decode as td  # noqa: E402
+from swarm.kernels import triton_ops as tk  # noqa: E402
+from swarm.model import BlockStack, MambaConfig  # noqa: E402
+from swarm.model.graphs import GraphDecoder  # noqa: E402
+
+dev = "cuda"
+
+
+def host_us(fn, n=300):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def launch_costs():
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    x = torch.randn(1, 8, 64, **bf)
+    w = torch.randn(128, 64, **bf)
+    nw = torch.ones(64, **bf)
+    r = torch.randn(1, 8, 64, device=dev)
+    u = torch.randn(1, 64, 16, **bf)
+    cs = torch.zeros(1, 64, 4, device=dev)
+    cw = torch.randn(64, 4, **bf)
+    A = -torch.rand(64, 16, device=dev)
+    Dv, bias = torch.randn(64, device=dev), torch.randn(64, device=dev)
+    bm = torch.randn(1, 16, 16, **bf)
+    st = torch.zeros(1, 64, 16, device=dev)
+    u2 = torch.randn(1, 16, 1024, **bf)
+    bm2 = torch.randn(1, 1024, 16, **bf)
+    st2 = torch.zeros(1, 16, 16, device=dev)
+    A2, D2, b2 = A[:16].contiguous(), Dv[:16].contiguous(), bias[:16].contiguous()
+    y = torch.empty(8, 64, **bf)
+    ops = {
+        "torch.empty": lambda: torch.empty(8, 64, **bf),
+        "F.linear": lambda: F.linear(x, w),
+        "torch.add": lambda: torch.add(r, r),
+        "tk.rms_norm": lambda: tk.rms_norm(r, nw, 1e-5),
+        "raw _rms_norm_kernel[grid]": lambda: tk._rms_norm_kernel[(8,)](r, r, nw, y, y, 64, 64, 0, 64, 0, 1e-5,
+                                                                       HAS_DELTA=False, BLOCK_D=64),
+        "tk.add_rms_norm": lambda: tk.add_rms_norm(r, x, nw, 1e-5),
+        "tk.causal_conv1d T=16": lambda: tk.causal_conv1d(u, cs, cw, None),
+        "tk.selective_scan T=16 (1 launch)": lambda: tk.selective_scan(u, u, A, bm, bm, Dv, u, bias, st,
+                                                                      out_dtype=torch.bfloat16),
+        "tk.selective_scan T=1024 (2 launches+2 empty+copy)": lambda: tk.selective_scan(
+            u2, u2, A2, bm2, bm2, D2, u2, b2, st2, out_dtype=torch.bfloat16),
+    }
+    for name, fn in ops.items():
+        print(f"host {name:55s} {host_us(fn):7.1f} us/call")
+
+
+def prefill_profile():
+    hf_cfg, hf = hf_model("130m")
+    cfg = MambaConfig.from_dict(hf_cfg.to_dict())
+    stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, hf.state_dict(), device=dev)
+    dec = GraphDecoder(stack, max_slots=2, buckets=(1,))
+    slot = dec.alloc_slot()
+    for t in (2048, 16):
+        hidden = torch.randn(1, t, cfg.hidden_size, device=dev)
+        ms = cuda_ms(lambda: dec.prefill(slot, hidden), iters=5, warmup=2)
+        h = host_us(lambda: dec.prefill(slot, hidden), n=5)
+        print(f"130m prefill T={t}: {ms:.2f} ms (host loop {h / 1e3:.2f} ms)")
+    hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(3):
+        dec.prefill(slot, hidden)
+    pr.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(22)
+    print(s.getvalue())
+
+
+def ssm_decode_sweep():
+    i, n, r = 5120, 16, 160
+    for b in (1, 8):
+        xc = torch.randn(b, i, device=dev, dtype=torch.bfloat16)
+        dbc = torch.randn(b, 1, r + 2 * n, device=dev)
+        wdt = torch.randn(i, r, device=dev, dtype=torch.bfloat16) * 0.05
+        A = -torch.rand(i, n, device=dev)
+        Dv, bias = torch.randn(i, device=dev), torch.randn(i, device=dev) - 4
+        z = torch.randn(b, i, device=dev, dtype=torch.bfloat16)
+        pool = torch.zeros(17, i, n, device=dev)
+        idx = torch.arange(b, device=dev)
+        out = []
+        for cfg in [(32, 4), (16, 1), (16, 2), (16, 4), (32, 1), (32, 2), (64, 2), (64, 4), (8, 1), (128, 4)]:
+            try:
+                ms = graph_ms(lambda: td.ssm_decode(xc, dbc, wdt, A, Dv, z, bias, pool, idx, config=cfg))
+                out.append(f"{cfg}: {ms * 1e3:.1f}")
+            except Exception as e:
+                out.append(f"{cfg}: failed {type(e).__name__}")
+        print(f"ssm_decode 2.8b b={b} us: " + "; ".join(out))
+
+
+def _wide_stack(layers):
+    cfg = MambaConfig.from_dict(dict(MODELS["2.8b"], num_hidden_layers=layers))
+    i, n, r, k, dm = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank, cfg.conv_kernel, cfg.hidden_size
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    tensors = {}
+    for j in range(layers):
+        p = f"backbone.layers.{j}."
+        tensors.update({
+            p + "norm.weight": torch.ones(dm, **bf), p + "mixer.in_proj.weight": torch.randn(2 * i, dm, **bf) * 0.02,
+            p + "mixer.conv1d.weight": torch.randn(i, 1, k, **bf) * 0.3, p + "mixer.conv1d.bias": torch.zeros(i, **bf),
+            p + "mixer.x_proj.weight": torch.randn(r + 2 * n, i, **bf) * 0.02,
+            p + "mixer.dt_proj.weight": torch.randn(i, r, **bf) * 0.05,
+            p + "mixer.dt_proj.bias": torch.full((i,), -4.0, **bf),
+            p + "mixer.A_log": torch.log(torch.arange(1, n + 1, **bf)).expand(i, n).contiguous(),
+            p + "mixer.D": torch.ones(i, **bf), p + "mixer.out_proj.weight": torch.randn(dm, i, **bf) * 0.02,
+        })
+    return cfg, BlockStack.from_tensors(cfg, 0, layers, tensors, device=dev)
+
+
+def prefill_sweep():
+    """Prefill of 2048 tokens through 16 blocks of 2.8b width (graphs), for scan configs: the scan in context."""
+    cfg, stack = _wide_stack(16)
+    hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
+    for conf in [("seq", 16, 2), ("seq", 16, 2, 0, 2), ("seq", 16, 2, 0, 3), ("seq", 16, 1, 0, 2), ("seq", 16, 4, 0, 3),
+                 ("seq", 32, 2, 0, 2), ("seq", 16, 2, 8, 2), ("seq", 16, 1, 16, 2), ("seq", 8, 1, 0, 2)]:
+        tk.SCAN_CONFIG = conf
+        try:
+            dec = GraphDecoder(stack, max_slots=2, buckets=(1,))
+            sl = dec.alloc_slot()
+            ms = cuda_ms(lambda: dec.prefill(sl, hidden), iters=5, warmup=2)
+            print(f"prefill 2048, 16 blocks 2.8b, scan {conf}: {ms:.2f} ms")
+        except Exception as e:
+            print(f"prefill scan {conf}: failed {type(e).__name__}: {str(e)[:200]}")
+    tk.SCAN_CONFIG = ("seq", 16, 1, 0, 2)
+
+
+def step_sweep():
+    """Decode step of 16 blocks of 2.8b width (1.3 GB: no L2 reuse), variants of x_proj."""
+    cfg, stack = _wide_stack(16)
+    dm = cfg.hidden_size
+    variants = [("default", {}, None), ("cublas gemvs", dict(gemv_batch=0), None)]
+    for c in [(2, 1024, 2), (1, 1024, 1), (4, 512, 4), (2, 512, 1), (1, 512, 1), (1, 2048, 2)]:
+        variants.append((f"xproj gemv {c}", dict(xproj="gemv"), c))
+    for name, kw, xc in variants:
+        td.GEMV_XPROJ_CONFIG = xc or (2, 1024, 2)
+        dec = GraphDecoder(stack, max_slots=4, buckets=(1,), **kw)
+        sl = [dec.alloc_slot()]
+        h1 = torch.randn(1, 1, dm, device=dev)
+        ms = cuda_ms(lambda: dec.step(sl, h1), iters=20, inner=10)
+        print(f"step 16 blocks 2.8b b=1 {name:35s} {ms * 1e3 / 16:.1f} us/block")
+    td.GEMV_XPROJ_CONFIG = (2, 1024, 2)
+
+
+def scan_sweep():
+    i, n, r, t = 5120, 16, 160, 1024
+    xz = torch.randn(1, t, 2 * i, device=dev, dtype=torch.bfloat16)
+    dbc = torch.randn(1, t, r + 2 * n, device=dev, dtype=torch.bfloat16)
+    delta = (torch.randn(1, t, i, device=dev) * 0.5).to(torch.bfloat16).transpose(1, 2)
+    a = -torch.rand(i, n, device=dev) * n
+    d, bias = torch.randn(i, device=dev), torch.randn(i, device=dev) - 4
+    state = torch.zeros(1, i, n, device=dev)
+    u, z = xz[..., :i].transpose(1, 2), xz[..., i:].transpose(1, 2)
+    for config in [("seq", 16, 2, 4), ("seq", 16, 2, 8), ("seq", 16, 1, 8), ("seq", 16, 1, 16), ("seq", 32, 2, 8),
+                   ("seq", 32, 2, 16), ("seq", 16, 2, 16), ("seq", 8, 1, 16), ("seq", 32, 1, 16), ("seq", 16, 1, 32),
+                   ("chunk", 16, 16, 4), ("chunk", 32, 8, 4)]:
+        try:
+            ms = graph_ms(lambda: tk.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
+                                                   state, out_dtype=torch.bfloat16, config=config), reps=4, iters=5)
+            print(f"scan 1x{i}x{t} {config}: {ms * 1e3:.1f} us")
+        except Exception as e:
+            print(f"scan {config}: failed {type(e).__name__}: {str(e)[:150]}")
+
+
+if __name__ == "__main__":
+    print(torch.cuda.get_device_name())
+    for part in sys.argv[1:] or ["launch_costs", "prefill_profile", "ssm_decode_sweep", "step_sweep", "scan_sweep"]:
+        t0 = time.time()
+        globals()[part]()
+        print(f"--- {part} {time.time() - t0:.0f}s", flush=True)
