@@ -30,8 +30,10 @@ SSM_DECODE_CONFIG: tuple[int, int] | None = None
 
 
 @triton.jit
-def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, sx_b, sw_n, sy_b, eps, D: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, cw_ptr, cb_ptr, N, I, sx_b, sw_n, sy_b,
+                      ss_b, ss_i, ss_k, scw_i, scw_k, eps, D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      CONV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, HAS_CBIAS: tl.constexpr,
+                      HAS_IDX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # D is a compile-time constant so that the loops unroll and every chunk's weight load is in flight at once:
     # a rolled loop waits a DRAM latency per chunk and streams at half the bandwidth
     b = tl.program_id(0).to(tl.int64)
@@ -59,7 +61,22 @@ def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, sx_b, sw_n, sy_b, e
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
-    tl.store(y_ptr + b * sy_b + n, y.to(y_ptr.dtype.element_ty), mask=mn)
+    y = y.to(y_ptr.dtype.element_ty)
+    if CONV:  # rows n < I are x: run them through the conv step (state shift, SiLU) and store xc in their place
+        slot = _slot(idx_ptr, b, HAS_IDX)
+        mi = n < I
+        s_rows = s_ptr + slot * ss_b + n[:, None] * ss_i
+        kc = tl.arange(0, KP)[None, :]
+        shifted = tl.load(s_rows + (kc + 1) * ss_k, mask=mi[:, None] & (kc < K - 1), other=0.0)
+        new = tl.where(kc == K - 1, y.to(tl.float32)[:, None], shifted.to(y.dtype).to(tl.float32))
+        cw = tl.load(cw_ptr + n[:, None] * scw_i + kc * scw_k, mask=mi[:, None] & (kc < K), other=0.0)
+        conv = tl.sum(new * cw.to(tl.float32), axis=1)
+        if HAS_CBIAS:
+            conv += tl.load(cb_ptr + n, mask=mi, other=0.0).to(tl.float32)
+        tl.debug_barrier()  # the shifted read above overlaps other threads' writes below
+        tl.store(s_rows + kc * ss_k, new, mask=mi[:, None] & (kc < K))
+        y = tl.where(mi, (conv * tl.sigmoid(conv)).to(y.dtype), y)
+    tl.store(y_ptr + b * sy_b + n, y, mask=mn)
 
 
 @triton.jit
@@ -91,19 +108,31 @@ def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, N, sx_b, sw_n, sr_b, K: tl
 
 
 def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-              config: tuple[int, int, int] | None = None) -> torch.Tensor:
+              config: tuple[int, int, int] | None = None, conv: tuple | None = None) -> torch.Tensor:
     """linear(rms_norm(x), weight, bias) in one pass: x (B, D) fp32 -> (B, N) in weight's dtype.
 
     Rounds as the eager block does: x to the weight dtype, the normalised row, then the scaled row.
+    conv = (conv_state, conv_weight, conv_bias, idx): the first I = conv_weight.shape[0] outputs are in_proj's x
+    half; they go through the conv step in the epilogue (conv_state (B, I, K) fp32, or with idx (B,) a pool
+    (S, I, K), shifted in place) and come out as silu(conv(x)), what conv1d_step would return: one launch less.
     """
     bsz, dim = x.shape
     out_dim = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == dim
     block_n, block_k, warps = config or GEMV_IN_CONFIG
     y = torch.empty(bsz, out_dim, dtype=weight.dtype, device=x.device)
+    if conv is None:
+        state, cw, cb, idx, n_conv, k = y, weight, None, None, 0, 1
+        strides = (0, 0, 0, 0, 0)
+    else:
+        state, cw, cb, idx = conv
+        n_conv, k = cw.shape
+        strides = (*state.stride(), *cw.stride())
     _norm_gemv_kernel[(bsz, triton.cdiv(out_dim, block_n))](
-        x, norm_w, weight, weight if bias is None else bias, y, out_dim, x.stride(0), weight.stride(0),
-        y.stride(0), eps, D=dim, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        x, norm_w, weight, weight if bias is None else bias, y, state, x if idx is None else idx, cw,
+        cw if cb is None else cb, out_dim, n_conv, x.stride(0), weight.stride(0), y.stride(0), *strides, eps, D=dim,
+        HAS_BIAS=bias is not None, CONV=conv is not None, K=k, KP=triton.next_power_of_2(k), HAS_CBIAS=cb is not None,
+        HAS_IDX=idx is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y
 
 

@@ -74,7 +74,8 @@ class GraphDecoder:
       Triton GEMV for x_proj (no split-K reduction launch, fp32 output); `"fused"`: the conv kernel
       also computes x_proj as partial sums over channel blocks, which the SSM step adds up (one launch fewer).
     - buckets of up to `gemv_batch` rows run in_proj and out_proj as Triton GEMVs with the norm and the residual add
-      fused into them; other buckets use cuBLAS with a fused residual-add + RMSNorm between blocks.
+      fused into them (and, unless xproj="fused", the conv step in in_proj's epilogue); other buckets use cuBLAS
+      with a fused residual-add + RMSNorm between blocks.
     """
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
@@ -286,9 +287,11 @@ class GraphDecoder:
         k, d = self._k, self._d
         if hidden.shape[0] <= self.gemv_batch:  # the residual stream lives in `out` from the first block on
             out.copy_(hidden)
+            fuse_conv = self.xproj != "fused"  # the conv step in in_proj's epilogue: x comes out as silu(conv(x))
             for j, w in enumerate(self._w):
-                xz = d.norm_gemv(out, w.norm_w, w.eps, w.in_w, w.in_b)  # (Bk, 2I)
-                y = self._ssm(j, w, xz, idx)
+                conv = (self.conv[j], w.conv_w, w.conv_b, idx) if fuse_conv else None
+                xz = d.norm_gemv(out, w.norm_w, w.eps, w.in_w, w.in_b, conv=conv)  # (Bk, 2I)
+                y = self._ssm(j, w, xz, idx, conv_done=fuse_conv)
                 d.gemv_residual(y, w.out_w, w.out_b, out)
             return out
         res, delta = hidden, None
@@ -301,13 +304,16 @@ class GraphDecoder:
             delta = F.linear(y, w.out_w, w.out_b)  # (Bk, D) in the weight dtype
         return torch.add(res, delta, out=out)
 
-    def _ssm(self, j: int, w: _BlockWeights, xz: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Block j's conv, x_proj, dt_proj, state update and gate for one token: xz (Bk, 2I) -> y (Bk, I)."""
+    def _ssm(self, j: int, w: _BlockWeights, xz: torch.Tensor, idx: torch.Tensor,
+             conv_done: bool = False) -> torch.Tensor:
+        """Block j's conv, x_proj, dt_proj, state update and gate for one token: xz (Bk, 2I) -> y (Bk, I).
+
+        conv_done: xz's x half is already silu(conv(x)) and the conv state shifted (norm_gemv's epilogue)."""
         n = self.cfg.intermediate_size
         if self.xproj == "fused":  # x_proj as partial sums inside the conv kernel
             xc, dbc = self._d.conv_xproj(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, w.x_w, idx)
         else:  # x_proj's (Bk, R + 2N) output is ssm_decode's single "partial sum"
-            xc = self._k.conv1d_step(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, idx)
+            xc = xz[:, :n] if conv_done else self._k.conv1d_step(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, idx)
             dbc = (self._d.gemv(xc, w.x_w) if self.xproj == "gemv" else F.linear(xc, w.x_w)).unsqueeze(1)
         return self._d.ssm_decode(xc, dbc, w.dt_w, w.A, w.D, xz[:, n:], w.dt_b, self.ssm[j], idx,
                                   out_dtype=self.dtype)

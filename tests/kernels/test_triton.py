@@ -268,6 +268,26 @@ def test_norm_gemv(b, d, n, bias, config, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,d,i,k,cbias,config", [(1, 48, 72, 4, True, None), (3, 36, 50, 3, False, (8, 64, 4)),
+                                                  (2, 256, 300, 4, True, (16, 128, 4))])
+def test_norm_gemv_with_the_conv_step(b, d, i, k, cbias, config, dtype):
+    """in_proj's epilogue runs the conv step on its x half: as norm_gemv, then conv1d_step on a slot pool."""
+    x = _rand(b, d, scale=2.0)
+    nw = _rand(d, dtype=dtype, scale=0.1) + 1
+    w = _rand(2 * i, d, dtype=dtype, scale=d ** -0.5)
+    cw, cb = _rand(i, k, dtype=dtype, scale=0.5), (_rand(i, dtype=dtype) if cbias else None)
+    pool = _rand(b + 3, i, k)
+    idx = torch.arange(b + 2, 2, -1, device=DEVICE)[:b]
+    want_pool = pool.clone()
+    xz_ref = td.norm_gemv(x, nw, 1e-5, w, None, config=config)
+    xc_ref = tk.conv1d_step(xz_ref[:, :i], want_pool, cw, cb, idx)
+    out = td.norm_gemv(x, nw, 1e-5, w, None, config=config, conv=(pool, cw, cb, idx))
+    torch.testing.assert_close(out[:, i:], xz_ref[:, i:], rtol=0, atol=0)  # z: untouched
+    assert rel_err(out[:, :i], xc_ref) < TOL[dtype]
+    assert_state_equal(pool, want_pool, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,k,n,bias,config", [(1, 96, 64, False, None), (3, 37, 100, True, None),
                                                (2, 5120, 300, True, (8, 512, 4)), (1, 1536, 768, False, (32, 128, 4))])
 def test_gemv_residual(b, k, n, bias, config, dtype):
