@@ -42,6 +42,15 @@ def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, cw_ptr
     k = tl.arange(0, BLOCK_K)
     wdt = nw_ptr.dtype.element_ty
     x_row = x_ptr + b * sx_b
+    if CONV:  # the conv step's operands are loaded first: their latency hides behind the weight stream
+        slot = _slot(idx_ptr, b, HAS_IDX)
+        mi = n < I
+        s_rows = s_ptr + slot * ss_b + n[:, None] * ss_i
+        kc = tl.arange(0, KP)[None, :]
+        shifted = tl.load(s_rows + (kc + 1) * ss_k, mask=mi[:, None] & (kc < K - 1), other=0.0)
+        cw = tl.load(cw_ptr + n[:, None] * scw_i + kc * scw_k, mask=mi[:, None] & (kc < K), other=0.0)
+        if HAS_CBIAS:
+            cb = tl.load(cb_ptr + n, mask=mi, other=0.0).to(tl.float32)
     # the row's statistics (a few KB from L2, read by every program: cheaper than a launch to share them)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in tl.static_range(0, D, BLOCK_K):
@@ -63,17 +72,11 @@ def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, cw_ptr
         y += tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
     y = y.to(y_ptr.dtype.element_ty)
     if CONV:  # rows n < I are x: run them through the conv step (state shift, SiLU) and store xc in their place
-        slot = _slot(idx_ptr, b, HAS_IDX)
-        mi = n < I
-        s_rows = s_ptr + slot * ss_b + n[:, None] * ss_i
-        kc = tl.arange(0, KP)[None, :]
-        shifted = tl.load(s_rows + (kc + 1) * ss_k, mask=mi[:, None] & (kc < K - 1), other=0.0)
         new = tl.where(kc == K - 1, y.to(tl.float32)[:, None], shifted.to(y.dtype).to(tl.float32))
-        cw = tl.load(cw_ptr + n[:, None] * scw_i + kc * scw_k, mask=mi[:, None] & (kc < K), other=0.0)
         conv = tl.sum(new * cw.to(tl.float32), axis=1)
         if HAS_CBIAS:
-            conv += tl.load(cb_ptr + n, mask=mi, other=0.0).to(tl.float32)
-        tl.debug_barrier()  # the shifted read above overlaps other threads' writes below
+            conv += cb
+        tl.debug_barrier()  # every thread's read of the old state happened (above) before any write
         tl.store(s_rows + kc * ss_k, new, mask=mi[:, None] & (kc < K))
         y = tl.where(mi, (conv * tl.sigmoid(conv)).to(y.dtype), y)
     tl.store(y_ptr + b * sy_b + n, y, mask=mn)
