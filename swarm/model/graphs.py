@@ -3,7 +3,9 @@
 The decode step of a whole block range is a few hundred small kernels; launched one by one from Python they cost
 more than the weights take to stream. Captured once per batch bucket and replayed, the step costs one launch. States
 live in a pool (per block conv (S+1, I, K) and ssm (S+1, I, N), fp32) that the step's kernels index by slot, so the
-graph gathers and scatters states without copies; row S is scratch for the padding rows of a bucket.
+graph gathers and scatters states without copies; row S is scratch for the padding rows of a bucket. Prefill is
+captured too, per power-of-two length bucket (the real length a device scalar), on row S: a session's states are
+copied there and back around it.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class _BlockWeights:
 
 
 class GraphDecoder:
-    """Decode (and eager prefill) for `stack` on CUDA, with per-session states in a slot pool.
+    """Decode and prefill for `stack` on CUDA through captured graphs, with per-session states in a slot pool.
 
     dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8))
     slot = dec.alloc_slot(); h = dec.prefill(slot, hidden); h = dec.step([slot, ...], hidden); dec.free_slot(slot)
@@ -243,14 +245,11 @@ class GraphDecoder:
     def _capture_prefill(self, bucket: int) -> None:
         """Capture the bucket's prefill into the decode graphs' memory pool (no two replays ever overlap)."""
         h_in, h_out = self._prefill_buffers(bucket)
-        conv, ssm = self.conv[:, self._scratch].clone(), self.ssm[:, self._scratch].clone()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool):  # records, runs nothing: the scratch states stay as they are
             self._prefill_piece(h_in, h_out)
         torch.cuda.synchronize(self.device)
-        assert torch.equal(conv, self.conv[:, self._scratch]) and torch.equal(ssm, self.ssm[:, self._scratch])
         self._prefill_graphs[bucket] = g
-        del conv, ssm
         torch.cuda.empty_cache()  # the side stream's warm-up blocks: cached there, unusable by the graphs' pool
 
     @torch.no_grad()
