@@ -24,7 +24,6 @@ import torch
 
 from swarm.client import ClientConfig, LocalModel, SwarmClient
 from swarm.demo import random_mamba
-from swarm.kernels import backend_for
 from swarm.knot_convert import convert
 from swarm.launch import FileServer, start_bootstrap, start_peers, stop_all
 
@@ -71,12 +70,6 @@ def decode_ms(session, tokens: int) -> float:
     return timed_generate(session, PROMPT, tokens)
 
 
-def head_to(client: SwarmClient, device: str) -> None:
-    """SwarmClient builds its head on the CPU (it has no device option): move it and pick that device's kernels."""
-    client.head.to(device)
-    client.head.kern = backend_for(device)
-
-
 def measure_local(location: str, device: str, tokens: int) -> float:
     model = LocalModel(location, device=device)
     try:
@@ -91,9 +84,9 @@ def measure_local(location: str, device: str, tokens: int) -> float:
 
 def measure_swarm(boot_maddrs: list[str], device: str, tokens: int) -> tuple[float, float]:
     """(decode ms/token, median hop overhead ms) through whatever peers serve the model."""
-    client = SwarmClient(initial_peers=boot_maddrs, config=ClientConfig(checkpoint_every=16, verify_rate=0.0))
+    client = SwarmClient(initial_peers=boot_maddrs,
+                         config=ClientConfig(checkpoint_every=16, verify_rate=0.0, device=device))
     try:
-        head_to(client, device)
         with client.session() as warm:
             warm.generate(PROMPT, WARMUP_TOKENS)
         with client.session() as sess:

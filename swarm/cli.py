@@ -98,8 +98,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     else:
         if not a.initial_peers:
             raise SwarmError("give --initial-peers MADDR ... (or --local --model PATH_OR_URL)")
-        from swarm.client import SwarmClient
-        client = SwarmClient(initial_peers=a.initial_peers, model=a.model)
+        from swarm.client import ClientConfig, SwarmClient
+        client = SwarmClient(initial_peers=a.initial_peers, model=a.model,
+                             config=ClientConfig(cache_dir=a.cache_dir, device=a.device))
         session = client.session()
         tokenizer = client.tokenizer
         route = session
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default="cpu", help="where the head runs (and every block, with --local)")
     g.add_argument("--cache-dir")
     g.add_argument("--json", action="store_true", help="last stdout line: one JSON object with 'tokens'")
     g.set_defaults(fn=cmd_generate)

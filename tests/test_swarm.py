@@ -125,17 +125,19 @@ def test_late_join_used_leaver_dropped_and_gap_named(swarm_env, peers):
         client.close()
 
 
-def test_cli_generate_through_swarm(swarm_env, peers):
+def test_cli_generate_through_swarm(swarm_env, peers, tmp_path):
     files, boot, (model, _, knot) = swarm_env
     url = files.url(os.path.basename(knot))
     peers += start_peers(url, {"c1": "0:2", "c2": "2:5"}, boot.maddrs, FAST)
     ref, _ = hf_greedy(model, PROMPT, 6)
+    cache = tmp_path / "head-cache"
     out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--initial-peers", *boot.maddrs,
-                          "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "6", "--json"],
-                         capture_output=True, text=True, timeout=120)
+                          "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "6", "--json",
+                          "--cache-dir", str(cache)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["tokens"] == ref and len(result["route"]) == 2
+    assert any(p.is_file() for p in cache.rglob("*"))  # the head's tensors went through --cache-dir
 
 
 def test_pool_slots_without_a_gpu(swarm_env, peers, monkeypatch):

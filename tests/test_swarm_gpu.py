@@ -41,8 +41,9 @@ def test_gpu_peers_equal_transformers(gpu_swarm, peers, split):
     peers += start_peers(files.url(os.path.basename(knot)), {f"g{i}": b for i, b in enumerate(split)},
                          boot.maddrs, GPU)
     ref, ref_logits = hf_greedy(model, PROMPT, 10)
-    client = swarm_client(boot)
+    client = swarm_client(boot, device="cuda")  # the client's head on the GPU too
     try:
+        assert client.head.embeddings.weight.is_cuda
         with client.session() as s:
             s.keep_logits = True
             out = s.generate(PROMPT, 4)
@@ -50,7 +51,7 @@ def test_gpu_peers_equal_transformers(gpu_swarm, peers, split):
             out += s.generate(None, 6)
             logits += s.last_logits
         assert out == ref
-        assert (torch.stack(logits) - ref_logits).abs().max().item() < 1e-4
+        assert (torch.stack(logits).cpu() - ref_logits).abs().max().item() < 1e-4
     finally:
         client.close()
 

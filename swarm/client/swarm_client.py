@@ -35,6 +35,7 @@ class ClientConfig:
     cache_dir: str | None = None  # disk cache for the head's tensors
     verify_rate: float = 0.02  # share of steps re-run on another peer from the last checkpoint and compared
     verify_tolerance: float = 1e-3  # relative: max |a - b| <= tol * (1 + max |a|); fp32 prefill vs decode differ ~1e-6
+    device: str = "cpu"  # where the head (embeddings, norm_f, LM head) lives and runs, with that device's kernels
 
 
 class SwarmClient:
@@ -75,7 +76,7 @@ class SwarmClient:
             tok = await src.fetch_blob("tokenizer.json")
         finally:
             await src.close()
-        self.head = Head.from_tensors(self.cfg, tensors)
+        self.head = Head.from_tensors(self.cfg, tensors, self.config.device)
         self.tokenizer = Tokenizer(tok, record.name)
         await self.refresh_view()
 
