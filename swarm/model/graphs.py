@@ -246,7 +246,10 @@ class GraphDecoder:
         """Capture the bucket's prefill into the decode graphs' memory pool (no two replays ever overlap)."""
         h_in, h_out = self._prefill_buffers(bucket)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):  # records, runs nothing: the scratch states stay as they are
+        # records, runs nothing: the scratch states stay as they are. thread_local: a peer captures while serving,
+        # and its event-loop thread may copy another session's output to the host meanwhile; in the default
+        # ("global") mode such a synchronizing call from any thread would invalidate the capture
+        with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
             self._prefill_piece(h_in, h_out)
         torch.cuda.synchronize(self.device)
         self._prefill_graphs[bucket] = g
