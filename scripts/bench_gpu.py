@@ -244,16 +244,12 @@ def bench_gemv() -> None:
             print("; ".join(out))
 
 
-def peer_memory() -> None:
-    """A peer serving 32 blocks of 2.8b in bf16, 16 slots, after a 2048-token prefill and 8-wide decode steps."""
-    cfg = MambaConfig.from_dict(dict(MODELS["2.8b"], num_hidden_layers=64))
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+def wide_block_tensors(cfg: MambaConfig, layers: int) -> dict[str, torch.Tensor]:
+    """Plausible random bf16 tensors (HF names, on the GPU) for blocks 0..layers-1 of `cfg`."""
     i, n, r, k, dm = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank, cfg.conv_kernel, cfg.hidden_size
     bf = dict(device="cuda", dtype=torch.bfloat16)
     tensors = {}
-    for j in range(32):
+    for j in range(layers):
         p = f"backbone.layers.{j}."
         tensors.update({
             p + "norm.weight": torch.ones(dm, **bf), p + "mixer.in_proj.weight": torch.randn(2 * i, dm, **bf) * 0.02,
@@ -264,6 +260,17 @@ def peer_memory() -> None:
             p + "mixer.A_log": torch.log(torch.arange(1, n + 1, **bf)).expand(i, n).contiguous(),
             p + "mixer.D": torch.ones(i, **bf), p + "mixer.out_proj.weight": torch.randn(dm, i, **bf) * 0.02,
         })
+    return tensors
+
+
+def peer_memory() -> None:
+    """A peer serving 32 blocks of 2.8b in bf16, 16 slots, after a 2048-token prefill and 8-wide decode steps."""
+    cfg = MambaConfig.from_dict(dict(MODELS["2.8b"], num_hidden_layers=64))
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    dm = cfg.hidden_size
+    tensors = wide_block_tensors(cfg, 32)
     stack = BlockStack.from_tensors(cfg, 0, 32, tensors, device="cuda")
     del tensors
     weights = sum(p.numel() * p.element_size() for p in stack.parameters())

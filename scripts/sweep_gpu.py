@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench_gpu import MODELS, cuda_ms, graph_ms, hf_model  # noqa: E402
+from bench_gpu import MODELS, cuda_ms, graph_ms, hf_model, wide_block_tensors  # noqa: E402
 from swarm.kernels import triton_decode as td  # noqa: E402
 from swarm.kernels import triton_ops as tk  # noqa: E402
 from swarm.model import BlockStack, MambaConfig  # noqa: E402
@@ -124,21 +124,7 @@ def ssm_decode_sweep():
 
 def _wide_stack(layers):
     cfg = MambaConfig.from_dict(dict(MODELS["2.8b"], num_hidden_layers=layers))
-    i, n, r, k, dm = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank, cfg.conv_kernel, cfg.hidden_size
-    bf = dict(device=dev, dtype=torch.bfloat16)
-    tensors = {}
-    for j in range(layers):
-        p = f"backbone.layers.{j}."
-        tensors.update({
-            p + "norm.weight": torch.ones(dm, **bf), p + "mixer.in_proj.weight": torch.randn(2 * i, dm, **bf) * 0.02,
-            p + "mixer.conv1d.weight": torch.randn(i, 1, k, **bf) * 0.3, p + "mixer.conv1d.bias": torch.zeros(i, **bf),
-            p + "mixer.x_proj.weight": torch.randn(r + 2 * n, i, **bf) * 0.02,
-            p + "mixer.dt_proj.weight": torch.randn(i, r, **bf) * 0.05,
-            p + "mixer.dt_proj.bias": torch.full((i,), -4.0, **bf),
-            p + "mixer.A_log": torch.log(torch.arange(1, n + 1, **bf)).expand(i, n).contiguous(),
-            p + "mixer.D": torch.ones(i, **bf), p + "mixer.out_proj.weight": torch.randn(dm, i, **bf) * 0.02,
-        })
-    return cfg, BlockStack.from_tensors(cfg, 0, layers, tensors, device=dev)
+    return cfg, BlockStack.from_tensors(cfg, 0, layers, wide_block_tensors(cfg, layers), device=dev)
 
 
 def prefill_sweep():

@@ -101,29 +101,32 @@ class Batcher:
         assert self.decoder is not None
         self.pool.submit(self.decoder.free_slot, slot)
 
-    def _graph_step(self, group: list[_Job]) -> list[torch.Tensor] | None:
-        dec, s0 = self.decoder, group[0].session
-        if dec is None or (s0.start, s0.end) != (self.stack.start, self.stack.end) or len(group) > dec.buckets[-1] \
-                or any(j.session.slot is None or j.hidden.shape[1] != 1 for j in group):
+    def _pool_run(self, group: list[_Job]) -> list[torch.Tensor] | None:
+        """Through the GraphDecoder, when every session holds a slot and spans the whole stack: decode steps as one
+        batched graph replay, a lone longer step as a prefill (or a replay after a restore) through the prefill
+        graphs. None when the group cannot."""
+        dec, whole = self.decoder, (self.stack.start, self.stack.end)
+        if dec is None or any(j.session.slot is None or (j.session.start, j.session.end) != whole for j in group):
             return None
-        out = dec.step([j.session.slot for j in group], torch.cat([j.hidden for j in group]))
-        self.pool_steps += len(group)
-        if len(group) > 1:
-            self.batches += 1
-            self.batched_steps += len(group)
-        return [self._maybe_corrupt(o) for o in out.split(1)]
+        if len(group) <= dec.buckets[-1] and all(j.hidden.shape[1] == 1 for j in group):
+            out = dec.step([j.session.slot for j in group], torch.cat([j.hidden for j in group]))
+            self.pool_steps += len(group)
+            if len(group) > 1:
+                self.batches += 1
+                self.batched_steps += len(group)
+            return [self._maybe_corrupt(o) for o in out.split(1)]
+        if len(group) == 1:
+            self.pool_prefills += 1
+            return [self._maybe_corrupt(dec.prefill(group[0].session.slot, group[0].hidden))]
+        return None
 
     def _compute(self, group: list[_Job]) -> list[torch.Tensor]:
         if any(j.session.closed for j in group):  # closed while queued: its slot may be someone else's by now
             raise ProtocolError("session closed")
-        outs = self._graph_step(group)
+        outs = self._pool_run(group)
         if outs is not None:
             return outs
         s0 = group[0].session
-        if len(group) == 1 and s0.slot is not None and self.decoder is not None \
-                and (s0.start, s0.end) == (self.stack.start, self.stack.end):
-            self.pool_prefills += 1  # a prefill (or a replay after a restore) through the padded prefill graphs
-            return [self._maybe_corrupt(self.decoder.prefill(s0.slot, group[0].hidden))]
         if len(group) == 1:
             out = run_span(self.stack, s0.start, s0.end, group[0].hidden, s0.states)
             return [self._maybe_corrupt(out)]
