@@ -136,13 +136,16 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
 
     # the decode step's variants (GraphDecoder's xproj and gemv_batch): the default first
     variants = {"default (Triton GEMVs at b=1, x_proj too)": dict(xproj="gemv", gemv_batch=1),
+                "default without PDL": dict(xproj="gemv", gemv_batch=1, pdl=False),
                 "Triton GEMVs at b=1, cuBLAS x_proj": dict(xproj="cublas", gemv_batch=1),
                 "cuBLAS GEMVs": dict(xproj="cublas", gemv_batch=0),
                 "x_proj fused into the conv kernel": dict(xproj="fused", gemv_batch=1)}
     best = 1e9, variants["default (Triton GEMVs at b=1, x_proj too)"]
     for kind, kw in variants.items():
+        kw = dict(kw)
+        td.PDL = kw.pop("pdl", None)  # programmatic dependent launch: read by the kernels' wrappers at capture
         dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8), **kw)
-        for batch in ((1, 8) if kw["gemv_batch"] == 1 and kw["xproj"] != "fused" else (1,)):  # the first two
+        for batch in ((1, 8) if kw["gemv_batch"] == 1 and kw["xproj"] != "fused" else (1,)):  # the first three
             slots = [dec.alloc_slot() for _ in range(batch)]
             h1 = torch.randn(batch, 1, cfg.hidden_size, device="cuda")
             ms = cuda_ms(lambda: dec.step(slots, h1), iters=20, inner=20 if name == "130m" else 5)
@@ -154,7 +157,9 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
             for s in slots:
                 dec.free_slot(s)
     print(f"[{name}] decoding below with {best[1]}")
-    dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8), **best[1])
+    best_kw = dict(best[1])
+    td.PDL = best_kw.pop("pdl", None)
+    dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8), **best_kw)
     for batch in (1, 8):
         slots = [dec.alloc_slot() for _ in range(batch)]
         for s in slots:
@@ -215,10 +220,8 @@ def bench_gemv() -> None:
     """The decode GEMVs alone: fused Triton kernels (configs) vs cuBLAS (+ the separate norm / add), b = 1 and 8."""
     shapes = {"2.8b in_proj": (2560, 10240), "2.8b out_proj": (5120, 2560), "130m in_proj": (768, 3072),
               "130m out_proj": (1536, 768)}
-    configs = {"in_proj": [(8, 512, 4), (16, 256, 4), (4, 512, 2), (8, 256, 2), (16, 512, 8), (4, 1024, 4),
-                           (8, 1024, 8), (32, 256, 8), (2, 1024, 2)],
-               "out_proj": [(4, 512, 4), (4, 1024, 4), (8, 512, 4), (2, 1024, 2), (8, 256, 2), (2, 512, 1),
-                            (16, 512, 8), (8, 1024, 8), (4, 256, 1)]}
+    configs = {"in_proj": [(8, 4), (16, 4), (4, 2), (8, 2), (16, 8), (4, 4), (32, 8), (2, 2)],
+               "out_proj": [(4, 4), (8, 4), (2, 2), (8, 2), (2, 1), (16, 8), (4, 1), (1, 1)]}
     for label, (k, n) in shapes.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
         nw = torch.ones(k, device="cuda", dtype=torch.bfloat16)

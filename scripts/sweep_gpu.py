@@ -145,20 +145,31 @@ def prefill_sweep():
 
 
 def step_sweep():
-    """Decode step of 16 blocks of 2.8b width (1.3 GB: no L2 reuse), variants of x_proj."""
+    """Decode step of 16 blocks of 2.8b width (1.3 GB: no L2 reuse): with and without PDL, and the GEMVs' tiles."""
     cfg, stack = _wide_stack(16)
     dm = cfg.hidden_size
-    variants = [("default", {}, None), ("cublas gemvs", dict(gemv_batch=0), None)]
-    for c in [(2, 1024, 2), (1, 1024, 1), (4, 512, 4), (2, 512, 1), (1, 512, 1), (1, 2048, 2)]:
-        variants.append((f"xproj gemv {c}", dict(xproj="gemv"), c))
-    for name, kw, xc in variants:
-        td.GEMV_XPROJ_CONFIG = xc or (2, 1024, 2)
-        dec = GraphDecoder(stack, max_slots=4, buckets=(1,), **kw)
-        sl = [dec.alloc_slot()]
-        h1 = torch.randn(1, 1, dm, device=dev)
-        ms = cuda_ms(lambda: dec.step(sl, h1), iters=20, inner=10)
-        print(f"step 16 blocks 2.8b b=1 {name:35s} {ms * 1e3 / 16:.1f} us/block")
-    td.GEMV_XPROJ_CONFIG = (2, 1024, 2)
+    default = (td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG)
+    variants = [("default", {}, None, None), ("default without PDL", {}, None, False),
+                ("cublas gemvs", dict(gemv_batch=0), None, None)]
+    for c in [(4, 4), (8, 2), (16, 4), (16, 8), (4, 2)]:
+        variants.append((f"in_proj {c}", {}, (c, default[1], default[2]), None))
+    for c in [(1, 1), (2, 1), (4, 2), (4, 4), (8, 4)]:
+        variants.append((f"out_proj {c}", {}, (default[0], c, default[2]), None))
+    for c in [(1, 1), (2, 1), (4, 2), (4, 4)]:
+        variants.append((f"x_proj {c}", {}, (default[0], default[1], c), None))
+    for name, kw, configs, pdl in variants:
+        td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG = configs or default
+        td.PDL = pdl
+        try:
+            dec = GraphDecoder(stack, max_slots=4, buckets=(1,), **kw)
+            sl = [dec.alloc_slot()]
+            h1 = torch.randn(1, 1, dm, device=dev)
+            ms = cuda_ms(lambda: dec.step(sl, h1), iters=20, inner=10)
+            print(f"step 16 blocks 2.8b b=1 {name:35s} {ms * 1e3 / 16:.1f} us/block")
+        except Exception as e:
+            print(f"step {name}: failed {type(e).__name__}: {str(e)[:200]}")
+    td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG = default
+    td.PDL = None
 
 
 def scan_sweep():

@@ -18,58 +18,121 @@ import torch
 import triton
 import triton.language as tl
 
-from swarm.kernels.triton_ops import _conv_tap, _slot, _ssm_state_update
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-# (BLOCK_N, BLOCK_K, num_warps) of the two GEMVs; scripts/bench_gpu.py measures the alternatives
-GEMV_IN_CONFIG: tuple[int, int, int] = (8, 512, 4)
-GEMV_OUT_CONFIG: tuple[int, int, int] = (2, 1024, 2)
-GEMV_XPROJ_CONFIG: tuple[int, int, int] = (2, 1024, 2)
+from swarm.kernels.triton_ops import _conv_tap, _load_a_d, _slot, _ssm_state_update
+
+# (BLOCK_N, num_warps) of the GEMVs; scripts/bench_gpu.py measures the alternatives
+GEMV_IN_CONFIG: tuple[int, int] = (8, 4)
+GEMV_OUT_CONFIG: tuple[int, int] = (2, 2)
+GEMV_XPROJ_CONFIG: tuple[int, int] = (2, 2)
 # (BLOCK_I, num_warps) of ssm_decode, or None for the measured best: (16, 1) at batch 1, (32, 1) above (2.8b, H100:
 # 3.6 and 6.8 us against 4.0 and 10.6 for the old (32, 4))
 SSM_DECODE_CONFIG: tuple[int, int] | None = None
+# Programmatic dependent launch (Hopper and later): each kernel is launched while its predecessor drains, streams
+# its weights in, and only then waits for the predecessor's outputs (gdc_wait), so the weight stream overlaps the
+# tail, the launch gap and the latency-bound SSM step. None: on where the GPU has it (compute capability >= 9).
+PDL: bool | None = None
+
+
+def _pdl(device: torch.device) -> bool:
+    if PDL is not None:
+        return PDL and device.type == "cuda"
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _launch(kernel, grid, *args, pdl: bool, **kw) -> None:
+    if pdl:
+        kw["launch_pdl"] = True
+    kernel[grid](*args, PDL=pdl, **kw)
+
+
+def _pieces(k: int) -> tuple[int, int, int]:
+    """k as three power-of-two tile widths p0 + p1 + p2 >= k (the last one masked; 0 = none): 2560 = 2048 + 512.
+
+    A GEMV program holds its whole weight tile in registers, loaded before it waits for its input; Triton's tiles
+    are powers of two, and three cover any width with at most a few masked columns."""
+    p0 = 1 << (k.bit_length() - 1)
+    p1 = 1 << ((k - p0).bit_length() - 1) if k > p0 else 0
+    rest = k - p0 - p1
+    return p0, p1, triton.next_power_of_2(rest) if rest else 0
+
+
+@triton.jit
+def _grid_wait(PDL: tl.constexpr):
+    # everything above this reads only weights; below it the predecessor's outputs are complete and visible
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()  # the successor may now launch and stream its own weights
+
+
+@triton.jit
+def _w_piece(w_rows, mn, OFF: tl.constexpr, P: tl.constexpr, K: tl.constexpr):
+    k = OFF + tl.arange(0, P)
+    return tl.load(w_rows + k[None, :], mask=mn[:, None] & (k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _v_piece(ptr, OFF: tl.constexpr, P: tl.constexpr, K: tl.constexpr):
+    k = OFF + tl.arange(0, P)
+    return tl.load(ptr + k, mask=k < K, other=0.0)
+
+
+@triton.jit
+def _normed(x, g, rstd, wdt: tl.constexpr):
+    # the norm's output in the weight dtype (x is already rounded to it), rounding as the eager block does
+    return ((x * rstd).to(wdt).to(tl.float32) * g.to(tl.float32)).to(wdt).to(tl.float32)
 
 
 @triton.jit
 def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, cw_ptr, cb_ptr, N, I, sx_b, sw_n, sy_b,
                       ss_b, ss_i, ss_k, scw_i, scw_k, eps, D: tl.constexpr, HAS_BIAS: tl.constexpr,
                       CONV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, HAS_CBIAS: tl.constexpr,
-                      HAS_IDX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # D is a compile-time constant so that the loops unroll and every chunk's weight load is in flight at once:
-    # a rolled loop waits a DRAM latency per chunk and streams at half the bandwidth
+                      HAS_IDX: tl.constexpr, BLOCK_N: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                      P2: tl.constexpr, PDL: tl.constexpr):
+    # The program's whole weight tile (BLOCK_N rows, D = P0 + P1 + P2 columns) is loaded at once, so every load is
+    # in flight together (waiting a DRAM latency per chunk streams at half the bandwidth), and before the input row
     b = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = n < N
-    k = tl.arange(0, BLOCK_K)
     wdt = nw_ptr.dtype.element_ty
-    x_row = x_ptr + b * sx_b
-    if CONV:  # the conv step's operands are loaded first: their latency hides behind the weight stream
-        slot = _slot(idx_ptr, b, HAS_IDX)
+    w_rows = w_ptr + n[:, None].to(tl.int64) * sw_n
+    w0 = _w_piece(w_rows, mn, 0, P0, D)
+    if P1 > 0:
+        w1 = _w_piece(w_rows, mn, P0, P1, D)
+    if P2 > 0:
+        w2 = _w_piece(w_rows, mn, P0 + P1, P2, D)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
+    if CONV:
         mi = n < I
-        s_rows = s_ptr + slot * ss_b + n[:, None] * ss_i
         kc = tl.arange(0, KP)[None, :]
-        shifted = tl.load(s_rows + (kc + 1) * ss_k, mask=mi[:, None] & (kc < K - 1), other=0.0)
         cw = tl.load(cw_ptr + n[:, None] * scw_i + kc * scw_k, mask=mi[:, None] & (kc < K), other=0.0)
         if HAS_CBIAS:
             cb = tl.load(cb_ptr + n, mask=mi, other=0.0).to(tl.float32)
+    _grid_wait(PDL)
+    x_row = x_ptr + b * sx_b
+    if CONV:  # the conv step's state: its latency hides behind the products below
+        slot = _slot(idx_ptr, b, HAS_IDX)
+        s_rows = s_ptr + slot * ss_b + n[:, None] * ss_i
+        shifted = tl.load(s_rows + (kc + 1) * ss_k, mask=mi[:, None] & (kc < K - 1), other=0.0)
     # the row's statistics (a few KB from L2, read by every program: cheaper than a launch to share them)
-    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in tl.static_range(0, D, BLOCK_K):
-        x = tl.load(x_row + k0 + k, mask=k0 + k < D, other=0.0).to(wdt).to(tl.float32)
-        ss += x * x
-    rstd = tl.rsqrt(tl.sum(ss, axis=0) / D + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    w_rows = w_ptr + n[:, None].to(tl.int64) * sw_n
-    for k0 in tl.static_range(0, D, BLOCK_K):
-        kk = k0 + k
-        mk = kk < D
-        x = tl.load(x_row + kk, mask=mk, other=0.0).to(wdt).to(tl.float32)
-        g = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
-        xn = ((x * rstd).to(wdt).to(tl.float32) * g).to(wdt).to(tl.float32)  # the norm's output, in the weight dtype
-        w = tl.load(w_rows + kk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-        acc += w.to(tl.float32) * xn[None, :]
-    y = tl.sum(acc, axis=1)
+    x0 = _v_piece(x_row, 0, P0, D).to(wdt).to(tl.float32)
+    ss = tl.sum(x0 * x0, axis=0)
+    if P1 > 0:
+        x1 = _v_piece(x_row, P0, P1, D).to(wdt).to(tl.float32)
+        ss += tl.sum(x1 * x1, axis=0)
+    if P2 > 0:
+        x2 = _v_piece(x_row, P0 + P1, P2, D).to(wdt).to(tl.float32)
+        ss += tl.sum(x2 * x2, axis=0)
+    rstd = tl.rsqrt(ss / D + eps)
+    y = tl.sum(w0.to(tl.float32) * _normed(x0, _v_piece(nw_ptr, 0, P0, D), rstd, wdt)[None, :], axis=1)
+    if P1 > 0:
+        y += tl.sum(w1.to(tl.float32) * _normed(x1, _v_piece(nw_ptr, P0, P1, D), rstd, wdt)[None, :], axis=1)
+    if P2 > 0:
+        y += tl.sum(w2.to(tl.float32) * _normed(x2, _v_piece(nw_ptr, P0 + P1, P2, D), rstd, wdt)[None, :], axis=1)
     if HAS_BIAS:
-        y += tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
+        y += bias
     y = y.to(y_ptr.dtype.element_ty)
     if CONV:  # rows n < I are x: run them through the conv step (state shift, SiLU) and store xc in their place
         new = tl.where(kc == K - 1, y.to(tl.float32)[:, None], shifted.to(y.dtype).to(tl.float32))
@@ -84,25 +147,30 @@ def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, cw_ptr
 
 @triton.jit
 def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, N, sx_b, sw_n, sr_b, K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          ADD: tl.constexpr = True):
+                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                          P2: tl.constexpr, PDL: tl.constexpr, ADD: tl.constexpr = True):
     # ADD: r += y rounded to the weight dtype (out_proj into the residual); else r = y in fp32 (x_proj, whose
-    # consumer rounds it)
+    # consumer rounds it). The weight tile is loaded whole, before the input, as in _norm_gemv_kernel.
     b = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = n < N
-    k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     w_rows = w_ptr + n[:, None].to(tl.int64) * sw_n
-    for k0 in tl.static_range(0, K, BLOCK_K):  # unrolled, as in _norm_gemv_kernel
-        kk = k0 + k
-        mk = kk < K
-        x = tl.load(x_ptr + b * sx_b + kk, mask=mk, other=0.0).to(tl.float32)
-        w = tl.load(w_rows + kk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1)
+    w0 = _w_piece(w_rows, mn, 0, P0, K)
+    if P1 > 0:
+        w1 = _w_piece(w_rows, mn, P0, P1, K)
+    if P2 > 0:
+        w2 = _w_piece(w_rows, mn, P0 + P1, P2, K)
     if HAS_BIAS:
-        y += tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
+    _grid_wait(PDL)
+    x_row = x_ptr + b * sx_b
+    y = tl.sum(w0.to(tl.float32) * _v_piece(x_row, 0, P0, K).to(tl.float32)[None, :], axis=1)
+    if P1 > 0:
+        y += tl.sum(w1.to(tl.float32) * _v_piece(x_row, P0, P1, K).to(tl.float32)[None, :], axis=1)
+    if P2 > 0:
+        y += tl.sum(w2.to(tl.float32) * _v_piece(x_row, P0 + P1, P2, K).to(tl.float32)[None, :], axis=1)
+    if HAS_BIAS:
+        y += bias
     r = r_ptr + b * sr_b + n
     if ADD:
         y = y.to(w_ptr.dtype.element_ty).to(tl.float32)  # the matmul's output in the weight dtype, then the fp32 add
@@ -111,7 +179,7 @@ def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, N, sx_b, sw_n, sr_b, K: tl
 
 
 def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-              config: tuple[int, int, int] | None = None, conv: tuple | None = None) -> torch.Tensor:
+              config: tuple[int, int] | None = None, conv: tuple | None = None) -> torch.Tensor:
     """linear(rms_norm(x), weight, bias) in one pass: x (B, D) fp32 -> (B, N) in weight's dtype.
 
     Rounds as the eager block does: x to the weight dtype, the normalised row, then the scaled row.
@@ -122,7 +190,7 @@ def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.T
     bsz, dim = x.shape
     out_dim = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == dim
-    block_n, block_k, warps = config or GEMV_IN_CONFIG
+    block_n, warps = config or GEMV_IN_CONFIG
     y = torch.empty(bsz, out_dim, dtype=weight.dtype, device=x.device)
     if conv is None:
         state, cw, cb, idx, n_conv, k = y, weight, None, None, 0, 1
@@ -131,38 +199,43 @@ def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.T
         state, cw, cb, idx = conv
         n_conv, k = cw.shape
         strides = (*state.stride(), *cw.stride())
-    _norm_gemv_kernel[(bsz, triton.cdiv(out_dim, block_n))](
-        x, norm_w, weight, weight if bias is None else bias, y, state, x if idx is None else idx, cw,
-        cw if cb is None else cb, out_dim, n_conv, x.stride(0), weight.stride(0), y.stride(0), *strides, eps, D=dim,
-        HAS_BIAS=bias is not None, CONV=conv is not None, K=k, KP=triton.next_power_of_2(k), HAS_CBIAS=cb is not None,
-        HAS_IDX=idx is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    p0, p1, p2 = _pieces(dim)
+    _launch(_norm_gemv_kernel, (bsz, triton.cdiv(out_dim, block_n)),
+            x, norm_w, weight, weight if bias is None else bias, y, state, x if idx is None else idx, cw,
+            cw if cb is None else cb, out_dim, n_conv, x.stride(0), weight.stride(0), y.stride(0), *strides, eps,
+            D=dim, HAS_BIAS=bias is not None, CONV=conv is not None, K=k, KP=triton.next_power_of_2(k),
+            HAS_CBIAS=cb is not None, HAS_IDX=idx is not None, BLOCK_N=block_n, P0=p0, P1=p1, P2=p2,
+            num_warps=warps, pdl=_pdl(x.device))
     return y
 
 
 def gemv_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-                  config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                  config: tuple[int, int] | None = None) -> torch.Tensor:
     """residual += linear(x, weight, bias) rounded to weight's dtype: x (B, K), residual (B, N) fp32, in place."""
     bsz, k = x.shape
     out_dim = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and residual.stride(1) == 1 and weight.shape[1] == k
     assert residual.dtype == torch.float32 and tuple(residual.shape) == (bsz, out_dim)
-    block_n, block_k, warps = config or GEMV_OUT_CONFIG
-    _gemv_residual_kernel[(bsz, triton.cdiv(out_dim, block_n))](
-        x, weight, weight if bias is None else bias, residual, out_dim, x.stride(0), weight.stride(0),
-        residual.stride(0), K=k, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    block_n, warps = config or GEMV_OUT_CONFIG
+    p0, p1, p2 = _pieces(k)
+    _launch(_gemv_residual_kernel, (bsz, triton.cdiv(out_dim, block_n)),
+            x, weight, weight if bias is None else bias, residual, out_dim, x.stride(0), weight.stride(0),
+            residual.stride(0), K=k, HAS_BIAS=bias is not None, BLOCK_N=block_n, P0=p0, P1=p1, P2=p2,
+            num_warps=warps, pdl=_pdl(x.device))
     return residual
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int] | None = None) -> torch.Tensor:
     """linear(x, weight) for a few rows, unrounded: x (B, K) -> (B, N) fp32 (x_proj of the decode step)."""
     bsz, k = x.shape
     out_dim = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == k
-    block_n, block_k, warps = config or GEMV_XPROJ_CONFIG
+    block_n, warps = config or GEMV_XPROJ_CONFIG
     y = torch.empty(bsz, out_dim, dtype=torch.float32, device=x.device)
-    _gemv_residual_kernel[(bsz, triton.cdiv(out_dim, block_n))](
-        x, weight, weight, y, out_dim, x.stride(0), weight.stride(0), y.stride(0), K=k, HAS_BIAS=False,
-        BLOCK_N=block_n, BLOCK_K=block_k, ADD=False, num_warps=warps)
+    p0, p1, p2 = _pieces(k)
+    _launch(_gemv_residual_kernel, (bsz, triton.cdiv(out_dim, block_n)),
+            x, weight, weight, y, out_dim, x.stride(0), weight.stride(0), y.stride(0), K=k, HAS_BIAS=False,
+            BLOCK_N=block_n, P0=p0, P1=p1, P2=p2, ADD=False, num_warps=warps, pdl=_pdl(x.device))
     return y
 
 
@@ -220,15 +293,19 @@ def conv_xproj(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, 
 def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, idx_ptr, y_ptr, I, N, R,
                        sxc_b, sp_b, sp_p, sw_i, sw_r, sz_b, sz_i, sh_b, sh_i, sh_n, sy_b, sy_i, P: tl.constexpr,
                        HAS_IDX: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_P: tl.constexpr):
+                       BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     # The decode graph's SSM step: add up x_proj's partial sums into dt_low, B and C (rounded to the weight dtype
     # as a matmul's output would be), dt_proj for this block of channels, then the state update and the gate.
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     b = tl.program_id(1).to(tl.int64)
-    slot = _slot(idx_ptr, b, HAS_IDX)
     n = tl.arange(0, BLOCK_N)
     r = tl.arange(0, BLOCK_R)
     mi, mn, mr = i < I, n < N, r < R
+    w = tl.load(wdt_ptr + i[:, None] * sw_i + r[None, :] * sw_r, mask=mi[:, None] & mr[None, :], other=0.0)
+    bias = tl.load(bias_ptr + i, mask=mi, other=0.0)
+    A, Dv = _load_a_d(a_ptr, d_ptr, i, n, mi, mn, N)
+    _grid_wait(PDL)
+    slot = _slot(idx_ptr, b, HAS_IDX)
     acc_r = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_c = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -241,15 +318,12 @@ def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_
         acc_c += tl.sum(tl.load(rows + R + N + n[None, :], mask=mp & mn[None, :], other=0.0), axis=0)
     xdt = xc_ptr.dtype.element_ty
     u = tl.load(xc_ptr + b * sxc_b + i, mask=mi, other=0.0).to(tl.float32)
-    w = tl.load(wdt_ptr + i[:, None] * sw_i + r[None, :] * sw_r, mask=mi[:, None] & mr[None, :], other=0.0)
     dlow = acc_r.to(xdt).to(tl.float32)
     dl = tl.sum(w.to(tl.float32) * dlow[None, :], axis=1).to(w.dtype).to(tl.float32)
     z = tl.load(z_ptr + b * sz_b + i * sz_i, mask=mi, other=0.0).to(tl.float32)
-    y = _ssm_state_update(u, dl, tl.load(bias_ptr + i, mask=mi, other=0.0), a_ptr, d_ptr,
-                          acc_b.to(xdt).to(tl.float32), acc_c.to(xdt).to(tl.float32), z,
-                          h_ptr + slot * sh_b + i[:, None] * sh_i + n[None, :] * sh_n, i, n, mi, mn, N)
+    y = _ssm_state_update(u, dl, bias, A, Dv, acc_b.to(xdt).to(tl.float32), acc_c.to(xdt).to(tl.float32), z,
+                          h_ptr + slot * sh_b + i[:, None] * sh_i + n[None, :] * sh_n, mi, mn)
     tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
-
 
 
 def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor,
@@ -266,11 +340,12 @@ def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor
     block_i, warps = config or SSM_DECODE_CONFIG or ((16, 1) if bsz == 1 else (32, 1))
     if n_part > 16:
         warps = max(warps, 4)  # many partial sums to add up
-    _ssm_decode_kernel[(triton.cdiv(dim, block_i), bsz)](
-        xc, partials, dt_weight, z, A, D, delta_bias, ssm_state, xc if idx is None else idx, y, dim, nst, rank,
-        xc.stride(0), partials.stride(0), partials.stride(1), *dt_weight.stride(), *z.stride(),
-        *ssm_state.stride(), *y.stride(), P=n_part, HAS_IDX=idx is not None, BLOCK_I=block_i,
-        BLOCK_N=triton.next_power_of_2(nst), BLOCK_R=triton.next_power_of_2(rank), BLOCK_P=16, num_warps=warps)
+    _launch(_ssm_decode_kernel, (triton.cdiv(dim, block_i), bsz),
+            xc, partials, dt_weight, z, A, D, delta_bias, ssm_state, xc if idx is None else idx, y, dim, nst, rank,
+            xc.stride(0), partials.stride(0), partials.stride(1), *dt_weight.stride(), *z.stride(),
+            *ssm_state.stride(), *y.stride(), P=n_part, HAS_IDX=idx is not None, BLOCK_I=block_i,
+            BLOCK_N=triton.next_power_of_2(nst), BLOCK_R=triton.next_power_of_2(rank), BLOCK_P=16, num_warps=warps,
+            pdl=_pdl(xc.device))
     return y
 
 

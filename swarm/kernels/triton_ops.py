@@ -381,15 +381,21 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
 
 
 @triton.jit
-def _ssm_state_update(u, dl, bias, a_ptr, d_ptr, bm, cm, z, h_ptrs, i, n, mi, mn, N):
+def _load_a_d(a_ptr, d_ptr, i, n, mi, mn, N):
+    """A (BLOCK_I, BLOCK_N) and D (BLOCK_I,) of channels i, fp32."""
+    return (tl.load(a_ptr + i[:, None] * N + n[None, :], mask=mi[:, None] & mn[None, :], other=0.0),
+            tl.load(d_ptr + i, mask=mi, other=0.0))
+
+
+@triton.jit
+def _ssm_state_update(u, dl, bias, A, Dv, bm, cm, z, h_ptrs, mi, mn):
     """h <- exp(dt A) h + dt u B at h_ptrs (BLOCK_I, BLOCK_N); returns (C . h + D u) silu(z) (BLOCK_I,)."""
     dt = _softplus(dl + bias)
     m_in = mi[:, None] & mn[None, :]
-    A = tl.load(a_ptr + i[:, None] * N + n[None, :], mask=m_in, other=0.0)
     h = tl.load(h_ptrs, mask=m_in, other=0.0)
     h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * bm[None, :]
     tl.store(h_ptrs, h, mask=m_in)
-    y = tl.sum(h * cm[None, :], axis=1) + tl.load(d_ptr + i, mask=mi, other=0.0) * u
+    y = tl.sum(h * cm[None, :], axis=1) + Dv * u
     return y * _silu(z)
 
 
@@ -407,8 +413,9 @@ def _ssm_step_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
     bm = tl.load(bm_ptr + b * sb_b + n * sb_n, mask=mn, other=0.0).to(tl.float32)
     cm = tl.load(cm_ptr + b * sc_b + n * sc_n, mask=mn, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + b * sz_b + i * sz_i, mask=mi, other=0.0).to(tl.float32)
-    y = _ssm_state_update(u, dl, tl.load(bias_ptr + i, mask=mi, other=0.0), a_ptr, d_ptr, bm, cm, z,
-                          h_ptr + b * sh_b + i[:, None] * sh_i + n[None, :] * sh_n, i, n, mi, mn, N)
+    A, Dv = _load_a_d(a_ptr, d_ptr, i, n, mi, mn, N)
+    y = _ssm_state_update(u, dl, tl.load(bias_ptr + i, mask=mi, other=0.0), A, Dv, bm, cm, z,
+                          h_ptr + b * sh_b + i[:, None] * sh_i + n[None, :] * sh_n, mi, mn)
     tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
 
 

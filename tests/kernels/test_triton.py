@@ -253,7 +253,7 @@ def test_conv_xproj_and_ssm_decode(i, n, r, k, bias, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,d,n,bias,config", [(1, 64, 96, False, None), (3, 100, 37, True, None),
-                                               (2, 2560, 300, False, (16, 128, 4)), (1, 768, 1000, True, (64, 64, 8))])
+                                               (2, 2560, 300, False, (16, 4)), (1, 768, 1000, True, (64, 8))])
 def test_norm_gemv(b, d, n, bias, config, dtype):
     """RMSNorm fused into in_proj: as rms_norm then linear, both rounding to the weight dtype."""
     x = _rand(b, d, scale=2.0)
@@ -268,8 +268,8 @@ def test_norm_gemv(b, d, n, bias, config, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b,d,i,k,cbias,config", [(1, 48, 72, 4, True, None), (3, 36, 50, 3, False, (8, 64, 4)),
-                                                  (2, 256, 300, 4, True, (16, 128, 4))])
+@pytest.mark.parametrize("b,d,i,k,cbias,config", [(1, 48, 72, 4, True, None), (3, 36, 50, 3, False, (8, 4)),
+                                                  (2, 256, 300, 4, True, (16, 4))])
 def test_norm_gemv_with_the_conv_step(b, d, i, k, cbias, config, dtype):
     """in_proj's epilogue runs the conv step on its x half: as norm_gemv, then conv1d_step on a slot pool."""
     x = _rand(b, d, scale=2.0)
@@ -289,7 +289,7 @@ def test_norm_gemv_with_the_conv_step(b, d, i, k, cbias, config, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,k,n,bias,config", [(1, 96, 64, False, None), (3, 37, 100, True, None),
-                                               (2, 5120, 300, True, (8, 512, 4)), (1, 1536, 768, False, (32, 128, 4))])
+                                               (2, 5120, 300, True, (8, 4)), (1, 1536, 768, False, (32, 4))])
 def test_gemv_residual(b, k, n, bias, config, dtype):
     """out_proj with the residual add fused: residual += linear(x) in the weight dtype, in place."""
     x = _rand(b, k, dtype=dtype)
@@ -303,8 +303,8 @@ def test_gemv_residual(b, k, n, bias, config, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b,k,n,config", [(1, 96, 35, None), (3, 5120, 192, None), (2, 1536, 80, (1, 512, 1)),
-                                          (8, 300, 41, (4, 128, 4))])
+@pytest.mark.parametrize("b,k,n,config", [(1, 96, 35, None), (3, 5120, 192, None), (2, 1536, 80, (1, 1)),
+                                          (8, 300, 41, (4, 4))])
 def test_gemv_unrounded(b, k, n, config, dtype):
     """x_proj's GEMV: linear(x) in fp32, not rounded (its consumer rounds)."""
     x = _rand(b, k, dtype=dtype)
