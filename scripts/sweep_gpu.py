@@ -145,21 +145,26 @@ def prefill_sweep():
 
 
 def step_sweep():
-    """Decode step of 16 blocks of 2.8b width (1.3 GB: no L2 reuse): with and without PDL, and the GEMVs' tiles."""
+    """Decode step of 16 blocks of 2.8b width (1.3 GB: no L2 reuse): PDL variants and the GEMVs' tiles."""
     cfg, stack = _wide_stack(16)
     dm = cfg.hidden_size
     default = (td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG)
-    variants = [("default", {}, None, None), ("default without PDL", {}, None, False),
-                ("cublas gemvs", dict(gemv_batch=0), None, None)]
-    for c in [(4, 4), (8, 2), (16, 4), (16, 8), (4, 2)]:
-        variants.append((f"in_proj {c}", {}, (c, default[1], default[2]), None))
-    for c in [(1, 1), (2, 1), (4, 2), (4, 4), (8, 4)]:
-        variants.append((f"out_proj {c}", {}, (default[0], c, default[2]), None))
-    for c in [(1, 1), (2, 1), (4, 2), (4, 4)]:
-        variants.append((f"x_proj {c}", {}, (default[0], default[1], c), None))
-    for name, kw, configs, pdl in variants:
+    ssm_only, no_in = frozenset({"ssm_decode"}), frozenset({"ssm_decode", "gemv", "gemv_residual"})
+    every = no_in | {"norm_gemv"}
+    variants = [("default", {}, None, None, frozenset()), ("default without PDL", {}, None, False, frozenset()),
+                ("PDL early: ssm_decode", {}, None, None, ssm_only),
+                ("PDL early: all but in_proj", {}, None, None, no_in),
+                ("PDL early: all", {}, None, None, every)]
+    for early in (frozenset(), every):
+        for c in [(4, 4), (4, 2), (2, 2), (2, 1)]:
+            variants.append((f"in_proj {c} early {len(early)}", {}, (c, default[1], default[2]), None, early))
+        for c in [(1, 1), (4, 4), (1, 2), (8, 8)]:
+            variants.append((f"out_proj {c} early {len(early)}", {}, (default[0], c, default[2]), None, early))
+        for c in [(1, 1), (4, 4), (1, 2)]:
+            variants.append((f"x_proj {c} early {len(early)}", {}, (default[0], default[1], c), None, early))
+    for name, kw, configs, pdl, early in variants:
         td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG = configs or default
-        td.PDL = pdl
+        td.PDL, td.PDL_EARLY = pdl, early
         try:
             dec = GraphDecoder(stack, max_slots=4, buckets=(1,), **kw)
             sl = [dec.alloc_slot()]
@@ -169,7 +174,7 @@ def step_sweep():
         except Exception as e:
             print(f"step {name}: failed {type(e).__name__}: {str(e)[:200]}")
     td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG = default
-    td.PDL = None
+    td.PDL, td.PDL_EARLY = None, frozenset()
 
 
 def scan_sweep():

@@ -33,6 +33,9 @@ SSM_DECODE_CONFIG: tuple[int, int] | None = None
 # its weights in, and only then waits for the predecessor's outputs (gdc_wait), so the weight stream overlaps the
 # tail, the launch gap and the latency-bound SSM step. None: on where the GPU has it (compute capability >= 9).
 PDL: bool | None = None
+# The kernels that let their successor launch as soon as all their own programs run, before their input is ready
+# (the default lets it launch once the input is ready): deeper overlap, more programs waiting on registers.
+PDL_EARLY: frozenset[str] = frozenset()
 
 
 def _pdl(device: torch.device) -> bool:
@@ -41,10 +44,11 @@ def _pdl(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _launch(kernel, grid, *args, pdl: bool, **kw) -> None:
+def _launch(kernel, grid, *args, pdl: bool, name: str, **kw) -> None:
+    """kernel[grid](*args) with PDL = 0 (a plain launch), 1 (the successor launches after gdc_wait) or 2 (early)."""
     if pdl:
         kw["launch_pdl"] = True
-    kernel[grid](*args, PDL=pdl, **kw)
+    kernel[grid](*args, PDL=(2 if name in PDL_EARLY else 1) if pdl else 0, **kw)
 
 
 def _pieces(k: int) -> tuple[int, int, int]:
@@ -61,8 +65,11 @@ def _pieces(k: int) -> tuple[int, int, int]:
 @triton.jit
 def _grid_wait(PDL: tl.constexpr):
     # everything above this reads only weights; below it the predecessor's outputs are complete and visible
-    if PDL:
+    if PDL == 2:
+        gdc_launch_dependents()
+    if PDL > 0:
         gdc_wait()
+    if PDL == 1:
         gdc_launch_dependents()  # the successor may now launch and stream its own weights
 
 
@@ -205,7 +212,7 @@ def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.T
             cw if cb is None else cb, out_dim, n_conv, x.stride(0), weight.stride(0), y.stride(0), *strides, eps,
             D=dim, HAS_BIAS=bias is not None, CONV=conv is not None, K=k, KP=triton.next_power_of_2(k),
             HAS_CBIAS=cb is not None, HAS_IDX=idx is not None, BLOCK_N=block_n, P0=p0, P1=p1, P2=p2,
-            num_warps=warps, pdl=_pdl(x.device))
+            num_warps=warps, pdl=_pdl(x.device), name="norm_gemv")
     return y
 
 
@@ -221,7 +228,7 @@ def gemv_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _launch(_gemv_residual_kernel, (bsz, triton.cdiv(out_dim, block_n)),
             x, weight, weight if bias is None else bias, residual, out_dim, x.stride(0), weight.stride(0),
             residual.stride(0), K=k, HAS_BIAS=bias is not None, BLOCK_N=block_n, P0=p0, P1=p1, P2=p2,
-            num_warps=warps, pdl=_pdl(x.device))
+            num_warps=warps, pdl=_pdl(x.device), name="gemv_residual")
     return residual
 
 
@@ -235,7 +242,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int] | None =
     p0, p1, p2 = _pieces(k)
     _launch(_gemv_residual_kernel, (bsz, triton.cdiv(out_dim, block_n)),
             x, weight, weight, y, out_dim, x.stride(0), weight.stride(0), y.stride(0), K=k, HAS_BIAS=False,
-            BLOCK_N=block_n, P0=p0, P1=p1, P2=p2, ADD=False, num_warps=warps, pdl=_pdl(x.device))
+            BLOCK_N=block_n, P0=p0, P1=p1, P2=p2, ADD=False, num_warps=warps, pdl=_pdl(x.device), name="gemv")
     return y
 
 
@@ -345,7 +352,7 @@ def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor
             xc.stride(0), partials.stride(0), partials.stride(1), *dt_weight.stride(), *z.stride(),
             *ssm_state.stride(), *y.stride(), P=n_part, HAS_IDX=idx is not None, BLOCK_I=block_i,
             BLOCK_N=triton.next_power_of_2(nst), BLOCK_R=triton.next_power_of_2(rank), BLOCK_P=16, num_warps=warps,
-            pdl=_pdl(xc.device))
+            pdl=_pdl(xc.device), name="ssm_decode")
     return y
 
 
