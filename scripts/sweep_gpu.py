@@ -149,9 +149,11 @@ def step_sweep():
     cfg, stack = _wide_stack(16)
     dm = cfg.hidden_size
     default = (td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG)
+    early_default = td.PDL_EARLY
     ssm_only, no_in = frozenset({"ssm_decode"}), frozenset({"ssm_decode", "gemv", "gemv_residual"})
     every = no_in | {"norm_gemv"}
-    variants = [("default", {}, None, None, frozenset()), ("default without PDL", {}, None, False, frozenset()),
+    variants = [("default", {}, None, None, early_default), ("default without PDL", {}, None, False, frozenset()),
+                ("PDL early: none", {}, None, None, frozenset()),
                 ("PDL early: ssm_decode", {}, None, None, ssm_only),
                 ("PDL early: all but in_proj", {}, None, None, no_in),
                 ("PDL early: all", {}, None, None, every)]
@@ -174,7 +176,7 @@ def step_sweep():
         except Exception as e:
             print(f"step {name}: failed {type(e).__name__}: {str(e)[:200]}")
     td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG = default
-    td.PDL, td.PDL_EARLY = None, frozenset()
+    td.PDL, td.PDL_EARLY = None, early_default
 
 
 def scan_sweep():
