@@ -54,7 +54,8 @@ class LocalModel:
         self.decoder = None
         if graphs == "eager" or (graphs == "auto" and self.stack.device.type == "cuda" and backend in (None, "cuda")):
             from swarm.model.graphs import GraphDecoder
-            self.decoder = GraphDecoder(self.stack, max_slots=GRAPH_SLOTS, buckets=(1,), graphs=graphs == "auto")
+            self.decoder = GraphDecoder(self.stack, max_slots=GRAPH_SLOTS, buckets=(1,), graphs=graphs == "auto",
+                                        head=self.head)
 
     def session(self) -> "LocalSession":
         return LocalSession(self)
@@ -81,6 +82,11 @@ class LocalSession(GenerationSession):
             self.states = model.stack.new_states(1)
         else:
             self._release = weakref.finalize(self, self.decoder.free_slot, self.slot)
+
+    def _feed(self, ids: list[int]) -> torch.Tensor:
+        if self.slot is not None and len(ids) == 1:  # a decode step: embedding, blocks and head in one replay
+            return self.decoder.step_logits([self.slot], torch.tensor([ids], dtype=torch.long))[0]
+        return super()._feed(ids)
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.slot is None:

@@ -5,7 +5,8 @@ more than the weights take to stream. Captured once per batch bucket and replaye
 live in a pool (per block conv (S+1, I, K) and ssm (S+1, I, N), fp32) that the step's kernels index by slot, so the
 graph gathers and scatters states without copies; row S is scratch for the padding rows of a bucket. Prefill is
 captured too, per power-of-two length bucket (the real length a device scalar), on row S: a session's states are
-copied there and back around it.
+copied there and back around it. Given the client's Head (the local path), a bucket's graph can also hold the
+embedding before the blocks and the final norm and LM head after them: a token in one replay.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from swarm.errors import BackendUnavailable
 from swarm.model.block import LayerState, MambaBlock
-from swarm.model.stack import PREFILL_CHUNK, BlockStack
+from swarm.model.stack import PREFILL_CHUNK, BlockStack, Head
 
 PREFILL_MIN_BUCKET = 16  # the smallest padded prefill piece (buckets 16, 32, ... PREFILL_CHUNK tokens)
 assert PREFILL_CHUNK & (PREFILL_CHUNK - 1) == 0 and PREFILL_CHUNK >= PREFILL_MIN_BUCKET
@@ -69,7 +70,8 @@ class GraphDecoder:
 
     dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8))
     slot = dec.alloc_slot(); h = dec.prefill(slot, hidden); h = dec.step([slot, ...], hidden); dec.free_slot(slot)
-    `graphs=False` runs the same step eagerly (debugging, or the Triton interpreter on CPU).
+    `graphs=False` runs the same step eagerly (debugging, or the Triton interpreter on CPU). With `head` (on the
+    stack's device), `step_logits(slots, ids)` replays embedding, blocks and head as one graph per bucket.
 
     Two choices shape a block's decode step; the defaults are what measured fastest on an H100 (docs/PERFORMANCE.md):
     - `xproj="cublas"`: conv step, x_proj by cuBLAS, then the SSM step reads its output; `"gemv"`: the same with a
@@ -81,7 +83,7 @@ class GraphDecoder:
     """
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
-                 graphs: bool = True, gemv_batch: int = 1, xproj: str = "gemv"):
+                 graphs: bool = True, gemv_batch: int = 1, xproj: str = "gemv", head: Head | None = None):
         if graphs and stack.device.type != "cuda":
             raise ValueError(f"GraphDecoder captures CUDA graphs; the stack is on {stack.device}")
         if max_slots < 1 or not buckets or min(buckets) < 1:
@@ -108,6 +110,12 @@ class GraphDecoder:
         self._h_out = {bk: torch.zeros(bk, cfg.hidden_size, device=self.device) for bk in self.buckets}
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.head = head
+        if head is not None and head.embeddings.weight.device != self.device:
+            raise ValueError(f"GraphDecoder: the head is on {head.embeddings.weight.device}, the stack on {self.device}")
+        self._ids = {bk: torch.zeros(bk, 1, dtype=torch.int64, device=self.device) for bk in self.buckets}
+        self._logits: dict[int, torch.Tensor] = {}  # a token graph's output, (Bk, vocab) fp32
+        self._token_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._len = torch.zeros(1, dtype=torch.int32, device=self.device)  # a prefill piece's real length
         self._prefill_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -273,6 +281,35 @@ class GraphDecoder:
             self._step_blocks(self._h_in[bk], self._idx[bk], self._h_out[bk])
         return self._h_out[bk][:bsz].clone().unsqueeze(1)
 
+    @torch.no_grad()
+    def step_logits(self, slots: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, 1) int64 for sessions `slots` -> the next token's logits (B, vocab) fp32; their states advance.
+
+        The embedding, every block and the head (final norm, LM head) run as one replay: at batch 1 on a small
+        model the head's few launches from Python cost more than the blocks' whole graph."""
+        if self.head is None:
+            raise ValueError("step_logits needs a GraphDecoder built with head=")
+        bsz = len(slots)
+        if bsz == 0 or bsz > self.buckets[-1]:
+            raise ValueError(f"step_logits takes 1..{self.buckets[-1]} sessions, got {bsz}")
+        if tuple(ids.shape) != (bsz, 1):
+            raise ValueError(f"step_logits takes ids ({bsz}, 1), got {tuple(ids.shape)}")
+        self._check_slots(slots)
+        bk = next(b for b in self.buckets if b >= bsz)
+        self._idx[bk].copy_(self._index(bk, slots))
+        self._ids[bk][:bsz].copy_(ids)
+        if self._token_graphs:
+            self._token_graphs[bk].replay()
+        else:
+            self._token(bk)
+        return self._logits[bk][:bsz].clone()
+
+    def _token(self, bk: int) -> None:
+        """embedding -> blocks -> head for bucket bk's ids (what a token graph holds); logits in self._logits[bk]."""
+        self._h_in[bk].copy_(self.head.embed(self._ids[bk])[:, 0])
+        self._step_blocks(self._h_in[bk], self._idx[bk], self._h_out[bk])
+        self._logits[bk] = self.head.logits(self._h_out[bk].unsqueeze(1))[:, 0]
+
     def _index(self, bucket: int, slots: list[int]) -> torch.Tensor:
         """A device tensor of the slots padded with scratch; cached, since a batch's slots repeat every step."""
         key = (bucket, *slots)
@@ -330,10 +367,17 @@ class GraphDecoder:
             for bk in self.buckets:
                 for _ in range(2):
                     self._step_blocks(self._h_in[bk], self._idx[bk], self._h_out[bk])
+                    if self.head is not None:
+                        self._token(bk)
         torch.cuda.current_stream(self.device).wait_stream(side)
         for bk in reversed(self.buckets):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
                 self._step_blocks(self._h_in[bk], self._idx[bk], self._h_out[bk])
             self._graphs[bk] = g
+            if self.head is not None:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    self._token(bk)
+                self._token_graphs[bk] = g
         torch.cuda.synchronize(self.device)

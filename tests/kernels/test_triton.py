@@ -450,7 +450,8 @@ HF_CONFIGS = {
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_logits_match_transformers(name, dtype, tol):
-    """Prefill 16 tokens, then decode 8 through the graphs: logits vs transformers' fp32 forward on the CPU."""
+    """Prefill 16 tokens, then decode 8 through the graphs (half of them through the token graph, embedding and
+    head included): logits vs transformers' fp32 forward on the CPU."""
     transformers = pytest.importorskip("transformers")
     from swarm.model import BlockStack, Head, MambaConfig
     from swarm.model.graphs import GraphDecoder
@@ -469,12 +470,15 @@ def test_logits_match_transformers(name, dtype, tol):
     tensors = {k: v.to(dtype) for k, v in hf.state_dict().items()}
     stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device="cuda")
     head = Head.from_tensors(cfg, tensors, device="cuda")
-    dec = GraphDecoder(stack, max_slots=2, buckets=(1, 2))
+    dec = GraphDecoder(stack, max_slots=2, buckets=(1, 2), head=head)
     slot = dec.alloc_slot()
     emb = head.embed(ids)
     logits = [head.logits(dec.prefill(slot, emb[:, :16]))]
-    for t in range(16, 24):
-        logits.append(head.logits(dec.step([slot], emb[:, t:t + 1])))
+    for t in range(16, 24):  # the blocks' graph with the head from Python, or the token graph (head inside)
+        if t % 2:
+            logits.append(dec.step_logits([slot], ids[:, t:t + 1]).unsqueeze(1))
+        else:
+            logits.append(head.logits(dec.step([slot], emb[:, t:t + 1])))
     got = torch.cat(logits, dim=1).cpu()
     err = rel_err(got, want)
     print(f"logits vs transformers fp32 ({name}, ours {dtype}): relative error {err:.2e}")
