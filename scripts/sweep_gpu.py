@@ -25,6 +25,7 @@ from bench_gpu import MODELS, cuda_ms, graph_ms, hf_model, wide_block_tensors  #
 from swarm.kernels import triton_decode as td  # noqa: E402
 from swarm.kernels import triton_ops as tk  # noqa: E402
 from swarm.model import BlockStack, MambaConfig  # noqa: E402
+from swarm.model import graphs  # noqa: E402
 from swarm.model.graphs import GraphDecoder  # noqa: E402
 
 dev = "cuda"
@@ -131,8 +132,11 @@ def prefill_sweep():
     """Prefill of 2048 tokens through 16 blocks of 2.8b width (graphs), for scan configs: the scan in context."""
     cfg, stack = _wide_stack(16)
     hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
-    for conf in [("seq", 16, 2), ("seq", 16, 2, 0, 2), ("seq", 16, 2, 0, 3), ("seq", 16, 1, 0, 2), ("seq", 16, 4, 0, 3),
-                 ("seq", 32, 2, 0, 2), ("seq", 16, 2, 8, 2), ("seq", 16, 1, 16, 2), ("seq", 8, 1, 0, 2)]:
+    # wider channel tiles cost fewer instructions a state element (fewer shuffles and per-token loads per element;
+    # PTX: 17 a state element per token at (16, 1), 13 at (64, 2), 11 at (128, 2)) but hold more registers
+    for conf in [("seq", 16, 1, 0, 2), ("seq", 32, 1, 0, 2), ("seq", 64, 2, 0, 2), ("seq", 64, 2, 32, 2),
+                 ("seq", 64, 2, 0, 1), ("seq", 128, 2, 0, 2), ("seq", 128, 2, 32, 2), ("seq", 128, 4, 0, 2),
+                 ("seq", 64, 4, 0, 2), ("seq", 32, 2, 0, 2), ("seq", 128, 4, 32, 1)]:
         tk.SCAN_CONFIG = conf
         try:
             dec = GraphDecoder(stack, max_slots=2, buckets=(1,))
@@ -154,6 +158,7 @@ def step_sweep():
     every = no_in | {"norm_gemv"}
     variants = [("default", {}, None, None, early_default), ("default without PDL", {}, None, False, frozenset()),
                 ("PDL early: none", {}, None, None, frozenset()),
+                ("ssm_decode reads its state after the wait", dict(state_early=False), None, None, early_default),
                 ("PDL early: ssm_decode", {}, None, None, ssm_only),
                 ("PDL early: all but in_proj", {}, None, None, no_in),
                 ("PDL early: all", {}, None, None, every)]
@@ -167,6 +172,8 @@ def step_sweep():
     for name, kw, configs, pdl, early in variants:
         td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG = configs or default
         td.PDL, td.PDL_EARLY = pdl, early
+        kw = dict(kw)
+        graphs.SSM_STATE_EARLY = kw.pop("state_early", True)
         try:
             dec = GraphDecoder(stack, max_slots=4, buckets=(1,), **kw)
             sl = [dec.alloc_slot()]
@@ -177,6 +184,7 @@ def step_sweep():
             print(f"step {name}: failed {type(e).__name__}: {str(e)[:200]}")
     td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG = default
     td.PDL, td.PDL_EARLY = None, early_default
+    graphs.SSM_STATE_EARLY = True
 
 
 def scan_sweep():

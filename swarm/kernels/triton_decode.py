@@ -301,9 +301,10 @@ def conv_xproj(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, 
 def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, idx_ptr, y_ptr, I, N, R,
                        sxc_b, sp_b, sp_p, sw_i, sw_r, sz_b, sz_i, sh_b, sh_i, sh_n, sy_b, sy_i, P: tl.constexpr,
                        HAS_IDX: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+                       BLOCK_P: tl.constexpr, PDL: tl.constexpr, STATE_EARLY: tl.constexpr):
     # The decode graph's SSM step: add up x_proj's partial sums into dt_low, B and C (rounded to the weight dtype
     # as a matmul's output would be), dt_proj for this block of channels, then the state update and the gate.
+    # STATE_EARLY: the slot index and the state rows are read before the wait too (see ssm_decode).
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     b = tl.program_id(1).to(tl.int64)
     n = tl.arange(0, BLOCK_N)
@@ -312,8 +313,13 @@ def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_
     w = tl.load(wdt_ptr + i[:, None] * sw_i + r[None, :] * sw_r, mask=mi[:, None] & mr[None, :], other=0.0)
     bias = tl.load(bias_ptr + i, mask=mi, other=0.0)
     A, Dv = _load_a_d(a_ptr, d_ptr, i, n, mi, mn, N)
+    if STATE_EARLY:
+        h_ptrs = h_ptr + _slot(idx_ptr, b, HAS_IDX) * sh_b + i[:, None] * sh_i + n[None, :] * sh_n
+        h = tl.load(h_ptrs, mask=mi[:, None] & mn[None, :], other=0.0)
     _grid_wait(PDL)
-    slot = _slot(idx_ptr, b, HAS_IDX)
+    if not STATE_EARLY:
+        h_ptrs = h_ptr + _slot(idx_ptr, b, HAS_IDX) * sh_b + i[:, None] * sh_i + n[None, :] * sh_n
+        h = tl.load(h_ptrs, mask=mi[:, None] & mn[None, :], other=0.0)
     acc_r = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_c = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -329,18 +335,21 @@ def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_
     dlow = acc_r.to(xdt).to(tl.float32)
     dl = tl.sum(w.to(tl.float32) * dlow[None, :], axis=1).to(w.dtype).to(tl.float32)
     z = tl.load(z_ptr + b * sz_b + i * sz_i, mask=mi, other=0.0).to(tl.float32)
-    y = _ssm_state_update(u, dl, bias, A, Dv, acc_b.to(xdt).to(tl.float32), acc_c.to(xdt).to(tl.float32), z,
-                          h_ptr + slot * sh_b + i[:, None] * sh_i + n[None, :] * sh_n, mi, mn)
+    y = _ssm_state_update(u, dl, bias, A, Dv, acc_b.to(xdt).to(tl.float32), acc_c.to(xdt).to(tl.float32), z, h,
+                          h_ptrs, mi, mn)
     tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
 
 
 def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor,
                D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
                idx: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-               config: tuple[int, int] | None = None) -> torch.Tensor:
+               config: tuple[int, int] | None = None, state_early: bool = False) -> torch.Tensor:
     """The decode graph's SSM step after conv_xproj: xc (B, I), partials (B, P, R + 2N) -> y (B, I) in out_dtype.
 
     dt_weight: (I, R); z: (B, I); ssm_state (B, I, N) fp32, or with idx (B,) a pool (S, I, N) addressed by idx[b].
+    state_early (with PDL): read idx and the state before waiting for the previous kernel, off the critical path.
+    Only for a caller that guarantees that no kernel still running can write them: GraphDecoder's step writes a
+    slot's state once, and each step starts with a copy, which is not PDL-launched and so waits for all before it.
     """
     bsz, dim = xc.shape
     nst, rank, n_part = A.shape[1], dt_weight.shape[1], partials.shape[1]
@@ -353,7 +362,7 @@ def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor
             xc.stride(0), partials.stride(0), partials.stride(1), *dt_weight.stride(), *z.stride(),
             *ssm_state.stride(), *y.stride(), P=n_part, HAS_IDX=idx is not None, BLOCK_I=block_i,
             BLOCK_N=triton.next_power_of_2(nst), BLOCK_R=triton.next_power_of_2(rank), BLOCK_P=16, num_warps=warps,
-            pdl=_pdl(xc.device), name="ssm_decode")
+            STATE_EARLY=state_early, pdl=_pdl(xc.device), name="ssm_decode")
     return y
 
 

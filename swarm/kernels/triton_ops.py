@@ -388,11 +388,10 @@ def _load_a_d(a_ptr, d_ptr, i, n, mi, mn, N):
 
 
 @triton.jit
-def _ssm_state_update(u, dl, bias, A, Dv, bm, cm, z, h_ptrs, mi, mn):
-    """h <- exp(dt A) h + dt u B at h_ptrs (BLOCK_I, BLOCK_N); returns (C . h + D u) silu(z) (BLOCK_I,)."""
+def _ssm_state_update(u, dl, bias, A, Dv, bm, cm, z, h, h_ptrs, mi, mn):
+    """h <- exp(dt A) h + dt u B, stored at h_ptrs (BLOCK_I, BLOCK_N); returns (C . h + D u) silu(z) (BLOCK_I,)."""
     dt = _softplus(dl + bias)
     m_in = mi[:, None] & mn[None, :]
-    h = tl.load(h_ptrs, mask=m_in, other=0.0)
     h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * bm[None, :]
     tl.store(h_ptrs, h, mask=m_in)
     y = tl.sum(h * cm[None, :], axis=1) + Dv * u
@@ -414,8 +413,9 @@ def _ssm_step_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
     cm = tl.load(cm_ptr + b * sc_b + n * sc_n, mask=mn, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + b * sz_b + i * sz_i, mask=mi, other=0.0).to(tl.float32)
     A, Dv = _load_a_d(a_ptr, d_ptr, i, n, mi, mn, N)
-    y = _ssm_state_update(u, dl, tl.load(bias_ptr + i, mask=mi, other=0.0), A, Dv, bm, cm, z,
-                          h_ptr + b * sh_b + i[:, None] * sh_i + n[None, :] * sh_n, mi, mn)
+    h_ptrs = h_ptr + b * sh_b + i[:, None] * sh_i + n[None, :] * sh_n
+    h = tl.load(h_ptrs, mask=mi[:, None] & mn[None, :], other=0.0)
+    y = _ssm_state_update(u, dl, tl.load(bias_ptr + i, mask=mi, other=0.0), A, Dv, bm, cm, z, h, h_ptrs, mi, mn)
     tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
 
 

@@ -21,8 +21,8 @@ from swarm.errors import BackendUnavailable
 from swarm.model.block import LayerState, MambaBlock
 from swarm.model.stack import PREFILL_CHUNK, BlockStack, Head
 
-PREFILL_MIN_BUCKET = 16  # the smallest padded prefill piece (buckets 16, 32, ... PREFILL_CHUNK tokens)
-assert PREFILL_CHUNK & (PREFILL_CHUNK - 1) == 0 and PREFILL_CHUNK >= PREFILL_MIN_BUCKET
+SSM_STATE_EARLY = True  # ssm_decode reads the slot's state before its PDL wait (see _ssm)
+PREFILL_MIN_BUCKET = 16  # the smallest padded prefill piece (buckets 16, 32, ... prefill_chunk tokens)
 
 
 def _triton_kernels():
@@ -83,15 +83,19 @@ class GraphDecoder:
     """
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
-                 graphs: bool = True, gemv_batch: int = 1, xproj: str = "gemv", head: Head | None = None):
+                 graphs: bool = True, gemv_batch: int = 1, xproj: str = "gemv", head: Head | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         if graphs and stack.device.type != "cuda":
             raise ValueError(f"GraphDecoder captures CUDA graphs; the stack is on {stack.device}")
         if max_slots < 1 or not buckets or min(buckets) < 1:
             raise ValueError(f"GraphDecoder needs max_slots >= 1 and buckets >= 1, got {max_slots}, {buckets}")
+        if prefill_chunk < PREFILL_MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
+            raise ValueError(f"GraphDecoder prefill_chunk must be a power of two >= {PREFILL_MIN_BUCKET}, "
+                             f"got {prefill_chunk}")
         if xproj not in ("cublas", "gemv", "fused"):
             raise ValueError(f"GraphDecoder xproj must be 'cublas', 'gemv' or 'fused', got {xproj!r}")
         self._k, self._d = _triton_kernels()
-        self.gemv_batch, self.xproj = gemv_batch, xproj
+        self.gemv_batch, self.xproj, self.prefill_chunk = gemv_batch, xproj, prefill_chunk
         cfg = stack.cfg
         self.cfg, self.device, self.dtype = cfg, stack.device, stack.dtype
         self.max_slots = max_slots
@@ -112,7 +116,8 @@ class GraphDecoder:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.head = head
         if head is not None and head.embeddings.weight.device != self.device:
-            raise ValueError(f"GraphDecoder: the head is on {head.embeddings.weight.device}, the stack on {self.device}")
+            raise ValueError(f"GraphDecoder: the head is on {head.embeddings.weight.device}, "
+                             f"the stack on {self.device}")
         self._ids = {bk: torch.zeros(bk, 1, dtype=torch.int64, device=self.device) for bk in self.buckets}
         self._logits: dict[int, torch.Tensor] = {}  # a token graph's output, (Bk, vocab) fp32
         self._token_graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -182,7 +187,7 @@ class GraphDecoder:
 
     @torch.no_grad()
     def prefill(self, slot: int, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (1, T, D) fp32 -> (1, T, D) fp32, PREFILL_CHUNK tokens at a time; the slot advances by T tokens.
+        """hidden: (1, T, D) fp32 -> (1, T, D) fp32, prefill_chunk tokens at a time; the slot advances by T tokens.
 
         Each piece is padded to a power-of-two bucket (at least PREFILL_MIN_BUCKET tokens) and runs as that bucket's
         captured graph, captured on the bucket's first use: an eager prefill costs a few hundred microseconds of
@@ -198,7 +203,7 @@ class GraphDecoder:
         s = self._scratch
         self.conv[:, s].copy_(self.conv[:, slot])
         self.ssm[:, s].copy_(self.ssm[:, slot])
-        for piece in hidden.split(PREFILL_CHUNK, dim=1):
+        for piece in hidden.split(self.prefill_chunk, dim=1):
             t = piece.shape[1]
             bucket = max(PREFILL_MIN_BUCKET, 1 << (t - 1).bit_length())
             h_in, h_out = self._prefill_buffers(bucket)
@@ -354,8 +359,11 @@ class GraphDecoder:
         else:  # x_proj's (Bk, R + 2N) output is ssm_decode's single "partial sum"
             xc = xz[:, :n] if conv_done else self._k.conv1d_step(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, idx)
             dbc = (self._d.gemv(xc, w.x_w) if self.xproj == "gemv" else F.linear(xc, w.x_w)).unsqueeze(1)
+        # state_early: every step starts with an op that is not PDL-launched (out.copy_, the embedding's copy, the
+        # first rms_norm), which waits for all work before it, and block j's state is written once a step: nothing
+        # still running can write what ssm_decode reads before its wait
         return self._d.ssm_decode(xc, dbc, w.dt_w, w.A, w.D, xz[:, n:], w.dt_b, self.ssm[j], idx,
-                                  out_dtype=self.dtype)
+                                  out_dtype=self.dtype, state_early=SSM_STATE_EARLY)
 
     @torch.no_grad()
     def _capture(self) -> None:
