@@ -134,9 +134,9 @@ def prefill_sweep():
     hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
     # wider channel tiles cost fewer instructions a state element (fewer shuffles and per-token loads per element;
     # PTX: 17 a state element per token at (16, 1), 13 at (64, 2), 11 at (128, 2)) but hold more registers
-    for conf in [("seq", 16, 1, 0, 2), ("seq", 32, 1, 0, 2), ("seq", 64, 2, 0, 2), ("seq", 64, 2, 32, 2),
-                 ("seq", 64, 2, 0, 1), ("seq", 128, 2, 0, 2), ("seq", 128, 2, 32, 2), ("seq", 128, 4, 0, 2),
-                 ("seq", 64, 4, 0, 2), ("seq", 32, 2, 0, 2), ("seq", 128, 4, 32, 1)]:
+    default = tk.SCAN_CONFIG
+    for conf in [("seq", 16, 1, 0, 2), ("seq", 32, 1, 0, 2), ("seq", 32, 1, 0, 3), ("seq", 32, 1, 32, 2),
+                 ("seq", 32, 1, 8, 2), ("seq", 64, 2, 0, 3), ("seq", 64, 1, 0, 2), ("seq", 128, 4, 0, 3)]:
         tk.SCAN_CONFIG = conf
         try:
             dec = GraphDecoder(stack, max_slots=2, buckets=(1,))
@@ -145,7 +145,7 @@ def prefill_sweep():
             print(f"prefill 2048, 16 blocks 2.8b, scan {conf}: {ms:.2f} ms")
         except Exception as e:
             print(f"prefill scan {conf}: failed {type(e).__name__}: {str(e)[:200]}")
-    tk.SCAN_CONFIG = ("seq", 16, 1, 0, 2)
+    tk.SCAN_CONFIG = default
 
 
 def step_sweep():

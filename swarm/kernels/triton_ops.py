@@ -22,7 +22,11 @@ from swarm.kernels import Backend
 # ("seq", 16, 1) with one segment per 64 tokens took 25.5 ms of scan against 23.9 for ("seq", 16, 2); with the loads
 # pipelined over 2 stages the order turns: a 2048-token prefill through 16 blocks took 11.2 ms with ("seq", 16, 1,
 # 16, 2), 11.8 with ("seq", 16, 2, 8, 2), 13.1 with ("seq", 16, 2) (graphs, one H100 run).
-SCAN_CONFIG: tuple = ("seq", 16, 1, 0, 2)
+# Wider channel tiles cost fewer instructions per state element and token (fewer shuffles and per-token loads per
+# element; PTX: 17 at 16 channels a warp, 13 at 64 over 2 warps, 11 at 128 over 2, which spills), and the scan is
+# issue-bound (ncu: 73-75% SM throughput at 16 channels, 16 segments): through 16 blocks, ("seq", 32, 1, 0, 2) took
+# 9.75 ms against 11.48 for ("seq", 16, 1, 0, 2), 10.3-10.4 for (64, 2) and (128, 4), 12.0-14.1 for the rest.
+SCAN_CONFIG: tuple = ("seq", 32, 1, 0, 2)
 
 
 @triton.jit
