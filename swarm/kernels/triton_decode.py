@@ -1,15 +1,19 @@
 """Triton kernels of the CUDA-graph decode step: one token of a block in four launches.
 
-    norm_gemv      RMSNorm of the fp32 residual row, fused into in_proj's GEMV       -> xz (B, 2I)
-    conv_xproj     conv + SiLU + conv-state shift, and x_proj as partial sums       -> xc (B, I), partials
-    ssm_decode     partial sums -> dt_low, B, C; dt_proj; state update; D skip; gate -> y (B, I)
+    norm_gemv      RMSNorm of the fp32 residual row fused into in_proj's GEMV; the conv step (state shift,
+                   SiLU) in its epilogue on the x half                                -> xc | z (B, 2I)
+    gemv           x_proj, unrounded fp32                                             -> dt_low, B, C (B, R + 2N)
+    ssm_decode     dt_proj; state update; D skip; gate                                -> y (B, I)
     gemv_residual  out_proj's GEMV, added to the fp32 residual in place
+(conv_xproj, the conv step with x_proj as partial sums, is GraphDecoder's xproj="fused" alternative.)
 
 At batch 1 a decode step is bound by streaming the weights, so the GEMVs are written for bandwidth: each program
-owns BLOCK_N output rows over the whole input and the batch is the grid's fastest axis, so the programs that
-share a weight tile run together and the tile comes from L2 after the first. States live in pools (S, I, ...)
-addressed by a slot index (B,), so a captured graph gathers and scatters them for free. Every kernel rounds where
-the eager block rounds (weight-dtype outputs of each matmul and norm), so the two agree to the dtype's precision.
+owns BLOCK_N output rows over the whole input, held in registers at once, and the batch is the grid's fastest
+axis, so the programs that share a weight tile run together and the tile comes from L2 after the first. On Hopper
+each kernel is launched with programmatic dependent launch (PDL): it loads its weights before waiting for its
+predecessor's outputs, so kernel boundaries cost little. States live in pools (S, I, ...) addressed by a slot
+index (B,), so a captured graph gathers and scatters them for free. Every kernel rounds where the eager block
+rounds (weight-dtype outputs of each matmul and norm), so the two agree to the dtype's precision.
 """
 
 from __future__ import annotations
