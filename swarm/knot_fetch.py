@@ -20,14 +20,15 @@ import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, TypeVar, Union
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import aiohttp
 import torch
 from tqdm import tqdm
 
 from swarm import knot
-from swarm.errors import ChecksumMismatch, ConfigError, FetchError, KnotFormatError, RangeNotSupported, UnknownTensor
+from swarm.errors import ChecksumMismatch, ConfigError, FetchError, KnotFormatError, UnknownTensor
+from swarm.byte_range import HttpFile, LocalFile, RangeFile, Transient, is_url, status_error
 from swarm.knot import TensorInfo
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,6 @@ HEAD_READ = 64 << 10  # first request of a file; a longer header costs one more 
 MAX_GAP = 4096  # a gap up to this (alignment padding) is read along rather than starting another request
 PIECE_SIZE = 32 << 20  # the largest single request: bigger reads are cut so that the pieces go in parallel
 ST_DTYPES = ("F32", "F16", "BF16", "F64", "I64", "I32", "U8")  # safetensors codes that equal KNOT's
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-
-
-class _Transient(Exception):
-    """A failure worth retrying: 5xx, 408/429, short read (connection errors come as aiohttp.ClientError/OSError)."""
 
 
 @dataclass(frozen=True)
@@ -134,27 +130,17 @@ def parse_safetensors_header(head: bytes, file_size: int | None, source: str) ->
     return out, data_start
 
 
-def _is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
-
-
 def _beside(location: str, name: str) -> str:
     """The file `name` in the same directory (or URL prefix) as `location`."""
-    if _is_url(location):
+    if is_url(location):
         return urllib.parse.urljoin(location, name)
     return os.path.join(os.path.dirname(location), name)
 
 
 def _dir_name(location: str) -> str:
-    path = urllib.parse.urlparse(location).path if _is_url(location) else os.path.abspath(location)
+    path = urllib.parse.urlparse(location).path if is_url(location) else os.path.abspath(location)
     parts = [p for p in path.split("/") if p][:-1]
     return parts[-1] if parts else "model"
-
-
-def _status_error(status: int, reason: str | None, url: str) -> Exception:
-    if status >= 500 or status in (408, 429):
-        return _Transient(f"HTTP {status} {reason or ''}".strip())
-    return FetchError(f"{url}: HTTP {status} {reason or ''}".strip())
 
 
 async def _gather(aws: Iterable[Awaitable[T]]) -> list[T]:
@@ -167,78 +153,6 @@ async def _gather(aws: Iterable[Awaitable[T]]) -> list[T]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-class _LocalFile:
-    """A local file read with os.pread (in a worker thread)."""
-
-    def __init__(self, path: str):
-        try:
-            self._fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise FetchError(f"{path}: no such file") from None
-        except OSError as e:
-            raise FetchError(f"{path}: cannot open: {e.strerror}") from None
-        self.location, self.size = path, os.fstat(self._fd).st_size
-
-    async def read(self, start: int, end: int, head: bool = False) -> bytes:
-        """Bytes [start, end); `head` clamps end to the file size (the first read of a file of unknown length)."""
-        end = min(end, self.size) if head else end
-        data = await asyncio.to_thread(os.pread, self._fd, end - start, start)
-        if len(data) != end - start:
-            raise _Transient(f"short read: got {len(data)} of {end - start} bytes")
-        return data
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-class _HttpFile:
-    """A remote file read by HTTP Range requests; its size comes from the first answer's Content-Range."""
-
-    def __init__(self, url: str, session: aiohttp.ClientSession, allow_full: bool):
-        self.location, self.size = url, None
-        self._session, self._allow_full = session, allow_full
-        self._whole: bytes | None = None  # the whole file, when the server ignores Range and that was allowed
-
-    async def read(self, start: int, end: int, head: bool = False) -> bytes:
-        if self._whole is None:
-            data = await self._request(start, end, head)
-        else:
-            data = self._whole[start:end]
-        want = (min(end, self.size) if head and self.size is not None else end) - start
-        if len(data) != want:
-            raise _Transient(f"short read: got {len(data)} of {want} bytes")
-        return data
-
-    async def _request(self, start: int, end: int, head: bool) -> bytes:
-        url = self.location
-        async with self._session.get(url, headers={"Range": f"bytes={start}-{end - 1}"}) as resp:
-            if resp.status == 206:
-                cr = resp.headers.get("Content-Range", "")
-                m = _CONTENT_RANGE.fullmatch(cr)
-                if not m or int(m.group(1)) != start:
-                    raise FetchError(f"{url}: bad Content-Range {cr!r} for bytes {start}-{end - 1}")
-                total = None if m.group(3) == "*" else int(m.group(3))
-                if self.size is not None and total is not None and total != self.size:
-                    raise FetchError(f"{url}: the file changed size ({self.size} -> {total} bytes) while being read")
-                self.size = total if total is not None else self.size
-                return await resp.read()
-            if resp.status == 200:
-                if not self._allow_full:
-                    raise RangeNotSupported(f"{url}: the server ignores HTTP Range requests (it answered 200 with the "
-                                            f"whole file); pass allow_full_download=True to download all of it")
-                self._whole = await resp.read()
-                self.size = len(self._whole)
-                log.info("%s: no Range support; downloaded the whole file (%d bytes)", url, self.size)
-                return self._whole[start:end]
-            if resp.status == 416 and head:  # an empty file
-                self.size = 0
-                return b""
-            raise _status_error(resp.status, resp.reason, url)
-
-
-_File = Union[_LocalFile, _HttpFile]
 
 
 class ModelSource:
@@ -257,7 +171,7 @@ class ModelSource:
         self.tensor_infos: dict[str, TensorInfo] = {}  # canonical name -> info (offset relative to its data start)
         self.bytes_fetched = 0
         self.bytes_from_cache = 0
-        self._files: list[_File] = []
+        self._files: list[RangeFile] = []
         self._where: dict[str, tuple[int, int]] = {}  # name -> (file number, that file's data start)
         self._cache_keys: dict[str, str] = {}  # name -> content key (KNOT: the tensor's sha256)
         self._blobs: dict[str, knot.BlobInfo] = {}
@@ -314,7 +228,7 @@ class ModelSource:
         data = parts[0] if len(parts) == 1 else b"".join(parts)  # (span.end - span.start) bytes
         return await asyncio.to_thread(self._decode_span, span, data)
 
-    async def _read(self, f: _File, start: int, end: int, bar: tqdm) -> bytes:
+    async def _read(self, f: RangeFile, start: int, end: int, bar: tqdm) -> bytes:
         async with self._sem:
             data = await self._retry(f.location, lambda: f.read(start, end))
         self.bytes_fetched += len(data)
@@ -341,7 +255,7 @@ class ModelSource:
         for attempt in range(self.opts.retries + 1):
             try:
                 return await op()
-            except _Transient as e:
+            except Transient as e:
                 err = str(e)
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:  # refused, reset, timed out, EIO
                 err = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -354,7 +268,7 @@ class ModelSource:
     # -- disk cache: <cache_dir>/<key[:2]>/<key>, holding a tensor's verified bytes; remote files only
 
     def _cache_path(self, name: str) -> str | None:
-        if self.opts.cache_dir is None or not isinstance(self._files[self._where[name][0]], _HttpFile):
+        if self.opts.cache_dir is None or not isinstance(self._files[self._where[name][0]], HttpFile):
             return None
         key = self._cache_keys[name]
         return os.path.join(self.opts.cache_dir, key[:2], key)
@@ -401,7 +315,7 @@ class ModelSource:
 
     async def _open(self) -> None:
         loc = self.location
-        if _is_url(loc):
+        if is_url(loc):
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120),
                 headers={"Accept-Encoding": "identity"})  # byte ranges must address the stored bytes
@@ -456,11 +370,11 @@ class ModelSource:
             raise KnotFormatError(f"{self.location}: cannot tell the number of layers (config says {n!r})")
         self.num_layers = n
 
-    def _new_file(self, location: str) -> _File:
-        if _is_url(location):
+    def _new_file(self, location: str) -> RangeFile:
+        if is_url(location):
             assert self._session is not None
-            return _HttpFile(location, self._session, self.opts.allow_full_download)
-        return _LocalFile(location)
+            return HttpFile(location, self._session, self.opts.allow_full_download)
+        return LocalFile(location)
 
     async def _head(self, i: int) -> bytes:
         """A file's header bytes: one HEAD_READ request, and one more when the header is longer."""
@@ -480,7 +394,7 @@ class ModelSource:
 
     async def _get_small(self, location: str) -> bytes | None:
         """A whole small file (JSON, tokenizer); None if it does not exist."""
-        if not _is_url(location):
+        if not is_url(location):
             try:
                 with open(location, "rb") as fh:
                     return fh.read()
@@ -495,7 +409,7 @@ class ModelSource:
                 if resp.status == 404:
                     return None
                 if resp.status != 200:
-                    raise _status_error(resp.status, resp.reason, location)
+                    raise status_error(resp.status, resp.reason, location)
                 return await resp.read()
         return await self._retry(location, get)
 
@@ -513,7 +427,7 @@ class ModelSource:
 
     async def close(self) -> None:
         for f in self._files:
-            if isinstance(f, _LocalFile):
+            if isinstance(f, LocalFile):
                 f.close()
         self._files = []
         if self._session is not None:
