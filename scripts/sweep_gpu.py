@@ -185,17 +185,6 @@ def step_sweep():
     td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG = default
     td.PDL, td.PDL_EARLY = None, early_default
     graphs.SSM_STATE_EARLY = True
-    # batch 8: cuBLAS GEMMs between the Triton kernels, or the Triton GEMVs serving 8, 4 or 2 rows a program
-    rows_default = td.GEMV_ROWS
-    for name, gemv_batch, rows in [("cuBLAS", 0, rows_default), ("GEMV 8 rows", 8, 8), ("GEMV 4 rows", 8, 4),
-                                   ("GEMV 2 rows", 8, 2)]:
-        td.GEMV_ROWS = rows
-        dec = GraphDecoder(stack, max_slots=8, buckets=(8,), gemv_batch=gemv_batch)
-        sl = [dec.alloc_slot() for _ in range(8)]
-        h8 = torch.randn(8, 1, dm, device=dev)
-        ms = cuda_ms(lambda: dec.step(sl, h8), iters=20, inner=10)
-        print(f"step 16 blocks 2.8b b=8 {name:35s} {ms * 1e3 / 16:.1f} us/block")
-    td.GEMV_ROWS = rows_default
 
 
 def scan_sweep():

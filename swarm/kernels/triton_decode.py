@@ -30,8 +30,6 @@ from swarm.kernels.triton_ops import _conv_tap, _load_a_d, _slot, _ssm_state_upd
 GEMV_IN_CONFIG: tuple[int, int] = (4, 4)
 GEMV_OUT_CONFIG: tuple[int, int] = (2, 2)
 GEMV_XPROJ_CONFIG: tuple[int, int] = (2, 2)
-# the most batch rows one GEMV program serves with its weight tile (a batch of 8 streams the weights once)
-GEMV_ROWS: int = 8
 # (BLOCK_I, num_warps) of ssm_decode, or None for the measured best: (16, 1) at batch 1, (32, 1) above (2.8b, H100:
 # 3.6 and 6.8 us against 4.0 and 10.6 for the old (32, 4))
 SSM_DECODE_CONFIG: tuple[int, int] | None = None
@@ -102,42 +100,29 @@ def _normed(x, g, rstd, wdt: tl.constexpr):
 def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, cw_ptr, cb_ptr, N, I, sx_b, sw_n, sy_b,
                       ss_b, ss_i, ss_k, scw_i, scw_k, eps, D: tl.constexpr, HAS_BIAS: tl.constexpr,
                       CONV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, HAS_CBIAS: tl.constexpr,
-                      HAS_IDX: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, P0: tl.constexpr,
-                      P1: tl.constexpr, P2: tl.constexpr, PDL: tl.constexpr):
+                      HAS_IDX: tl.constexpr, BLOCK_N: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                      P2: tl.constexpr, PDL: tl.constexpr):
     # The program's whole weight tile (BLOCK_N rows, D = P0 + P1 + P2 columns) is loaded at once, so every load is
-    # in flight together (waiting a DRAM latency per chunk streams at half the bandwidth), and before the input;
-    # then it serves ROWS batch rows, so a batch streams the weights once.
+    # in flight together (waiting a DRAM latency per chunk streams at half the bandwidth), and before the input row
+    b = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = n < N
+    wdt = nw_ptr.dtype.element_ty
     w_rows = w_ptr + n[:, None].to(tl.int64) * sw_n
     w0 = _w_piece(w_rows, mn, 0, P0, D)
-    w1, w2 = w0, w0  # placeholders where there is no such piece
     if P1 > 0:
         w1 = _w_piece(w_rows, mn, P0, P1, D)
     if P2 > 0:
         w2 = _w_piece(w_rows, mn, P0 + P1, P2, D)
-    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
-    mi = n < I
-    kc = tl.arange(0, KP)[None, :]
-    cw, cb = bias, bias
     if CONV:
+        mi = n < I
+        kc = tl.arange(0, KP)[None, :]
         cw = tl.load(cw_ptr + n[:, None] * scw_i + kc * scw_k, mask=mi[:, None] & (kc < K), other=0.0)
         if HAS_CBIAS:
             cb = tl.load(cb_ptr + n, mask=mi, other=0.0).to(tl.float32)
     _grid_wait(PDL)
-    for r in tl.static_range(ROWS):
-        _norm_gemv_row(tl.program_id(0).to(tl.int64) * ROWS + r, x_ptr, nw_ptr, y_ptr, s_ptr, idx_ptr, sx_b, sy_b,
-                       ss_b, ss_i, ss_k, eps, w0, w1, w2, bias, cw, cb, n, mn, mi, kc, D, CONV, K, HAS_CBIAS,
-                       HAS_IDX, P0, P1, P2)
-
-
-@triton.jit
-def _norm_gemv_row(b, x_ptr, nw_ptr, y_ptr, s_ptr, idx_ptr, sx_b, sy_b, ss_b, ss_i, ss_k, eps, w0, w1, w2, bias, cw,
-                   cb, n, mn, mi, kc, D: tl.constexpr, CONV: tl.constexpr, K: tl.constexpr, HAS_CBIAS: tl.constexpr,
-                   HAS_IDX: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr):
-    wdt = nw_ptr.dtype.element_ty
     x_row = x_ptr + b * sx_b
     if CONV:  # the conv step's state: its latency hides behind the products below
         slot = _slot(idx_ptr, b, HAS_IDX)
@@ -153,11 +138,13 @@ def _norm_gemv_row(b, x_ptr, nw_ptr, y_ptr, s_ptr, idx_ptr, sx_b, sy_b, ss_b, ss
         x2 = _v_piece(x_row, P0 + P1, P2, D).to(wdt).to(tl.float32)
         ss += tl.sum(x2 * x2, axis=0)
     rstd = tl.rsqrt(ss / D + eps)
-    y = bias + tl.sum(w0.to(tl.float32) * _normed(x0, _v_piece(nw_ptr, 0, P0, D), rstd, wdt)[None, :], axis=1)
+    y = tl.sum(w0.to(tl.float32) * _normed(x0, _v_piece(nw_ptr, 0, P0, D), rstd, wdt)[None, :], axis=1)
     if P1 > 0:
         y += tl.sum(w1.to(tl.float32) * _normed(x1, _v_piece(nw_ptr, P0, P1, D), rstd, wdt)[None, :], axis=1)
     if P2 > 0:
         y += tl.sum(w2.to(tl.float32) * _normed(x2, _v_piece(nw_ptr, P0 + P1, P2, D), rstd, wdt)[None, :], axis=1)
+    if HAS_BIAS:
+        y += bias
     y = y.to(y_ptr.dtype.element_ty)
     if CONV:  # rows n < I are x: run them through the conv step (state shift, SiLU) and store xc in their place
         new = tl.where(kc == K - 1, y.to(tl.float32)[:, None], shifted.to(y.dtype).to(tl.float32))
@@ -172,11 +159,11 @@ def _norm_gemv_row(b, x_ptr, nw_ptr, y_ptr, s_ptr, idx_ptr, sx_b, sy_b, ss_b, ss
 
 @triton.jit
 def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, N, sx_b, sw_n, sr_b, K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, P0: tl.constexpr,
-                          P1: tl.constexpr, P2: tl.constexpr, PDL: tl.constexpr, ADD: tl.constexpr = True):
+                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                          P2: tl.constexpr, PDL: tl.constexpr, ADD: tl.constexpr = True):
     # ADD: r += y rounded to the weight dtype (out_proj into the residual); else r = y in fp32 (x_proj, whose
-    # consumer rounds it). The weight tile is loaded whole, before the input, and serves ROWS batch rows, as in
-    # _norm_gemv_kernel.
+    # consumer rounds it). The weight tile is loaded whole, before the input, as in _norm_gemv_kernel.
+    b = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = n < N
     w_rows = w_ptr + n[:, None].to(tl.int64) * sw_n
@@ -188,29 +175,19 @@ def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, N, sx_b, sw_n, sr_b, K: tl
     if HAS_BIAS:
         bias = tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
     _grid_wait(PDL)
-    for rr in tl.static_range(ROWS):
-        b = tl.program_id(0).to(tl.int64) * ROWS + rr
-        x_row = x_ptr + b * sx_b
-        y = tl.sum(w0.to(tl.float32) * _v_piece(x_row, 0, P0, K).to(tl.float32)[None, :], axis=1)
-        if P1 > 0:
-            y += tl.sum(w1.to(tl.float32) * _v_piece(x_row, P0, P1, K).to(tl.float32)[None, :], axis=1)
-        if P2 > 0:
-            y += tl.sum(w2.to(tl.float32) * _v_piece(x_row, P0 + P1, P2, K).to(tl.float32)[None, :], axis=1)
-        if HAS_BIAS:
-            y += bias
-        r = r_ptr + b * sr_b + n
-        if ADD:
-            y = y.to(w_ptr.dtype.element_ty).to(tl.float32)  # the matmul's output in the weight dtype, then the add
-            y += tl.load(r, mask=mn, other=0.0)
-        tl.store(r, y, mask=mn)
-
-
-def _rows_per_program(bsz: int) -> int:
-    """Batch rows one GEMV program serves: the largest power of two <= GEMV_ROWS that divides bsz."""
-    rows = 1
-    while rows * 2 <= GEMV_ROWS and bsz % (rows * 2) == 0:
-        rows *= 2
-    return rows
+    x_row = x_ptr + b * sx_b
+    y = tl.sum(w0.to(tl.float32) * _v_piece(x_row, 0, P0, K).to(tl.float32)[None, :], axis=1)
+    if P1 > 0:
+        y += tl.sum(w1.to(tl.float32) * _v_piece(x_row, P0, P1, K).to(tl.float32)[None, :], axis=1)
+    if P2 > 0:
+        y += tl.sum(w2.to(tl.float32) * _v_piece(x_row, P0 + P1, P2, K).to(tl.float32)[None, :], axis=1)
+    if HAS_BIAS:
+        y += bias
+    r = r_ptr + b * sr_b + n
+    if ADD:
+        y = y.to(w_ptr.dtype.element_ty).to(tl.float32)  # the matmul's output in the weight dtype, then the fp32 add
+        y += tl.load(r, mask=mn, other=0.0)
+    tl.store(r, y, mask=mn)
 
 
 def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -235,12 +212,11 @@ def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.T
         n_conv, k = cw.shape
         strides = (*state.stride(), *cw.stride())
     p0, p1, p2 = _pieces(dim)
-    rows = _rows_per_program(bsz)
-    _launch(_norm_gemv_kernel, (bsz // rows, triton.cdiv(out_dim, block_n)),
+    _launch(_norm_gemv_kernel, (bsz, triton.cdiv(out_dim, block_n)),
             x, norm_w, weight, weight if bias is None else bias, y, state, x if idx is None else idx, cw,
             cw if cb is None else cb, out_dim, n_conv, x.stride(0), weight.stride(0), y.stride(0), *strides, eps,
             D=dim, HAS_BIAS=bias is not None, CONV=conv is not None, K=k, KP=triton.next_power_of_2(k),
-            HAS_CBIAS=cb is not None, HAS_IDX=idx is not None, BLOCK_N=block_n, ROWS=rows, P0=p0, P1=p1, P2=p2,
+            HAS_CBIAS=cb is not None, HAS_IDX=idx is not None, BLOCK_N=block_n, P0=p0, P1=p1, P2=p2,
             num_warps=warps, pdl=_pdl(x.device), name="norm_gemv")
     return y
 
@@ -254,10 +230,9 @@ def gemv_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     assert residual.dtype == torch.float32 and tuple(residual.shape) == (bsz, out_dim)
     block_n, warps = config or GEMV_OUT_CONFIG
     p0, p1, p2 = _pieces(k)
-    rows = _rows_per_program(bsz)
-    _launch(_gemv_residual_kernel, (bsz // rows, triton.cdiv(out_dim, block_n)),
+    _launch(_gemv_residual_kernel, (bsz, triton.cdiv(out_dim, block_n)),
             x, weight, weight if bias is None else bias, residual, out_dim, x.stride(0), weight.stride(0),
-            residual.stride(0), K=k, HAS_BIAS=bias is not None, BLOCK_N=block_n, ROWS=rows, P0=p0, P1=p1, P2=p2,
+            residual.stride(0), K=k, HAS_BIAS=bias is not None, BLOCK_N=block_n, P0=p0, P1=p1, P2=p2,
             num_warps=warps, pdl=_pdl(x.device), name="gemv_residual")
     return residual
 
@@ -270,11 +245,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int] | None =
     block_n, warps = config or GEMV_XPROJ_CONFIG
     y = torch.empty(bsz, out_dim, dtype=torch.float32, device=x.device)
     p0, p1, p2 = _pieces(k)
-    rows = _rows_per_program(bsz)
-    _launch(_gemv_residual_kernel, (bsz // rows, triton.cdiv(out_dim, block_n)),
+    _launch(_gemv_residual_kernel, (bsz, triton.cdiv(out_dim, block_n)),
             x, weight, weight, y, out_dim, x.stride(0), weight.stride(0), y.stride(0), K=k, HAS_BIAS=False,
-            BLOCK_N=block_n, ROWS=rows, P0=p0, P1=p1, P2=p2, ADD=False, num_warps=warps, pdl=_pdl(x.device),
-            name="gemv")
+            BLOCK_N=block_n, P0=p0, P1=p1, P2=p2, ADD=False, num_warps=warps, pdl=_pdl(x.device), name="gemv")
     return y
 
 

@@ -78,13 +78,12 @@ class GraphDecoder:
       Triton GEMV for x_proj (no split-K reduction launch, fp32 output); `"fused"`: the conv kernel
       also computes x_proj as partial sums over channel blocks, which the SSM step adds up (one launch fewer).
     - buckets of up to `gemv_batch` rows run in_proj and out_proj as Triton GEMVs with the norm and the residual add
-      fused into them (and, unless xproj="fused", the conv step in in_proj's epilogue), each program serving up to
-      8 batch rows with one load of its weight tile; other buckets use cuBLAS with a fused residual-add + RMSNorm
-      between blocks.
+      fused into them (and, unless xproj="fused", the conv step in in_proj's epilogue); other buckets use cuBLAS
+      with a fused residual-add + RMSNorm between blocks.
     """
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
-                 graphs: bool = True, gemv_batch: int = 8, xproj: str = "gemv", head: Head | None = None,
+                 graphs: bool = True, gemv_batch: int = 1, xproj: str = "gemv", head: Head | None = None,
                  prefill_chunk: int = PREFILL_CHUNK):
         if graphs and stack.device.type != "cuda":
             raise ValueError(f"GraphDecoder captures CUDA graphs; the stack is on {stack.device}")
