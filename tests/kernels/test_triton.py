@@ -253,7 +253,8 @@ def test_conv_xproj_and_ssm_decode(i, n, r, k, bias, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,d,n,bias,config", [(1, 64, 96, False, None), (3, 100, 37, True, None),
-                                               (2, 2560, 300, False, (16, 4)), (1, 768, 1000, True, (64, 8))])
+                                               (8, 96, 40, True, None), (2, 2560, 300, False, (16, 4)),
+                                               (1, 768, 1000, True, (64, 8))])
 def test_norm_gemv(b, d, n, bias, config, dtype):
     """RMSNorm fused into in_proj: as rms_norm then linear, both rounding to the weight dtype."""
     x = _rand(b, d, scale=2.0)
@@ -269,7 +270,7 @@ def test_norm_gemv(b, d, n, bias, config, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,d,i,k,cbias,config", [(1, 48, 72, 4, True, None), (3, 36, 50, 3, False, (8, 4)),
-                                                  (2, 256, 300, 4, True, (16, 4))])
+                                                  (2, 256, 300, 4, True, (16, 4)), (8, 40, 24, 4, True, None)])
 def test_norm_gemv_with_the_conv_step(b, d, i, k, cbias, config, dtype):
     """in_proj's epilogue runs the conv step on its x half: as norm_gemv, then conv1d_step on a slot pool."""
     x = _rand(b, d, scale=2.0)
