@@ -272,13 +272,7 @@ class GraphDecoder:
     def step(self, slots: list[int], hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (B, 1, D) fp32 for sessions `slots` (B of them) -> (B, 1, D) fp32; their states advance a token."""
         bsz = len(slots)
-        if bsz == 0 or bsz > self.buckets[-1]:
-            raise ValueError(f"step takes 1..{self.buckets[-1]} sessions, got {bsz}")
-        if tuple(hidden.shape) != (bsz, 1, self.cfg.hidden_size):
-            raise ValueError(f"step takes hidden ({bsz}, 1, {self.cfg.hidden_size}), got {tuple(hidden.shape)}")
-        self._check_slots(slots)
-        bk = next(b for b in self.buckets if b >= bsz)
-        self._idx[bk].copy_(self._index(bk, slots))
+        bk = self._bucket("step", slots, hidden, (bsz, 1, self.cfg.hidden_size))
         self._h_in[bk][:bsz].copy_(hidden[:, 0])
         if self._graphs:
             self._graphs[bk].replay()
@@ -295,19 +289,24 @@ class GraphDecoder:
         if self.head is None:
             raise ValueError("step_logits needs a GraphDecoder built with head=")
         bsz = len(slots)
-        if bsz == 0 or bsz > self.buckets[-1]:
-            raise ValueError(f"step_logits takes 1..{self.buckets[-1]} sessions, got {bsz}")
-        if tuple(ids.shape) != (bsz, 1):
-            raise ValueError(f"step_logits takes ids ({bsz}, 1), got {tuple(ids.shape)}")
-        self._check_slots(slots)
-        bk = next(b for b in self.buckets if b >= bsz)
-        self._idx[bk].copy_(self._index(bk, slots))
+        bk = self._bucket("step_logits", slots, ids, (bsz, 1))
         self._ids[bk][:bsz].copy_(ids)
         if self._token_graphs:
             self._token_graphs[bk].replay()
         else:
             self._token(bk)
         return self._logits[bk][:bsz].clone()
+
+    def _bucket(self, what: str, slots: list[int], x: torch.Tensor, shape: tuple[int, ...]) -> int:
+        """Check a step's sessions and input; returns their bucket, whose slot index now holds them."""
+        if not 0 < len(slots) <= self.buckets[-1]:
+            raise ValueError(f"{what} takes 1..{self.buckets[-1]} sessions, got {len(slots)}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{what} takes an input of shape {shape}, got {tuple(x.shape)}")
+        self._check_slots(slots)
+        bk = next(b for b in self.buckets if b >= len(slots))
+        self._idx[bk].copy_(self._index(bk, slots))
+        return bk
 
     def _token(self, bk: int) -> None:
         """embedding -> blocks -> head for bucket bk's ids (what a token graph holds); logits in self._logits[bk]."""
