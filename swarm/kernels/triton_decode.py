@@ -18,6 +18,8 @@ rounds (weight-dtype outputs of each matmul and norm), so the two agree to the d
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -46,7 +48,14 @@ PDL_EARLY: frozenset[str] = frozenset({"norm_gemv", "gemv", "ssm_decode", "gemv_
 def _pdl(device: torch.device) -> bool:
     if PDL is not None:
         return PDL and device.type == "cuda"
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    if device.type != "cuda":
+        return False
+    return _sm_major(torch.cuda.current_device() if device.index is None else device.index) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _launch(kernel, grid, *args, pdl: bool, name: str, **kw) -> None:
