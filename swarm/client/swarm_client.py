@@ -134,12 +134,24 @@ class SwarmClient:
 
     async def _ping_new(self, servers: dict[PeerId, Any]) -> None:
         todo = [p for p in servers if p not in self.rtt and p not in self.bans.banned()]
-        results = await asyncio.gather(*(self.ping(p) for p in todo), return_exceptions=True)
+        results = await asyncio.gather(*(self._first_ping(p) for p in todo), return_exceptions=True)
         for p, r in zip(todo, results):
             if isinstance(r, BaseException):
                 self.ban(p, r)
             else:
                 self.rtt[p] = r[0]
+
+    async def _first_ping(self, peer: PeerId) -> tuple[float, wire.Info]:
+        """ping, tried twice unless it timed out: the first stream to a peer that has just come up can close under
+        it (seen on loopback with two busy cores), and a ban would keep a healthy peer out of routes for seconds."""
+        try:
+            return await self.ping(peer)
+        except asyncio.TimeoutError:
+            raise
+        except Exception as e:
+            log.debug("first ping of %s failed (%s); trying once more", str(peer)[:12], e)
+            await asyncio.sleep(0.2)
+            return await self.ping(peer)
 
     async def ping(self, peer: PeerId) -> tuple[float, wire.Info]:
         """Round-trip time in seconds of an info RPC, and the peer's answer."""
