@@ -32,6 +32,9 @@ from swarm.kernels.triton_ops import _conv_tap, _load_a_d, _slot, _ssm_state_upd
 GEMV_IN_CONFIG: tuple[int, int] = (4, 4)
 GEMV_OUT_CONFIG: tuple[int, int] = (2, 2)
 GEMV_XPROJ_CONFIG: tuple[int, int] = (2, 2)
+# Off CUDA (Triton's interpreter, in tests) each program is Python executing numpy, and every call into a helper
+# costs a language patch: few wide programs (a tiny model's decode step: 1.5 s, against 10.6 s with the GPU's tiles)
+INTERPRETER_GEMV_CONFIG: tuple[int, int] = (64, 4)
 # (BLOCK_I, num_warps) of ssm_decode, or None for the measured best: (16, 1) at batch 1, (32, 1) above (2.8b, H100:
 # 3.6 and 6.8 us against 4.0 and 10.6 for the old (32, 4))
 SSM_DECODE_CONFIG: tuple[int, int] | None = None
@@ -211,7 +214,7 @@ def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.T
     bsz, dim = x.shape
     out_dim = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == dim
-    block_n, warps = config or GEMV_IN_CONFIG
+    block_n, warps = config or (GEMV_IN_CONFIG if x.is_cuda else INTERPRETER_GEMV_CONFIG)
     y = torch.empty(bsz, out_dim, dtype=weight.dtype, device=x.device)
     if conv is None:
         state, cw, cb, idx, n_conv, k = y, weight, None, None, 0, 1
@@ -237,7 +240,7 @@ def gemv_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out_dim = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and residual.stride(1) == 1 and weight.shape[1] == k
     assert residual.dtype == torch.float32 and tuple(residual.shape) == (bsz, out_dim)
-    block_n, warps = config or GEMV_OUT_CONFIG
+    block_n, warps = config or (GEMV_OUT_CONFIG if x.is_cuda else INTERPRETER_GEMV_CONFIG)
     p0, p1, p2 = _pieces(k)
     _launch(_gemv_residual_kernel, (bsz, triton.cdiv(out_dim, block_n)),
             x, weight, weight if bias is None else bias, residual, out_dim, x.stride(0), weight.stride(0),
@@ -251,7 +254,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int] | None =
     bsz, k = x.shape
     out_dim = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == k
-    block_n, warps = config or GEMV_XPROJ_CONFIG
+    block_n, warps = config or (GEMV_XPROJ_CONFIG if x.is_cuda else INTERPRETER_GEMV_CONFIG)
     y = torch.empty(bsz, out_dim, dtype=torch.float32, device=x.device)
     p0, p1, p2 = _pieces(k)
     _launch(_gemv_residual_kernel, (bsz, triton.cdiv(out_dim, block_n)),
