@@ -97,6 +97,24 @@ def _w_piece(w_rows, mn, OFF: tl.constexpr, P: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
+def _w_tile(w_ptr, b_ptr, n, mn, sw_n, K: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+            HAS_BIAS: tl.constexpr):
+    """A GEMV program's weight rows n in pieces of P0, P1, P2 columns (w0 stands in for an absent piece) and its
+    bias in fp32 (zeros without one): everything it loads before waiting for its input."""
+    w_rows = w_ptr + n[:, None].to(tl.int64) * sw_n
+    w0 = _w_piece(w_rows, mn, 0, P0, K)
+    w1, w2 = w0, w0
+    if P1 > 0:
+        w1 = _w_piece(w_rows, mn, P0, P1, K)
+    if P2 > 0:
+        w2 = _w_piece(w_rows, mn, P0 + P1, P2, K)
+    bias = tl.zeros(n.shape, dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
+    return w0, w1, w2, bias
+
+
+@triton.jit
 def _v_piece(ptr, OFF: tl.constexpr, P: tl.constexpr, K: tl.constexpr):
     k = OFF + tl.arange(0, P)
     return tl.load(ptr + k, mask=k < K, other=0.0)
@@ -120,14 +138,7 @@ def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, cw_ptr
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = n < N
     wdt = nw_ptr.dtype.element_ty
-    w_rows = w_ptr + n[:, None].to(tl.int64) * sw_n
-    w0 = _w_piece(w_rows, mn, 0, P0, D)
-    if P1 > 0:
-        w1 = _w_piece(w_rows, mn, P0, P1, D)
-    if P2 > 0:
-        w2 = _w_piece(w_rows, mn, P0 + P1, P2, D)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
+    w0, w1, w2, bias = _w_tile(w_ptr, b_ptr, n, mn, sw_n, D, P0, P1, P2, HAS_BIAS)
     if CONV:
         mi = n < I
         kc = tl.arange(0, KP)[None, :]
@@ -178,14 +189,7 @@ def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, N, sx_b, sw_n, sr_b, K: tl
     b = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = n < N
-    w_rows = w_ptr + n[:, None].to(tl.int64) * sw_n
-    w0 = _w_piece(w_rows, mn, 0, P0, K)
-    if P1 > 0:
-        w1 = _w_piece(w_rows, mn, P0, P1, K)
-    if P2 > 0:
-        w2 = _w_piece(w_rows, mn, P0 + P1, P2, K)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)
+    w0, w1, w2, bias = _w_tile(w_ptr, b_ptr, n, mn, sw_n, K, P0, P1, P2, HAS_BIAS)
     _grid_wait(PDL)
     x_row = x_ptr + b * sx_b
     y = tl.sum(w0.to(tl.float32) * _v_piece(x_row, 0, P0, K).to(tl.float32)[None, :], axis=1)
