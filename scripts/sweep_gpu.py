@@ -128,24 +128,26 @@ def _wide_stack(layers):
     return cfg, BlockStack.from_tensors(cfg, 0, layers, wide_block_tensors(cfg, layers), device=dev)
 
 
-def prefill_sweep():
-    """Prefill of 2048 tokens through 16 blocks of 2.8b width (graphs), for scan configs: the scan in context."""
+def prefill_sweep(scans=None, convs=None):
+    """Prefill of 2048 tokens through 16 blocks of 2.8b width (graphs), for scan and conv configs: in context."""
     cfg, stack = _wide_stack(16)
     hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
     # wider channel tiles cost fewer instructions a state element (fewer shuffles and per-token loads per element;
     # PTX: 17 a state element per token at (16, 1), 13 at (64, 2), 11 at (128, 2)) but hold more registers
-    default = tk.SCAN_CONFIG
-    for conf in [("seq", 16, 1, 0, 2), ("seq", 32, 1, 0, 2), ("seq", 32, 1, 0, 3), ("seq", 32, 1, 32, 2),
-                 ("seq", 32, 1, 8, 2), ("seq", 64, 2, 0, 3), ("seq", 64, 1, 0, 2), ("seq", 128, 4, 0, 3)]:
-        tk.SCAN_CONFIG = conf
+    scans = scans or [("seq", 16, 1, 0, 2), ("seq", 32, 1, 0, 2), ("seq", 32, 1, 0, 3), ("seq", 32, 1, 32, 2),
+                      ("seq", 32, 1, 8, 2), ("seq", 64, 2, 0, 3), ("seq", 64, 1, 0, 2), ("seq", 128, 4, 0, 3)]
+    convs = convs or [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 128, 4), (128, 64, 8)]
+    default = tk.SCAN_CONFIG, tk.CONV_CONFIG
+    for what, conf in [("scan", c) for c in scans] + [("conv", c) for c in convs]:
+        tk.SCAN_CONFIG, tk.CONV_CONFIG = (conf, default[1]) if what == "scan" else (default[0], conf)
         try:
             dec = GraphDecoder(stack, max_slots=2, buckets=(1,))
             sl = dec.alloc_slot()
             ms = cuda_ms(lambda: dec.prefill(sl, hidden), iters=5, warmup=2)
-            print(f"prefill 2048, 16 blocks 2.8b, scan {conf}: {ms:.2f} ms")
+            print(f"prefill 2048, 16 blocks 2.8b, {what} {conf}: {ms:.2f} ms")
         except Exception as e:
-            print(f"prefill scan {conf}: failed {type(e).__name__}: {str(e)[:200]}")
-    tk.SCAN_CONFIG = default
+            print(f"prefill {what} {conf}: failed {type(e).__name__}: {str(e)[:200]}")
+    tk.SCAN_CONFIG, tk.CONV_CONFIG = default
 
 
 def step_sweep():

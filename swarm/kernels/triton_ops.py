@@ -27,6 +27,8 @@ from swarm.kernels import Backend
 # issue-bound (ncu: 73-75% SM throughput at 16 channels, 16 segments): through 16 blocks, ("seq", 32, 1, 0, 2) took
 # 9.75 ms against 11.48 for ("seq", 16, 1, 0, 2), 10.3-10.4 for (64, 2) and (128, 4), 12.0-14.1 for the rest.
 SCAN_CONFIG: tuple = ("seq", 32, 1, 0, 2)
+# (BLOCK_T, BLOCK_I, num_warps) of the prefill conv; scripts/sweep_gpu.py prefill_sweep measures the alternatives
+CONV_CONFIG: tuple[int, int, int] = (32, 64, 4)
 
 
 @triton.jit
@@ -110,14 +112,25 @@ def _conv_fwd_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I,
     mt = t < T
     x_base = x_ptr + b * sx_b + i * sx_i
     s_base = s_ptr + b * ss_b + i * ss_i
-    acc = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
-    # full = [conv_state[1:], x]: tap k of output t reads full[t + k], which is x[src] or conv_state[src + K]
-    for k in tl.static_range(K):
-        src = t + (k - (K - 1))
-        xv = tl.load(x_base + src * sx_t, mask=(src >= 0) & mt & mi, other=0.0)
-        sv = tl.load(s_base + (src + K) * ss_k, mask=(src < 0) & mt & mi, other=0.0)
-        w = tl.load(w_ptr + i * sw_i + k * sw_k, mask=mi, other=0.0).to(tl.float32)
-        acc += (xv.to(tl.float32) + sv.to(xv.dtype).to(tl.float32)) * w
+    # full = [conv_state[1:], x]: tap k of output t reads full[t + k], which is x[src] or conv_state[src + K].
+    # Only the first tile in time reaches back into the state. Its branch loads the state tile in a layout of its
+    # own; the other programs' accumulator keeps x's coalesced layout (a state load in the common path pulled every
+    # program into the state's layout, with a shared-memory round trip a tap and 16-bit loads: 4.5x the memory time)
+    if pid_t == 0:
+        acc = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+        for k in tl.static_range(K):
+            src = t + (k - (K - 1))
+            xv = tl.load(x_base + src * sx_t, mask=(src >= 0) & mt & mi, other=0.0)
+            sv = tl.load(s_base + (src + K) * ss_k, mask=(src < 0) & mt & mi, other=0.0)
+            w = tl.load(w_ptr + i * sw_i + k * sw_k, mask=mi, other=0.0).to(tl.float32)
+            acc += (xv.to(tl.float32) + sv.to(xv.dtype).to(tl.float32)) * w
+    else:
+        acc = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+        for k in tl.static_range(K):
+            src = t + (k - (K - 1))
+            xv = tl.load(x_base + src * sx_t, mask=mt & mi, other=0.0)
+            w = tl.load(w_ptr + i * sw_i + k * sw_k, mask=mi, other=0.0).to(tl.float32)
+            acc += xv.to(tl.float32) * w
     if HAS_BIAS:
         acc += tl.load(b_ptr + i, mask=mi, other=0.0).to(tl.float32)
     tl.store(y_ptr + b * sy_b + t * sy_t + i * sy_i, _silu(acc).to(y_ptr.dtype.element_ty), mask=mt & mi)
@@ -190,13 +203,14 @@ def causal_conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tenso
         return conv1d_step(x[:, :, 0], conv_state, weight, bias).unsqueeze(-1)
     k = weight.shape[-1]
     y = torch.empty(bsz, t, dim, dtype=x.dtype, device=x.device).transpose(1, 2)  # (B, I, T)
-    block_t, block_i = 32, 64
+    block_t, block_i, warps = CONV_CONFIG
+    assert block_t >= k - 1  # only the first tile in time reaches into the state
     grid = (triton.cdiv(t, block_t), triton.cdiv(dim, block_i), bsz)
     _conv_fwd_kernel[grid](x, conv_state, weight, weight if bias is None else bias, y,
                            weight if length is None else length, t, dim,
                            *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
                            K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_LEN=length is not None,
-                           BLOCK_T=block_t, BLOCK_I=block_i, num_warps=4)
+                           BLOCK_T=block_t, BLOCK_I=block_i, num_warps=warps)
     return y
 
 
