@@ -174,8 +174,8 @@ def test_selective_scan(b, i, t, n, dtype, layout):
 
 
 @pytest.mark.parametrize("config", [("seq", 8, 4), ("seq", 32, 4), ("seq", 4, 2), ("seq", 16, 4, 3), ("seq", 8, 2, 9),
-                                    ("seq", 16, 2, 4, 3),
-                                    ("chunk", 16, 16, 4), ("chunk", 32, 8, 4)])
+                                    ("seq", 16, 2, 4, 3), ("chan", 32, 1), ("chan", 64, 1, 4, 2), ("chan", 16, 1, 3, 4),
+                                    ("chan", 64, 2, 2, 8), ("chunk", 16, 16, 4), ("chunk", 32, 8, 4)])
 def test_selective_scan_configs(config):
     args = _scan_inputs(2, 80, 70, 16, 6, torch.bfloat16, "block")
     state_ref = args[-1].clone()
@@ -186,10 +186,12 @@ def test_selective_scan_configs(config):
 
 
 @pytest.mark.parametrize("t,length,config", [(16, 1, None), (16, 9, None), (32, 32, None), (520, 300, ("seq", 8, 2, 4)),
-                                            (520, 100, ("seq", 8, 2, 4)), (64, 63, ("seq", 16, 2, 3))])
+                                            (520, 100, ("seq", 8, 2, 4)), (64, 63, ("seq", 16, 2, 3)),
+                                            (64, 37, ("chan", 32, 1, 3, 2)), (16, 5, ("chan", 16, 1))])
 def test_selective_scan_device_length(t, length, config):
     """Only the first `length` tokens count: their outputs, and the state after them (segments past them too)."""
-    args = list(_scan_inputs(2, 24, t, 8, 6, torch.float32, "block"))
+    dtype = torch.bfloat16 if config and config[0] == "chan" else torch.float32  # "chan" reads bf16 B and C
+    args = list(_scan_inputs(2, 24, t, 8, 6, dtype, "block"))
     state_ref = args[-1].clone()
     cut = [a[..., :length] if k in (0, 1, 6) else a[:, :length] if k in (3, 4) else a for k, a in enumerate(args[:-1])]
     want = ref.selective_scan_ref(*cut, state_ref)
