@@ -134,9 +134,9 @@ def prefill_sweep(scans=None, convs=None):
     hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
     # wider channel tiles cost fewer instructions a state element (fewer shuffles and per-token loads per element;
     # PTX: 17 a state element per token at (16, 1), 13 at (64, 2), 11 at (128, 2)) but hold more registers
-    scans = scans or [("seq", 16, 1, 0, 2), ("seq", 32, 1, 0, 2), ("seq", 32, 1, 0, 3), ("seq", 32, 1, 32, 2),
+    scans = scans if scans is not None else [("seq", 16, 1, 0, 2), ("seq", 32, 1, 0, 2), ("seq", 32, 1, 0, 3), ("seq", 32, 1, 32, 2),
                       ("seq", 32, 1, 8, 2), ("seq", 64, 2, 0, 3), ("seq", 64, 1, 0, 2), ("seq", 128, 4, 0, 3)]
-    convs = convs or [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 128, 4), (128, 64, 8)]
+    convs = convs if convs is not None else [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 128, 4), (128, 64, 8)]
     default = tk.SCAN_CONFIG, tk.CONV_CONFIG
     for what, conf in [("scan", c) for c in scans] + [("conv", c) for c in convs]:
         tk.SCAN_CONFIG, tk.CONV_CONFIG = (conf, default[1]) if what == "scan" else (default[0], conf)

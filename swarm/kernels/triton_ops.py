@@ -27,8 +27,11 @@ from swarm.kernels import Backend
 # issue-bound (ncu: 73-75% SM throughput at 16 channels, 16 segments): through 16 blocks, ("seq", 32, 1, 0, 2) took
 # 9.75 ms against 11.48 for ("seq", 16, 1, 0, 2), 10.3-10.4 for (64, 2) and (128, 4), 12.0-14.1 for the rest.
 SCAN_CONFIG: tuple = ("seq", 32, 1, 0, 2)
-# What a "chan" config runs as where _scan_chan_kernel cannot read B and C (not bf16, odd strides or N)
-SCAN_FALLBACK: tuple = ("seq", 32, 1, 0, 2)
+# The "seq" kernel's softplus and gate: _softplus_poly and _silu_rcp, or _softplus and _silu. The former cut the
+# token loop's SASS by 20% (MODE 2) and 25% (MODE 1); through 16 blocks, 8.24-8.44 ms against 9.00-9.21 (H100).
+# A kernel with the state transposed (a thread owning whole channels: half the instructions a state element) was
+# slower in context, 9.66-11.9 ms, at 8-12 warps an SM (git 766de96 has it)
+SCAN_POLY: bool = True
 # (BLOCK_T, BLOCK_I, num_warps) of the prefill conv; scripts/sweep_gpu.py prefill_sweep measures the alternatives
 CONV_CONFIG: tuple[int, int, int] = (32, 64, 4)
 
@@ -346,7 +349,7 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
                      su_b, su_i, su_t, sd_b, sd_i, sd_t, sz_b, sz_i, sz_t,
                      sb_b, sb_t, sb_n, sc_b, sc_t, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, sy_t,
                      MODE: tl.constexpr, HAS_LEN: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
-                     STAGES: tl.constexpr = 1):
+                     STAGES: tl.constexpr = 1, POLY: tl.constexpr = False, FAST: tl.constexpr = False):
     # Token by token over a (BLOCK_I, BLOCK_N) state in registers, 8 tokens a loop turn. The per-channel maths
     # (softplus, the gate, the D skip) runs on (BLOCK_I, 8) tiles, once per element, not once per state lane;
     # per token only exp2, two FMAs and the C . h reduction remain. Operands are shaped (BLOCK_I, 1) or
@@ -394,7 +397,8 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
         tt = t + cols  # (1, 8)
         m8 = mi & (tt < t_hi)
         u = tl.load(p_u + tt * su_t, mask=m8, other=0.0).to(tl.float32)  # (BI, 8)
-        dt = tl.where(m8, _softplus(tl.load(p_dl + tt * sd_t, mask=m8, other=0.0).to(tl.float32) + bias), 0.0)
+        dl = tl.load(p_dl + tt * sd_t, mask=m8, other=0.0).to(tl.float32) + bias
+        dt = tl.where(m8, _softplus_poly(dl, FAST) if POLY else _softplus(dl), 0.0)
         if MODE == 1:
             dsum += tl.sum(dt, axis=1, keep_dims=True)
         dt0, dt1, dt2, dt3, dt4, dt5, dt6, dt7 = _cols8(dt, BLOCK_I)  # past the end: dt = 0 leaves h as it is
@@ -419,7 +423,7 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
             z = tl.load(p_z + tt * sz_t, mask=m8, other=0.0).to(tl.float32)
             # join appends a last axis, so the outermost join picks bit 0 of the token index and the innermost bit 2
             ys = tl.join(tl.join(tl.join(y0, y4), tl.join(y2, y6)), tl.join(tl.join(y1, y5), tl.join(y3, y7)))
-            y = (tl.reshape(ys, (BLOCK_I, 8)) + d_skip * u) * _silu(z)
+            y = (tl.reshape(ys, (BLOCK_I, 8)) + d_skip * u) * (_silu_rcp(z, FAST) if POLY else _silu(z))
             tl.store(p_y + tt * sy_t, y.to(p_y.dtype.element_ty), mask=m8)
     if MODE == 0:
         tl.store(h_ptrs, h, mask=mi & mn)
@@ -428,139 +432,6 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
         tl.store(ds_row + seg * I, dsum, mask=mi)
     elif seg == n_seg - 1:
         tl.store(hs_row + seg * I * N, h, mask=mi & mn)
-
-
-@triton.jit
-def _bf16_pairs(w):
-    """int32 words holding bf16 pairs -> (low halves, high halves) as fp32, exactly."""
-    lo = (w << 16).to(tl.float32, bitcast=True)
-    hi = (w & -65536).to(tl.float32, bitcast=True)
-    return lo, hi
-
-
-@triton.jit
-def _col(x, k: tl.constexpr, SUB: tl.constexpr):
-    """Column k of x (R, SUB) as (R, 1), by splits (register moves when SUB is in-thread)."""
-    if SUB == 1:
-        return x
-    else:
-        a, b = tl.split(tl.reshape(x, (x.shape[0], SUB // 2, 2)))
-        if k % 2 == 0:
-            return _col(a, k // 2, SUB // 2)
-        else:
-            return _col(b, k // 2, SUB // 2)
-
-
-@triton.jit
-def _scan_chan_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, y_ptr, hs_ptr, ds_ptr,
-                      len_ptr, T, I, N, SEG, NSEG,
-                      su_b, su_i, su_t, sd_b, sd_i, sd_t, sz_b, sz_i, sz_t,
-                      sb_b, sb_t, sb_n, sc_b, sc_t, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, sy_t,
-                      MODE: tl.constexpr, HAS_LEN: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
-                      STAGES: tl.constexpr = 1, UNROLL: tl.constexpr = 8, FAST: tl.constexpr = True,
-                      SUB: tl.constexpr = 2):
-    # _scan_seq_kernel's maths, segments and modes with the state transposed: (BLOCK_N, BLOCK_I), so that a thread
-    # owns whole channels and C . h is summed in registers, and the per-channel work (softplus, the gate, the loads
-    # and the store) is done once a channel and token instead of once per state lane group. That halves the
-    # instructions per state element and token (SASS of the token loop, sm_90: 8.2 in MODE 2 and 6.0 in MODE 1 at
-    # 64 channels a warp, against 15.2 and 11.4), near the one MUFU.EX2 an element that bounds it.
-    # The state is split by the parity of n, he / ho (BLOCK_N // 2, BLOCK_I): B and C are read as int32 words that
-    # hold an (even n, odd n) bf16 pair, and one shift or one and makes each an fp32. Per SUB tokens one (pairs,
-    # SUB, {B, C}) tile is loaded spread over the warp (a word a thread), unpacked once, and reaches every thread
-    # through shared memory. Needs bf16 B and C with sb_n == sc_n == 1, even token strides and 4-byte aligned rows,
-    # and even N (selective_scan checks). FAST: softplus and the gate through rcp.approx (off on the interpreter).
-    if HAS_LEN:
-        T = tl.load(len_ptr).to(tl.int32)
-    NH: tl.constexpr = BLOCK_N // 2
-    i = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :]  # (1, BI)
-    b = tl.program_id(1).to(tl.int64)
-    seg = tl.program_id(2)
-    n_seg = NSEG
-    j = tl.arange(0, NH)[:, None]  # (NH, 1) pair index: n = 2j (even), 2j + 1 (odd)
-    mi = i < I
-    mj = 2 * j < N
-    mij = mi & mj
-    a2e = tl.load(a_ptr + i * N + 2 * j, mask=mij, other=0.0) * 1.4426950408889634
-    a2o = tl.load(a_ptr + i * N + 2 * j + 1, mask=mij, other=0.0) * 1.4426950408889634
-    h_ptrs = h_ptr + b * sh_b + i * sh_i + 2 * j * sh_n
-    hs_row = hs_ptr + ((b * n_seg) * I + i) * N + 2 * j
-    ds_row = ds_ptr + (b * n_seg) * I + i
-    if MODE == 1:
-        he = tl.zeros([NH, BLOCK_I], dtype=tl.float32)
-        ho = tl.zeros([NH, BLOCK_I], dtype=tl.float32)
-    else:
-        he = tl.load(h_ptrs, mask=mij, other=0.0)
-        ho = tl.load(h_ptrs + sh_n, mask=mij, other=0.0)
-    if MODE == 2:
-        for s in range(0, seg):
-            dss = tl.load(ds_row + s * I, mask=mi, other=0.0)
-            he = tl.exp2(a2e * dss) * he + tl.load(hs_row + s * I * N, mask=mij, other=0.0)
-            ho = tl.exp2(a2o * dss) * ho + tl.load(hs_row + s * I * N + 1, mask=mij, other=0.0)
-    d_skip = tl.load(d_ptr + i, mask=mi, other=0.0)
-    bias = tl.load(bias_ptr + i, mask=mi, other=0.0)
-    t_lo = seg * SEG
-    n_tok = tl.minimum(SEG, T - t_lo)
-    t64 = t_lo.to(tl.int64)
-    p_u = u_ptr + b * su_b + i * su_i + t64 * su_t
-    p_dl = dl_ptr + b * sd_b + i * sd_i + t64 * sd_t
-    p_z = z_ptr + b * sz_b + i * sz_i + t64 * sz_t
-    p_y = y_ptr + b * sy_b + i * sy_i + t64 * sy_t
-    p_b = (bm_ptr + b * sb_b + t64 * sb_t).to(tl.pointer_type(tl.int32))
-    p_c = (cm_ptr + b * sc_b + t64 * sc_t).to(tl.pointer_type(tl.int32))
-    sb_t2 = sb_t // 2
-    sc_t2 = sc_t // 2
-    jj3 = tl.arange(0, NH)[:, None, None]
-    kk3 = tl.arange(0, SUB)[None, :, None]
-    bc3 = tl.arange(0, 2)[None, None, :]
-    if MODE == 1:
-        p_bc = p_b + jj3 + 0 * bc3 + 0 * kk3
-        s_bc = sb_t2 + 0 * bc3
-    else:
-        p_bc = tl.where(bc3 == 0, p_b, p_c) + jj3 + 0 * kk3  # (NH, SUB, 2): the B or the C half of the tile
-        s_bc = tl.where(bc3 == 0, sb_t2, sc_t2)
-    dsum = tl.zeros([1, BLOCK_I], dtype=tl.float32)
-    for t0 in tl.range(0, n_tok, UNROLL, num_stages=STAGES):
-        for g in tl.static_range(UNROLL // SUB):
-            # B and C of SUB tokens in one (NH, SUB, 2) int32 tile: >= 32 elements, so it is loaded spread over the
-            # warp (one word a thread) and reaches the per-thread rows through shared memory, unpacked once
-            tk = t0 + g * SUB + kk3  # (1, SUB, 1)
-            ptrs = p_bc + tk * s_bc
-            w = tl.load(ptrs, mask=(tk < n_tok) & (2 * jj3 < N) & (bc3 < 2), other=0)
-            lo, hi = _bf16_pairs(w)
-            be2, ce2 = tl.split(lo)  # (NH, SUB)
-            bo2, co2 = tl.split(hi)
-            for k in tl.static_range(SUB):
-                t = t0 + g * SUB + k
-                live = t < n_tok
-                mk = tl.where(live, mi, False)
-                bek = _col(be2, k, SUB)
-                bok = _col(bo2, k, SUB)
-                if MODE != 1:
-                    cek = _col(ce2, k, SUB)
-                    cok = _col(co2, k, SUB)
-                u = tl.load(p_u + t * su_t, mask=mk, other=0.0).to(tl.float32)
-                dl = tl.load(p_dl + t * sd_t, mask=mk, other=0.0).to(tl.float32)
-                dt = tl.where(mk, _softplus_poly(dl + bias, FAST), 0.0)  # past the end: dt = 0 leaves h as it is
-                du = dt * u
-                he = tl.exp2(dt * a2e) * he + du * bek
-                ho = tl.exp2(dt * a2o) * ho + du * bok
-                if MODE == 1:
-                    dsum += dt
-                else:
-                    y = tl.sum(he * cek, axis=0, keep_dims=True) + tl.sum(ho * cok, axis=0, keep_dims=True)
-                    z = tl.load(p_z + t * sz_t, mask=mk, other=0.0).to(tl.float32)
-                    y = (y + d_skip * u) * _silu_rcp(z, FAST)
-                    tl.store(p_y + t * sy_t, y.to(p_y.dtype.element_ty), mask=mk)
-    if MODE == 0:
-        tl.store(h_ptrs, he, mask=mij)
-        tl.store(h_ptrs + sh_n, ho, mask=mij)
-    elif MODE == 1:
-        tl.store(hs_row + seg * I * N, he, mask=mij)
-        tl.store(hs_row + seg * I * N + 1, ho, mask=mij)
-        tl.store(ds_row + seg * I, dsum, mask=mi)
-    elif seg == n_seg - 1:
-        tl.store(hs_row + seg * I * N, he, mask=mij)
-        tl.store(hs_row + seg * I * N + 1, ho, mask=mij)
 
 
 @triton.jit
@@ -602,13 +473,6 @@ def _ssm_step_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
     tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
 
 
-def _chan_fits(Bm: torch.Tensor, Cm: torch.Tensor, nst: int) -> bool:
-    """Whether _scan_chan_kernel can read B and C as int32 words of bf16 pairs."""
-    return (nst % 2 == 0 and Bm.dtype == Cm.dtype == torch.bfloat16 and Bm.stride(-1) == Cm.stride(-1) == 1
-            and all(s % 2 == 0 for s in (*Bm.stride()[:-1], *Cm.stride()[:-1]))
-            and Bm.data_ptr() % 4 == 0 and Cm.data_ptr() % 4 == 0)
-
-
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
                    D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
                    out_dtype: torch.dtype = torch.float32, config: tuple | None = None,
@@ -627,36 +491,29 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
                         out_dtype).unsqueeze(-1)
     y = torch.empty(bsz, t, dim, dtype=out_dtype, device=u.device).transpose(1, 2)  # (B, I, T)
     config = config or SCAN_CONFIG
-    if config[0] == "chan" and not _chan_fits(Bm, Cm, nst):
-        config = SCAN_FALLBACK
-    if length is not None and config[0] == "chunk":
-        raise ValueError("selective_scan: a device-side length needs the 'seq' or 'chan' kernel")
+    if length is not None and config[0] != "seq":
+        raise ValueError("selective_scan: a device-side length needs the 'seq' kernel")
     strides = (*u.stride(), *delta.stride(), *z.stride(), *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride())
-    if config[0] in ("seq", "chan"):
+    if config[0] == "seq":
         _, block_i, warps = config[:3]
         n_i = triton.cdiv(dim, block_i)
         n_seg = config[3] if len(config) > 3 and config[3] else max(1, min(16, t // 64))
+        stages = config[4] if len(config) > 4 else 1
         seg_len = triton.cdiv(triton.cdiv(t, n_seg), 8) * 8
         n_seg = triton.cdiv(t, seg_len)
-        kw = dict(HAS_LEN=length is not None, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)
-        if config[0] == "seq":
-            kernel, kw2 = _scan_seq_kernel, [dict(STAGES=config[4] if len(config) > 4 else 1)] * 3
-        else:
-            kernel, sub = _scan_chan_kernel, config[4] if len(config) > 4 else 2
-            fast = u.is_cuda  # the interpreter cannot run the PTX of the fast reciprocal
-            regs = config[5] if len(config) > 5 and u.is_cuda else None  # a register cap, per mode (0, 1, 2)
-            kw2 = [dict(SUB=sub, FAST=fast, **({"maxnreg": regs[m]} if regs and regs[m] else {})) for m in range(3)]
+        kw = dict(HAS_LEN=length is not None, STAGES=stages, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst),
+                  POLY=SCAN_POLY, FAST=u.is_cuda, num_warps=warps)  # the interpreter cannot run rcp.approx's PTX
         n_ptr = D if length is None else length
         if n_seg == 1:
-            kernel[(n_i, bsz, 1)](u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, ssm_state, D, n_ptr,
-                                  t, dim, nst, seg_len, 1, *strides, MODE=0, **kw, **kw2[0])
+            _scan_seq_kernel[(n_i, bsz, 1)](u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, ssm_state, D, n_ptr,
+                                            t, dim, nst, seg_len, 1, *strides, MODE=0, **kw)
         else:
             hs = torch.empty(bsz, n_seg, dim, nst, dtype=torch.float32, device=u.device)
             ds = torch.empty(bsz, n_seg, dim, dtype=torch.float32, device=u.device)
             args = (u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, hs, ds, n_ptr, t, dim, nst, seg_len, n_seg,
                     *strides)
-            kernel[(n_i, bsz, n_seg - 1)](*args, MODE=1, **kw, **kw2[1])  # the last segment's local state is unused
-            kernel[(n_i, bsz, n_seg)](*args, MODE=2, **kw, **kw2[2])
+            _scan_seq_kernel[(n_i, bsz, n_seg - 1)](*args, MODE=1, **kw)  # the last segment's local state is unused
+            _scan_seq_kernel[(n_i, bsz, n_seg)](*args, MODE=2, **kw)
             ssm_state.copy_(hs[:, n_seg - 1])
     else:
         _, block_t, block_i, warps = config
