@@ -1,13 +1,14 @@
 """GPU tuning sweeps behind the defaults in swarm/kernels (docs/PERFORMANCE.md has the results).
 
     PYTHONPATH=$PWD python3 scripts/sweep_gpu.py [launch_costs prefill_profile ssm_decode_sweep step_sweep
-                                                  prefill_sweep scan_sweep]
+                                                  prefill_sweep scan_sweep prefill_kernels read_ceiling]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
 step_sweep: the decode step of 16 blocks of 2.8b width (1.3 GB, past L2) with x_proj tile variants;
-prefill_sweep: a 2048-token prefill through those blocks for scan configs (the scan in context);
-scan_sweep: the scan alone at 1024 tokens (L2-warm: context changes the order, see prefill_sweep).
+prefill_sweep: a 2048-token prefill through those blocks for scan and conv configs (in context);
+scan_sweep: the scan alone at 1024 tokens (L2-warm: context changes the order, see prefill_sweep);
+prefill_kernels: that prefill's kernels by time; read_ceiling: how fast a 52 MB weight can be read at all.
 """
 import cProfile
 import io
@@ -20,8 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
-from bench_gpu import MODELS, cuda_ms, graph_ms, hf_model, wide_block_tensors  # noqa: E402
+from bench_gpu import MODELS, cuda_ms, graph_ms, hf_model, top_kernels, wide_block_tensors  # noqa: E402
 from swarm.kernels import triton_decode as td  # noqa: E402
 from swarm.kernels import triton_ops as tk  # noqa: E402
 from swarm.model import BlockStack, MambaConfig  # noqa: E402
@@ -134,9 +137,11 @@ def prefill_sweep(scans=None, convs=None):
     hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
     # wider channel tiles cost fewer instructions a state element (fewer shuffles and per-token loads per element;
     # PTX: 17 a state element per token at (16, 1), 13 at (64, 2), 11 at (128, 2)) but hold more registers
-    scans = scans if scans is not None else [("seq", 16, 1, 0, 2), ("seq", 32, 1, 0, 2), ("seq", 32, 1, 0, 3), ("seq", 32, 1, 32, 2),
-                      ("seq", 32, 1, 8, 2), ("seq", 64, 2, 0, 3), ("seq", 64, 1, 0, 2), ("seq", 128, 4, 0, 3)]
-    convs = convs if convs is not None else [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 128, 4), (128, 64, 8)]
+    if scans is None:
+        scans = [("seq", 16, 1, 0, 2), ("seq", 32, 1, 0, 2), ("seq", 32, 1, 0, 3), ("seq", 32, 1, 32, 2),
+                 ("seq", 32, 1, 8, 2), ("seq", 64, 2, 0, 3), ("seq", 64, 1, 0, 2), ("seq", 128, 4, 0, 3)]
+    if convs is None:
+        convs = [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 128, 4), (128, 64, 8)]
     default = tk.SCAN_CONFIG, tk.CONV_CONFIG
     for what, conf in [("scan", c) for c in scans] + [("conv", c) for c in convs]:
         tk.SCAN_CONFIG, tk.CONV_CONFIG = (conf, default[1]) if what == "scan" else (default[0], conf)
@@ -148,6 +153,47 @@ def prefill_sweep(scans=None, convs=None):
         except Exception as e:
             print(f"prefill {what} {conf}: failed {type(e).__name__}: {str(e)[:200]}")
     tk.SCAN_CONFIG, tk.CONV_CONFIG = default
+
+
+def prefill_kernels():
+    """Where a graphed 2048-token prefill through 16 blocks of 2.8b width spends its time (torch.profiler)."""
+    cfg, stack = _wide_stack(16)
+    hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
+    dec = GraphDecoder(stack, max_slots=2, buckets=(1,))
+    sl = dec.alloc_slot()
+    print(f"prefill 2048, 16 blocks: {cuda_ms(lambda: dec.prefill(sl, hidden), iters=7, warmup=2):.2f} ms (graphs)")
+    top_kernels(lambda: dec.prefill(sl, hidden), "prefill 2048 x 16 blocks (graph replays)", n=10)
+
+
+@triton.jit
+def _read_kernel(w_ptr, out_ptr, n_elem, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(ITERS):
+        off = (pid + k * nprog).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(w_ptr + off, mask=off < n_elem, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+
+
+def read_ceiling():
+    """How fast a 52 MB weight (2.8b's in_proj) can be read at all, next to norm_gemv streaming it (8 copies: no L2)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    copies = [torch.randn(10240, 2560, device=dev, dtype=torch.bfloat16) for _ in range(8)]
+    mb, ne = copies[0].numel() * 2 / 1e6, copies[0].numel()
+    out = torch.empty(1 << 16, device=dev)
+    turn = [0]
+
+    def nxt():
+        turn[0] = (turn[0] + 1) % len(copies)
+        return copies[turn[0]]
+
+    for block, progs in [(8192, sms * 2), (2048, sms * 8), (8192, sms * 8)]:
+        iters = triton.cdiv(ne, block * progs)
+        ms = graph_ms(lambda: _read_kernel[(progs,)](nxt(), out, ne, BLOCK=block, ITERS=iters, num_warps=8), reps=16)
+        print(f"read {mb:.0f} MB, BLOCK={block} programs={progs}: {ms * 1e3:.1f} us, {mb / ms * 1e-3:.2f} TB/s")
+    x, nw = torch.randn(1, 2560, device=dev), torch.ones(2560, device=dev, dtype=torch.bfloat16)
+    ms = graph_ms(lambda: td.norm_gemv(x, nw, 1e-5, nxt(), None), reps=16)
+    print(f"norm_gemv in_proj {td.GEMV_IN_CONFIG}: {ms * 1e3:.1f} us, {mb / ms * 1e-3:.2f} TB/s")
 
 
 def step_sweep():
