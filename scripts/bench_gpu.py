@@ -278,7 +278,7 @@ def peer_memory(prefill_chunk: int = 1024) -> None:
     cfg = MambaConfig.from_dict(dict(MODELS["2.8b"], num_hidden_layers=64))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    base, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()  # what earlier parts hold
     dm = cfg.hidden_size
     tensors = wide_block_tensors(cfg, 32)
     stack = BlockStack.from_tensors(cfg, 0, 32, tensors, device="cuda")
@@ -294,7 +294,7 @@ def peer_memory(prefill_chunk: int = 1024) -> None:
         dec.step(slots, torch.randn(8, 1, dm, device="cuda"))
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    reserved = torch.cuda.memory_reserved()
+    reserved = torch.cuda.memory_reserved() - base_reserved
     print(f"peer memory (prefill pieces of {prefill_chunk}): reserved by the allocator after serving "
           f"{reserved / 2**30:.2f} GiB (includes the graphs' pool)")
     print(f"peer memory, 2.8b blocks 0:32 bf16, 16 slots: weights {weights / 2**30:.2f} GiB, state pool "
