@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -72,6 +73,34 @@ def test_sigkill_mid_generation_recovers_with_identical_tokens(swarm_env, peers)
             assert s.stats["recoveries"] >= 1
             assert 0 < s.stats["replayed_tokens"] <= 4  # at most K tokens, not the whole prefix
             assert peer_id_of(victim) not in [p for p, _, _ in s.route]
+        assert out == ref
+    finally:
+        client.close()
+
+
+def test_two_spans_on_one_peer_merge_into_one(swarm_env, peers):
+    """A re-route can hand a failed span to the peer that already serves the span before it (the demo's route read
+    peer-a[0:2] -> peer-a[2:4] -> peer-b[4:8]): the session then merges the two streams into one on that peer,
+    from checkpoints both take at one step, replaying nothing, and the tokens stay transformers' tokens."""
+    files, boot, (model, _, knot) = swarm_env
+    url = files.url(os.path.basename(knot))
+    peers += start_peers(url, {"a": "0:5"}, boot.maddrs, FAST)
+    ref, _ = hf_greedy(model, PROMPT, 12)
+    client = swarm_client(boot, checkpoint_every=1)
+    try:
+        with client.session() as s:
+            out = s.generate(PROMPT, 4)
+            (span,) = s.spans
+            assert span.ckpt_position == s.position and not span.inputs
+            # the chain as such a re-route leaves it: blocks 0:2 and 2:5 in two streams on peer a
+            client.run(s._build(0, 2, [], span.ckpt_position, span.ckpt_states[:2]))
+            client.run(s._build(2, 5, [], span.ckpt_position, span.ckpt_states[2:]))
+            span.close()
+            assert [(p, a, b) for p, a, b in s.route] == [(span.peer, 0, 2), (span.peer, 2, 5)]
+            client.config = dataclasses.replace(client.config, checkpoint_every=100)  # the merge asks for its own
+            out += s.generate(None, 8)
+            assert s.route == [(span.peer, 0, 5)]
+            assert s.stats["merged_spans"] == 1 and s.stats["replayed_tokens"] == 0
         assert out == ref
     finally:
         client.close()

@@ -42,6 +42,7 @@ class SpanConn:
     ckpt_states: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     inputs: list[torch.Tensor] = field(default_factory=list)  # hidden inputs since the checkpoint, (1, T, D)
     seq: int = 0
+    merge_next: bool = False  # checkpoint at the next step, then merge with the next span (same peer)
 
     def close(self) -> None:
         try:
@@ -62,6 +63,7 @@ class InferenceSession(GenerationSession):
         self.position = 0
         self.stats: dict[str, Any] = {"recoveries": 0, "replayed_tokens": 0, "steps": 0, "banned": []}
         self._culprit = PeerId("")  # the peer being talked to while (re)building a chain
+        self._no_merge: set[tuple[PeerId, int, int]] = set()  # span pairs that could not be merged: not retried
 
     # ---- public ---------------------------------------------------------------------------------------------
 
@@ -102,6 +104,9 @@ class InferenceSession(GenerationSession):
                 await self._recover(idx, e)
         self.position += hidden.shape[1]
         self.stats["steps"] += 1
+        if any(s.merge_next for s in self.spans):
+            await self._merge_spans()
+        self._mark_merges()
         return h
 
     # ---- steps ----------------------------------------------------------------------------------------------
@@ -110,7 +115,8 @@ class InferenceSession(GenerationSession):
         """Send one step; returns the span's output. Raises a _NET_ERRORS member on any failure."""
         tokens = hidden.shape[1]
         k = self.client.config.checkpoint_every
-        want_ckpt = tokens > 1 or span.position + tokens - span.ckpt_position >= k
+        want_ckpt = tokens > 1 or span.position + tokens - span.ckpt_position >= k or span.merge_next or \
+            self._merge_prev(span)
         span.seq += 1
         ckpt_bytes = self.client.state_bytes(span.end - span.start) if want_ckpt else 0
         timeout = span.clock.deadline(tokens, ckpt_bytes + hidden.numel() * 8)
@@ -276,6 +282,56 @@ class InferenceSession(GenerationSession):
         span.close()
         await self.client.refresh_view()
         await self._build(span.start, span.end, span.inputs, span.ckpt_position, span.ckpt_states)
+
+    def _merge_prev(self, span: SpanConn) -> bool:
+        """Whether the span before `span` is to merge with it (so `span` checkpoints this step too)."""
+        i = self.spans.index(span) if span in self.spans else 0
+        return i > 0 and self.spans[i - 1].merge_next
+
+    def _mark_merges(self) -> None:
+        """Flag each span that the next span's peer also holds: a re-route can pick, for a failed span, the peer
+        that already serves the span before or after it, and two spans on one peer cost a round trip a token more."""
+        for a, b in zip(self.spans, self.spans[1:]):
+            a.merge_next = a.peer == b.peer and a.end == b.start and (a.peer, a.start, b.end) not in self._no_merge
+
+    async def _merge_spans(self) -> None:
+        """Replace each flagged pair by one span on their peer. Both checkpointed at this step, so the new span
+        imports their two checkpoints and replays nothing; if anything fails, the two spans stay as they were."""
+        i = 0
+        while i + 1 < len(self.spans):
+            a, b = self.spans[i], self.spans[i + 1]
+            flagged, a.merge_next = a.merge_next, False
+            if not flagged:
+                i += 1
+                continue
+            ready = a.peer == b.peer and a.end == b.start and a.ckpt_position == b.ckpt_position == self.position \
+                and a.ckpt_states is not None and b.ckpt_states is not None and not a.inputs and not b.inputs
+            if not ready:
+                self._no_merge.add((a.peer, a.start, b.end))
+                i += 1
+                continue
+            try:
+                merged = await self._open(Hop(a.peer, a.start, b.end))
+                try:
+                    await self._restore([merged], a.start, [], self.position, a.ckpt_states + b.ckpt_states)
+                except BaseException:
+                    merged.close()
+                    raise
+            except _NET_ERRORS as e:
+                log.info("could not merge blocks %d:%d and %d:%d on peer %s: %s", a.start, a.end, b.start, b.end,
+                         a.peer[:12], e)
+                self._no_merge.add((a.peer, a.start, b.end))
+                i += 1
+                continue
+            for old in (a, b):
+                try:
+                    await asyncio.wait_for(wire.send(old.writer, wire.Close()), timeout=1)
+                except Exception:  # best effort: the peer expires idle sessions anyway
+                    pass
+                old.close()
+            self.spans[i:i + 2] = [merged]
+            self.stats["merged_spans"] = self.stats.get("merged_spans", 0) + 1
+            log.info("merged blocks %d:%d on peer %s into one span", merged.start, merged.end, merged.peer[:12])
 
     async def _close_all(self) -> None:
         for s in self.spans:
