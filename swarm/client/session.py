@@ -285,7 +285,7 @@ class InferenceSession(GenerationSession):
 
     def _merge_prev(self, span: SpanConn) -> bool:
         """Whether the span before `span` is to merge with it (so `span` checkpoints this step too)."""
-        i = self.spans.index(span) if span in self.spans else 0
+        i = next((k for k, s in enumerate(self.spans) if s is span), 0)  # identity: spans hold tensors
         return i > 0 and self.spans[i - 1].merge_next
 
     def _mark_merges(self) -> None:
