@@ -42,7 +42,7 @@ class SpanConn:
     ckpt_states: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     inputs: list[torch.Tensor] = field(default_factory=list)  # hidden inputs since the checkpoint, (1, T, D)
     seq: int = 0
-    merge_next: bool = False  # checkpoint at the next step, then merge with the next span (same peer)
+    merge: bool = False  # checkpoint at the next step, then merge with the neighbour on the same peer
 
     def close(self) -> None:
         try:
@@ -104,7 +104,7 @@ class InferenceSession(GenerationSession):
                 await self._recover(idx, e)
         self.position += hidden.shape[1]
         self.stats["steps"] += 1
-        if any(s.merge_next for s in self.spans):
+        if any(s.merge for s in self.spans):
             await self._merge_spans()
         self._mark_merges()
         return h
@@ -115,8 +115,7 @@ class InferenceSession(GenerationSession):
         """Send one step; returns the span's output. Raises a _NET_ERRORS member on any failure."""
         tokens = hidden.shape[1]
         k = self.client.config.checkpoint_every
-        want_ckpt = tokens > 1 or span.position + tokens - span.ckpt_position >= k or span.merge_next or \
-            self._merge_prev(span)
+        want_ckpt = tokens > 1 or span.position + tokens - span.ckpt_position >= k or span.merge
         span.seq += 1
         ckpt_bytes = self.client.state_bytes(span.end - span.start) if want_ckpt else 0
         timeout = span.clock.deadline(tokens, ckpt_bytes + hidden.numel() * 8)
@@ -283,16 +282,12 @@ class InferenceSession(GenerationSession):
         await self.client.refresh_view()
         await self._build(span.start, span.end, span.inputs, span.ckpt_position, span.ckpt_states)
 
-    def _merge_prev(self, span: SpanConn) -> bool:
-        """Whether the span before `span` is to merge with it (so `span` checkpoints this step too)."""
-        i = next((k for k, s in enumerate(self.spans) if s is span), 0)  # identity: spans hold tensors
-        return i > 0 and self.spans[i - 1].merge_next
-
     def _mark_merges(self) -> None:
-        """Flag each span that the next span's peer also holds: a re-route can pick, for a failed span, the peer
-        that already serves the span before or after it, and two spans on one peer cost a round trip a token more."""
+        """Flag both spans of each adjacent pair on one peer: a re-route can pick, for a failed span, the peer that
+        already serves the span before or after it, and two spans on one peer cost a round trip a token more."""
         for a, b in zip(self.spans, self.spans[1:]):
-            a.merge_next = a.peer == b.peer and a.end == b.start and (a.peer, a.start, b.end) not in self._no_merge
+            if a.peer == b.peer and a.end == b.start and (a.peer, a.start, b.end) not in self._no_merge:
+                a.merge = b.merge = True
 
     async def _merge_spans(self) -> None:
         """Replace each flagged pair by one span on their peer. Both checkpointed at this step, so the new span
@@ -300,12 +295,11 @@ class InferenceSession(GenerationSession):
         i = 0
         while i + 1 < len(self.spans):
             a, b = self.spans[i], self.spans[i + 1]
-            flagged, a.merge_next = a.merge_next, False
-            if not flagged:
+            if not (a.merge and b.merge and a.peer == b.peer and a.end == b.start):
                 i += 1
                 continue
-            ready = a.peer == b.peer and a.end == b.start and a.ckpt_position == b.ckpt_position == self.position \
-                and a.ckpt_states is not None and b.ckpt_states is not None and not a.inputs and not b.inputs
+            ready = a.ckpt_position == b.ckpt_position == self.position and not a.inputs and not b.inputs \
+                and a.ckpt_states is not None and b.ckpt_states is not None
             if not ready:
                 self._no_merge.add((a.peer, a.start, b.end))
                 i += 1
@@ -332,6 +326,8 @@ class InferenceSession(GenerationSession):
             self.spans[i:i + 2] = [merged]
             self.stats["merged_spans"] = self.stats.get("merged_spans", 0) + 1
             log.info("merged blocks %d:%d on peer %s into one span", merged.start, merged.end, merged.peer[:12])
+        for s in self.spans:
+            s.merge = False
 
     async def _close_all(self) -> None:
         for s in self.spans:
