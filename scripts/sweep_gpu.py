@@ -126,14 +126,16 @@ def ssm_decode_sweep():
         print(f"ssm_decode 2.8b b={b} us: " + "; ".join(out))
 
 
-def _wide_stack(layers):
-    cfg = MambaConfig.from_dict(dict(MODELS["2.8b"], num_hidden_layers=layers))
+def _wide_stack(layers, model="2.8b"):
+    cfg = MambaConfig.from_dict(dict(MODELS[model], num_hidden_layers=layers))
     return cfg, BlockStack.from_tensors(cfg, 0, layers, wide_block_tensors(cfg, layers), device=dev)
 
 
-def prefill_sweep(scans=None, convs=None):
-    """Prefill of 2048 tokens through 16 blocks of 2.8b width (graphs), for scan and conv configs: in context."""
-    cfg, stack = _wide_stack(16)
+def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1):
+    """Prefill of 2048 tokens through 16 blocks of 2.8b width (graphs), for scan and conv configs: in context.
+
+    rounds > 1: every config is measured once a round, the rounds interleaved (clocks drift by a few % a minute)."""
+    cfg, stack = _wide_stack(16, model)
     hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
     # wider channel tiles cost fewer instructions a state element (fewer shuffles and per-token loads per element;
     # PTX: 17 a state element per token at (16, 1), 13 at (64, 2), 11 at (128, 2)) but hold more registers
@@ -143,16 +145,23 @@ def prefill_sweep(scans=None, convs=None):
     if convs is None:
         convs = [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 128, 4), (128, 64, 8)]
     default = tk.SCAN_CONFIG, tk.CONV_CONFIG
+    runs, times = [], {}
     for what, conf in [("scan", c) for c in scans] + [("conv", c) for c in convs]:
         tk.SCAN_CONFIG, tk.CONV_CONFIG = (conf, default[1]) if what == "scan" else (default[0], conf)
-        try:
+        try:  # captured under this config: the graph keeps it
             dec = GraphDecoder(stack, max_slots=2, buckets=(1,))
             sl = dec.alloc_slot()
-            ms = cuda_ms(lambda: dec.prefill(sl, hidden), iters=5, warmup=2)
-            print(f"prefill 2048, 16 blocks 2.8b, {what} {conf}: {ms:.2f} ms")
+            dec.prefill(sl, hidden)
+            runs.append((f"{what} {conf}", dec, sl))
         except Exception as e:
             print(f"prefill {what} {conf}: failed {type(e).__name__}: {str(e)[:200]}")
     tk.SCAN_CONFIG, tk.CONV_CONFIG = default
+    for _ in range(rounds):
+        for name, dec, sl in runs:
+            times.setdefault(name, []).append(cuda_ms(lambda: dec.prefill(sl, hidden), iters=5, warmup=2))
+    for name, _, _ in runs:
+        ts = " ".join(f"{t:.2f}" for t in times[name])
+        print(f"prefill 2048, 16 blocks {model}, {name}: {min(times[name]):.2f} ms (rounds: {ts})")
 
 
 def prefill_kernels():

@@ -8,15 +8,17 @@ Shapes: B batch, I d_inner, T tokens, N d_state, K d_conv, R dt_rank, D d_model.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from swarm.kernels import Backend
 
-# The prefill scan's kernel and tiles: ("seq", BLOCK_I, num_warps[, segments]) or ("chunk", BLOCK_T, BLOCK_I,
-# num_warps); "seq" without a segment count (or with 0) takes one per 64 tokens, at most 16; a fifth entry pipelines
-# the token loop's loads over that many stages. scripts/bench_gpu.py measures the
+# The prefill scan's kernel and tiles: ("seq", BLOCK_I, num_warps[, segments[, stages[, maxnreg]]]) or ("chunk",
+# BLOCK_T, BLOCK_I, num_warps); "seq" without a segment count (or with 0) takes _segments(); a fifth entry pipelines
+# the token loop's loads over that many stages; a sixth caps the registers a thread (with a segment count). scripts/bench_gpu.py measures the
 # alternatives: at 2.8b's width on an H100, 1024 tokens: ("seq", 16, 1, 16) 173 us, ("seq", 16, 2, 4) 190 us;
 # 2048 tokens: ("seq", 16, 1, 16) 335 us, ("seq", 16, 2, 8) 364 us, ("seq", 16, 4, 1) 557 us. Inside a 2.8b prefill
 # ("seq", 16, 1) with one segment per 64 tokens took 25.5 ms of scan against 23.9 for ("seq", 16, 2); with the loads
@@ -27,6 +29,16 @@ from swarm.kernels import Backend
 # issue-bound (ncu: 73-75% SM throughput at 16 channels, 16 segments): through 16 blocks, ("seq", 32, 1, 0, 2) took
 # 9.75 ms against 11.48 for ("seq", 16, 1, 0, 2), 10.3-10.4 for (64, 2) and (128, 4), 12.0-14.1 for the rest.
 SCAN_CONFIG: tuple = ("seq", 32, 1, 0, 2)
+# "seq" with segments 0 (_segments): one wave of programs, no segment under SCAN_MIN_SEGMENT tokens, and the
+# register cap only where more segments are wanted than fit a wave without it. SCAN_WAVE: the warps an SM holds of
+# the second pass uncapped (165 registers a thread: 12) and capped (SCAN_CAP registers, which spill a little
+# outside the token loop: 16). Through 16 blocks at 2.8b's width (160 programs of 32 channels a segment), 4
+# interleaved rounds: 13 segments capped 8.15-8.37 ms, 14 capped 8.18-8.43, the old 16 uncapped 8.27-8.50, 16
+# capped 8.65-8.92, 13 uncapped 8.61-8.88; at 130m's (48 programs), 1024 tokens: 32 uncapped 2.64-2.67, 32 capped
+# 2.73-2.76, 24 capped 2.71-2.73, the old 16 uncapped 2.81-2.84 (H100; scripts/sweep_gpu.py prefill_sweep)
+SCAN_WAVE: tuple[int, int] = (12, 16)
+SCAN_CAP: int = 128
+SCAN_MIN_SEGMENT: int = 32
 # The "seq" kernel's softplus and gate: _softplus_poly and _silu_rcp, or _softplus and _silu. The former cut the
 # token loop's SASS by 20% (MODE 2) and 25% (MODE 1); through 16 blocks, 8.24-8.44 ms against 9.00-9.21 (H100).
 # A kernel with the state transposed (a thread owning whole channels: half the instructions a state element) was
@@ -473,6 +485,27 @@ def _ssm_step_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
     tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _segments(t: int, programs: int, warps: int, device: torch.device) -> tuple[int, int | None]:
+    """Time segments of the "seq" scan (a config's 0) and its register cap (None: none).
+
+    Each pass runs programs x segments programs: as many as make one wave on the GPU, since a second, partial
+    wave runs a few warps an SM, latency-bound. Segments are at least SCAN_MIN_SEGMENT tokens (the second pass
+    folds every earlier segment's state in, so their number costs too). The cap widens the wave; it is taken only
+    where the tokens allow more segments than the uncapped wave holds. Off CUDA (the interpreter): one segment per
+    64 tokens, at most 16."""
+    if device.type != "cuda":
+        return max(1, min(16, t // 64)), None
+    sms = _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+    most = max(1, t // SCAN_MIN_SEGMENT)
+    plain, capped = (max(1, round(sms * w // warps / programs)) for w in SCAN_WAVE)
+    return (most, None) if most <= plain else (min(most, capped), SCAN_CAP)
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
                    D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
                    out_dtype: torch.dtype = torch.float32, config: tuple | None = None,
@@ -497,12 +530,17 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     if config[0] == "seq":
         _, block_i, warps = config[:3]
         n_i = triton.cdiv(dim, block_i)
-        n_seg = config[3] if len(config) > 3 and config[3] else max(1, min(16, t // 64))
+        if len(config) > 3 and config[3]:
+            n_seg, cap = config[3], config[5] if len(config) > 5 else None
+        else:
+            n_seg, cap = _segments(t, n_i * bsz, warps, u.device)
         stages = config[4] if len(config) > 4 else 1
         seg_len = triton.cdiv(triton.cdiv(t, n_seg), 8) * 8
         n_seg = triton.cdiv(t, seg_len)
         kw = dict(HAS_LEN=length is not None, STAGES=stages, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst),
                   POLY=SCAN_POLY, FAST=u.is_cuda, num_warps=warps)  # the interpreter cannot run rcp.approx's PTX
+        if cap and u.is_cuda:
+            kw["maxnreg"] = cap
         n_ptr = D if length is None else length
         if n_seg == 1:
             _scan_seq_kernel[(n_i, bsz, 1)](u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, ssm_state, D, n_ptr,

@@ -130,12 +130,17 @@ class Head(nn.Module):
         """ids: (B, T) int64 -> hidden (B, T, d_model) fp32."""
         return self.embeddings(ids.to(self.embeddings.weight.device)).float()
 
+    @property
+    def lm_weight(self) -> torch.Tensor:
+        """The LM head's (vocab, d_model) weight: the embeddings' where they are tied."""
+        return self.embeddings.weight if self.lm_head is None else self.lm_head.weight
+
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (B, T, d_model) fp32 -> logits (B, T, vocab) fp32."""
         w = self.norm_f.weight
         kern = self.kern or backend_for(w.device)
         h = kern.rms_norm(hidden.to(w.device, w.dtype), w, self.norm_f.eps)
-        weight = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
+        weight = self.lm_weight
         # the LM head is the largest matrix per token (vocab x d_model); a backend's own matmul streams it fastest
         return kern.linear(h, weight).float()

@@ -198,13 +198,36 @@ def test_softplus_poly_and_gate_against_torch(fast):
 
 
 @pytest.mark.parametrize("config", [("seq", 8, 4), ("seq", 32, 4), ("seq", 4, 2), ("seq", 16, 4, 3), ("seq", 8, 2, 9),
-                                    ("seq", 16, 2, 4, 3),
+                                    ("seq", 16, 2, 4, 3), ("seq", 16, 1, 5, 2, 128),
                                     ("chunk", 16, 16, 4), ("chunk", 32, 8, 4)])
 def test_selective_scan_configs(config):
     args = _scan_inputs(2, 80, 70, 16, 6, torch.bfloat16, "block")
     state_ref = args[-1].clone()
     want = ref.selective_scan_ref(*args[:-1], state_ref)
     out = tk.selective_scan(*args, out_dtype=torch.bfloat16, config=config)
+    assert rel_err(out, want) < TOL[torch.bfloat16]
+    assert rel_err(args[-1], state_ref) < TOL[torch.float32]
+
+
+def test_scan_segments_fill_one_wave(monkeypatch):
+    """The "seq" scan's automatic segments: one wave of programs; the register cap only where it buys segments."""
+    monkeypatch.setattr(tk, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert tk._segments(1024, 160, 1, cuda) == (13, tk.SCAN_CAP)  # 2.8b's width: 2080 programs, 16 warps an SM
+    assert tk._segments(1024, 48, 1, cuda) == (32, None)  # 130m's: the tokens bound it; 1536 fit uncapped
+    assert tk._segments(40, 160, 1, cuda) == (1, None)
+    assert tk._segments(1024, 160, 1, torch.device("cpu")) == (16, None)
+
+
+@needs_cuda
+def test_selective_scan_wide_with_the_register_cap():
+    """At a width where the automatic segments take the register cap (the path a 2.8b prefill takes)."""
+    args = _scan_inputs(1, 2560, 1024, 16, 6, torch.bfloat16, "block")
+    n_seg, cap = tk._segments(1024, 2560 // tk.SCAN_CONFIG[1], tk.SCAN_CONFIG[2], torch.device(DEVICE))
+    assert cap is not None and n_seg > 1
+    state_ref = args[-1].clone()
+    want = ref.selective_scan_ref(*args[:-1], state_ref)
+    out = tk.selective_scan(*args, out_dtype=torch.bfloat16)
     assert rel_err(out, want) < TOL[torch.bfloat16]
     assert rel_err(args[-1], state_ref) < TOL[torch.float32]
 
