@@ -273,8 +273,10 @@ def wide_block_tensors(cfg: MambaConfig, layers: int) -> dict[str, torch.Tensor]
     return tensors
 
 
-def peer_memory(prefill_chunk: int = 1024) -> None:
-    """A peer serving 32 blocks of 2.8b in bf16, 16 slots, after a 2048-token prefill and 8-wide decode steps."""
+def peer_memory(prefill_chunk: int | None = None) -> None:
+    """A peer serving 32 blocks of 2.8b in bf16, 16 slots, after a 2048-token prefill and 8-wide decode steps.
+
+    prefill_chunk None: GraphDecoder's own choice, what `swarm serve` takes (1024 tokens for these 32 blocks)."""
     cfg = MambaConfig.from_dict(dict(MODELS["2.8b"], num_hidden_layers=64))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -287,6 +289,7 @@ def peer_memory(prefill_chunk: int = 1024) -> None:
     load_peak = torch.cuda.max_memory_allocated() - base
     torch.cuda.reset_peak_memory_stats()
     dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8), prefill_chunk=prefill_chunk)
+    prefill_chunk = dec.prefill_chunk
     pool = (dec.conv.numel() + dec.ssm.numel()) * 4
     slots = [dec.alloc_slot() for _ in range(8)]
     dec.prefill(slots[0], torch.randn(1, 2048, dm, device="cuda"))
@@ -320,7 +323,7 @@ def main() -> None:
     if not args.skip_scan_configs:
         bench_gemv()
         bench_scan_configs()
-    for chunk in (1024, 512):
+    for chunk in (None, 512):
         peer_memory(chunk)
         torch.cuda.empty_cache()  # the stack and its graphs went with peer_memory's frame
     for name in args.models.split(","):

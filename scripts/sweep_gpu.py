@@ -164,6 +164,39 @@ def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1):
         print(f"prefill 2048, 16 blocks {model}, {name}: {min(times[name]):.2f} ms (rounds: {ts})")
 
 
+def chunk_sweep(rounds=3):
+    """A 2048-token prefill through every block of 130m and 2.8b with prefill pieces of 1024 and 2048 tokens
+    (interleaved rounds), and what each decoder adds to the allocator's peak over the weights and the state pool."""
+    for model in ("130m", "2.8b"):
+        cfg, stack = _wide_stack(MODELS[model]["num_hidden_layers"], model)
+        weights = sum(p.numel() * p.element_size() for p in stack.parameters())
+        hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
+        runs = []
+        for chunk in (1024, 2048):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8), prefill_chunk=chunk)
+            pool = (dec.conv.numel() + dec.ssm.numel()) * 4
+            sl = dec.alloc_slot()
+            dec.prefill(sl, hidden)
+            torch.cuda.synchronize()
+            extra = torch.cuda.max_memory_allocated() - base - pool
+            print(f"{model}: prefill pieces of {chunk}: peak over weights and states {extra / 2**20:.0f} MiB "
+                  f"({extra / weights * 100:.1f}% of the weights, {weights / 2**30:.2f} GiB)")
+            runs.append((chunk, dec, sl))
+        times = {}
+        for _ in range(rounds):
+            for chunk, dec, sl in runs:
+                times.setdefault(chunk, []).append(cuda_ms(lambda: dec.prefill(sl, hidden), iters=5, warmup=2))
+        for chunk, ts in times.items():
+            print(f"{model}: prefill 2048 tokens, all {cfg.num_layers} blocks, pieces of {chunk}: {min(ts):.2f} ms "
+                  f"(rounds: {' '.join(f'{t:.2f}' for t in ts)})")
+        runs = stack = dec = None  # noqa: F841  (free the model before the next one)
+        torch.cuda.empty_cache()
+
+
 def prefill_kernels():
     """Where a graphed 2048-token prefill through 16 blocks of 2.8b width spends its time (torch.profiler)."""
     cfg, stack = _wide_stack(16)

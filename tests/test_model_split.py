@@ -67,3 +67,24 @@ def test_peer_prefill_in_pieces_equals_one_call(loaded, monkeypatch):
         assert torch.allclose(a.ssm, b.ssm, atol=1e-5, rtol=1e-5) and torch.allclose(a.conv, b.conv, atol=1e-5)
     sub = compute.run_span(stack, 1, 3, hidden, stack.new_states(2)[1:3])  # a sub-span in pieces too
     assert sub.shape == hidden.shape
+
+
+def test_graph_prefill_pieces_follow_the_memory_budget():
+    """GraphDecoder's automatic prefill pieces: 2048 tokens where their activations are cheap next to the weights,
+    1024 for a 2.8b peer of 32 blocks (whose budget is the weights + 10% + the states)."""
+    from swarm.model.graphs import auto_prefill_chunk
+
+    def cfg(d):
+        return MambaConfig(vocab_size=50280, hidden_size=d, state_size=16, num_layers=1, intermediate_size=2 * d,
+                           conv_kernel=4, time_step_rank=-(-d // 16))
+
+    def block_bytes(d, elsize):  # in_proj, out_proj, x_proj, dt_proj: what dominates a block
+        i, r = 2 * d, -(-d // 16)
+        return (2 * i * d + i * d + (r + 32) * i + r * i) * elsize
+
+    wide, small = cfg(2560), cfg(768)
+    assert auto_prefill_chunk(wide, 64 * block_bytes(2560, 2), 2) == 2048  # all of 2.8b: 2048 tokens take 3.6%
+    assert auto_prefill_chunk(wide, 32 * block_bytes(2560, 2), 2) == 1024  # half of it: 2048 would take 7.2%
+    assert auto_prefill_chunk(wide, 4 * block_bytes(2560, 2), 2) == 1024
+    assert auto_prefill_chunk(small, 24 * block_bytes(768, 2), 2) == 2048  # 130m bf16: 57 MB, under the floor
+    assert auto_prefill_chunk(small, 24 * block_bytes(768, 4), 4) == 1024  # 130m fp32: 88 MB

@@ -473,7 +473,7 @@ def test_graph_prefill_buckets_across_pieces_and_slots():
     torch.manual_seed(3)
     cfg = _config(num_layers=2)
     want, fast = _stacks(cfg, torch.float32)
-    dec = GraphDecoder(fast, max_slots=3, buckets=(1, 2))
+    dec = GraphDecoder(fast, max_slots=3, buckets=(1, 2), prefill_chunk=PREFILL_CHUNK)
     slots = [dec.alloc_slot(), dec.alloc_slot()]
     ref = {s: want.new_states(1) for s in slots}
     for s, t in [(slots[0], 20), (slots[1], 31), (slots[0], 17), (slots[1], PREFILL_CHUNK + 300), (slots[0], 5)]:
@@ -482,6 +482,14 @@ def test_graph_prefill_buckets_across_pieces_and_slots():
         h1 = torch.randn(1, 1, cfg.hidden_size)
         assert rel_err(dec.step([s], h1).cpu(), want(h1, ref[s])) < 1e-4
     assert sorted(dec._prefill_graphs) == [16, 32, 512, PREFILL_CHUNK]
+    # a small model takes pieces of PREFILL_CHUNK_MAX by default: one piece, one graph, for the same prompt length
+    auto = GraphDecoder(fast, max_slots=1, buckets=(1,))
+    assert auto.prefill_chunk == 2048
+    s = auto.alloc_slot()
+    st = want.new_states(1)
+    h = torch.randn(1, PREFILL_CHUNK + 300, cfg.hidden_size)
+    assert rel_err(auto.prefill(s, h).cpu(), want(h, st)) < 1e-4
+    assert sorted(auto._prefill_graphs) == [2048]
 
 
 # ------------------------------------------------------------------ logits vs transformers
