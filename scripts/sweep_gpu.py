@@ -131,7 +131,7 @@ def _wide_stack(layers, model="2.8b"):
     return cfg, BlockStack.from_tensors(cfg, 0, layers, wide_block_tensors(cfg, layers), device=dev)
 
 
-def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1):
+def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1, chunk=None):
     """Prefill of 2048 tokens through 16 blocks of 2.8b width (graphs), for scan and conv configs: in context.
 
     rounds > 1: every config is measured once a round, the rounds interleaved (clocks drift by a few % a minute)."""
@@ -149,7 +149,7 @@ def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1):
     for what, conf in [("scan", c) for c in scans] + [("conv", c) for c in convs]:
         tk.SCAN_CONFIG, tk.CONV_CONFIG = (conf, default[1]) if what == "scan" else (default[0], conf)
         try:  # captured under this config: the graph keeps it
-            dec = GraphDecoder(stack, max_slots=2, buckets=(1,))
+            dec = GraphDecoder(stack, max_slots=2, buckets=(1,), prefill_chunk=chunk)
             sl = dec.alloc_slot()
             dec.prefill(sl, hidden)
             runs.append((f"{what} {conf}", dec, sl))
@@ -161,7 +161,8 @@ def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1):
             times.setdefault(name, []).append(cuda_ms(lambda: dec.prefill(sl, hidden), iters=5, warmup=2))
     for name, _, _ in runs:
         ts = " ".join(f"{t:.2f}" for t in times[name])
-        print(f"prefill 2048, 16 blocks {model}, {name}: {min(times[name]):.2f} ms (rounds: {ts})")
+        print(f"prefill 2048, 16 blocks {model}, pieces of {chunk or 'auto'}, {name}: {min(times[name]):.2f} ms "
+              f"(rounds: {ts})")
 
 
 def chunk_sweep(rounds=3):
@@ -275,6 +276,36 @@ def step_sweep():
     td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG = default
     td.PDL, td.PDL_EARLY = None, early_default
     graphs.SSM_STATE_EARLY = True
+
+
+def step_parts():
+    """What each kernel of the b=1 decode step adds: 16 blocks of 2.8b width (PDL chain, one graph) with parts of
+    the block left out (the outputs are meaningless; the launches, the bytes and the dependencies are real)."""
+    cfg, stack = _wide_stack(16)
+    dec = GraphDecoder(stack, max_slots=2, buckets=(1,))  # its weights views and state pools
+    n = cfg.intermediate_size
+    idx = torch.zeros(1, dtype=torch.int64, device=dev)
+    res = torch.randn(1, cfg.hidden_size, device=dev)
+
+    def chain(parts):
+        def run():
+            for j, w in enumerate(dec._w):
+                conv = (dec.conv[j], w.conv_w, w.conv_b, idx)
+                xz = td.norm_gemv(res, w.norm_w, w.eps, w.in_w, w.in_b, conv=conv) if "in" in parts else None
+                y = xz[:, :n] if xz is not None else torch.zeros(1, n, device=dev, dtype=w.in_w.dtype)
+                if "x" in parts:
+                    dbc = td.gemv(y, w.x_w).unsqueeze(1)
+                    if "ssm" in parts:
+                        y = td.ssm_decode(y, dbc, w.dt_w, w.A, w.D, xz[:, n:], w.dt_b, dec.ssm[j], idx,
+                                          out_dtype=dec.dtype, state_early=True)
+                if "out" in parts:
+                    td.gemv_residual(y, w.out_w, w.out_b, res)
+        return run
+
+    for parts in [("in", "x", "ssm", "out"), ("in", "x", "out"), ("in", "out"), ("in",), ("out",), ("in", "x"),
+                  ("in", "x", "ssm")]:
+        ms = graph_ms(chain(parts), reps=4, iters=10)
+        print(f"step parts {'+'.join(parts):16s} {ms * 1e3 / 16:.1f} us/block")
 
 
 def scan_sweep():

@@ -200,7 +200,10 @@ def test_softplus_poly_and_gate_against_torch(fast):
 @pytest.mark.parametrize("config", [("seq", 8, 4), ("seq", 32, 4), ("seq", 4, 2), ("seq", 16, 4, 3), ("seq", 8, 2, 9),
                                     ("seq", 16, 2, 4, 3), ("seq", 16, 1, 5, 2, 128),
                                     ("chunk", 16, 16, 4), ("chunk", 32, 8, 4)])
-def test_selective_scan_configs(config):
+@pytest.mark.parametrize("off64", [False, True])
+def test_selective_scan_configs(config, off64, monkeypatch):
+    if off64:  # token offsets in 64 bits, as for a sequence whose offsets pass 2**31
+        monkeypatch.setattr(tk, "SCAN_OFF64_FROM", 0)
     args = _scan_inputs(2, 80, 70, 16, 6, torch.bfloat16, "block")
     state_ref = args[-1].clone()
     want = ref.selective_scan_ref(*args[:-1], state_ref)
