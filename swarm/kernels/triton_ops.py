@@ -17,17 +17,17 @@ import triton.language as tl
 from swarm.kernels import Backend
 
 # The prefill scan's kernel and tiles: ("seq", BLOCK_I, num_warps[, segments[, stages[, maxnreg]]]) or ("chunk",
-# BLOCK_T, BLOCK_I, num_warps); "seq" without a segment count (or with 0) takes _segments(); a fifth entry pipelines
-# the token loop's loads over that many stages; a sixth caps the registers a thread (with a segment count). scripts/bench_gpu.py measures the
-# alternatives: at 2.8b's width on an H100, 1024 tokens: ("seq", 16, 1, 16) 173 us, ("seq", 16, 2, 4) 190 us;
-# 2048 tokens: ("seq", 16, 1, 16) 335 us, ("seq", 16, 2, 8) 364 us, ("seq", 16, 4, 1) 557 us. Inside a 2.8b prefill
-# ("seq", 16, 1) with one segment per 64 tokens took 25.5 ms of scan against 23.9 for ("seq", 16, 2); with the loads
-# pipelined over 2 stages the order turns: a 2048-token prefill through 16 blocks took 11.2 ms with ("seq", 16, 1,
-# 16, 2), 11.8 with ("seq", 16, 2, 8, 2), 13.1 with ("seq", 16, 2) (graphs, one H100 run).
-# Wider channel tiles cost fewer instructions per state element and token (fewer shuffles and per-token loads per
-# element; PTX: 17 at 16 channels a warp, 13 at 64 over 2 warps, 11 at 128 over 2, which spills), and the scan is
-# issue-bound (ncu: 73-75% SM throughput at 16 channels, 16 segments): through 16 blocks, ("seq", 32, 1, 0, 2) took
-# 9.75 ms against 11.48 for ("seq", 16, 1, 0, 2), 10.3-10.4 for (64, 2) and (128, 4), 12.0-14.1 for the rest.
+# BLOCK_T, BLOCK_I, num_warps); "seq" without a segment count (or with 0) takes _segments(); a fifth entry pipelines the
+# token loop's loads over that many stages; a sixth caps the registers a thread (with a segment count).
+# scripts/bench_gpu.py measures the alternatives: at 2.8b's width on an H100, 1024 tokens: ("seq", 16, 1, 16) 173 us,
+# ("seq", 16, 2, 4) 190 us; 2048 tokens: ("seq", 16, 1, 16) 335 us, ("seq", 16, 2, 8) 364 us, ("seq", 16, 4, 1) 557 us.
+# Inside a 2.8b prefill ("seq", 16, 1) with one segment per 64 tokens took 25.5 ms of scan against 23.9 for ("seq", 16,
+# 2); with the loads pipelined over 2 stages the order turns: a 2048-token prefill through 16 blocks took 11.2 ms with
+# ("seq", 16, 1, 16, 2), 11.8 with ("seq", 16, 2, 8, 2), 13.1 with ("seq", 16, 2) (graphs, one H100 run). Wider channel
+# tiles cost fewer instructions per state element and token (fewer shuffles and per-token loads per element; PTX: 17 at
+# 16 channels a warp, 13 at 64 over 2 warps, 11 at 128 over 2, which spills), and the scan is issue-bound (ncu: 73-75%
+# SM throughput at 16 channels, 16 segments): through 16 blocks, ("seq", 32, 1, 0, 2) took 9.75 ms against 11.48 for
+# ("seq", 16, 1, 0, 2), 10.3-10.4 for (64, 2) and (128, 4), 12.0-14.1 for the rest.
 SCAN_CONFIG: tuple = ("seq", 32, 1, 0, 2)
 # "seq" with segments 0 (_segments): one wave of programs, no segment under SCAN_MIN_SEGMENT tokens, and the
 # register cap only where more segments are wanted than fit a wave without it. SCAN_WAVE: the warps an SM holds of
