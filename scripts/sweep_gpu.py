@@ -1,12 +1,15 @@
 """GPU tuning sweeps behind the defaults in swarm/kernels (docs/PERFORMANCE.md has the results).
 
     PYTHONPATH=$PWD python3 scripts/sweep_gpu.py [launch_costs prefill_profile ssm_decode_sweep step_sweep
-                                                  prefill_sweep scan_sweep prefill_kernels read_ceiling]
+                                                  step_parts prefill_sweep chunk_sweep scan_sweep prefill_kernels
+                                                  read_ceiling]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
 step_sweep: the decode step of 16 blocks of 2.8b width (1.3 GB, past L2) with x_proj tile variants;
-prefill_sweep: a 2048-token prefill through those blocks for scan and conv configs (in context);
+step_parts: that step with kernels left out (what each one adds);
+prefill_sweep: a 2048-token prefill through those blocks for scan and conv configs (in context, interleaved rounds);
+chunk_sweep: a 2048-token prefill through whole models in pieces of 1024 and 2048 tokens, and its memory;
 scan_sweep: the scan alone at 1024 tokens (L2-warm: context changes the order, see prefill_sweep);
 prefill_kernels: that prefill's kernels by time; read_ceiling: how fast a 52 MB weight can be read at all.
 """
