@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from swarm.kernels import triton_decode as td  # noqa: E402
 from swarm.kernels import triton_ops as tk  # noqa: E402
+from swarm.kernels import triton_scan as ts  # noqa: E402
 from swarm.model import BlockStack, Head, MambaConfig  # noqa: E402
 from swarm.model.graphs import GraphDecoder  # noqa: E402
 
@@ -216,7 +217,7 @@ def bench_scan_configs() -> None:
                    ("seq", 32, 1, 8), ("seq", 64, 2, 8), ("seq", 32, 2, 16), ("seq", 16, 2, 16), ("seq", 64, 4, 8),
                    ("seq", 32, 2, 4), ("seq", 8, 1, 8), ("seq", 32, 4, 8), ("seq", 64, 2, 4)):
         try:
-            ms = graph_ms(lambda: tk.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
+            ms = graph_ms(lambda: ts.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
                                                    state, out_dtype=torch.bfloat16, config=config), reps=4, iters=5)
             print(f"selective_scan 1x{i}x{t} (BLOCK_T, BLOCK_I, warps)={config}: {ms * 1e3:.1f} us")
         except Exception as e:  # a tile too large for the registers or shared memory: say so, try the next

@@ -30,6 +30,7 @@ import triton.language as tl  # noqa: E402
 from bench_gpu import MODELS, cuda_ms, graph_ms, hf_model, top_kernels, wide_block_tensors  # noqa: E402
 from swarm.kernels import triton_decode as td  # noqa: E402
 from swarm.kernels import triton_ops as tk  # noqa: E402
+from swarm.kernels import triton_scan as ts  # noqa: E402
 from swarm.model import BlockStack, MambaConfig  # noqa: E402
 from swarm.model import graphs  # noqa: E402
 from swarm.model.graphs import GraphDecoder  # noqa: E402
@@ -147,10 +148,10 @@ def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1, chunk=None):
                  ("seq", 32, 1, 8, 2), ("seq", 64, 2, 0, 3), ("seq", 64, 1, 0, 2), ("seq", 128, 4, 0, 3)]
     if convs is None:
         convs = [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 128, 4), (128, 64, 8)]
-    default = tk.SCAN_CONFIG, tk.CONV_CONFIG
+    default = ts.SCAN_CONFIG, tk.CONV_CONFIG
     runs, times = [], {}
     for what, conf in [("scan", c) for c in scans] + [("conv", c) for c in convs]:
-        tk.SCAN_CONFIG, tk.CONV_CONFIG = (conf, default[1]) if what == "scan" else (default[0], conf)
+        ts.SCAN_CONFIG, tk.CONV_CONFIG = (conf, default[1]) if what == "scan" else (default[0], conf)
         try:  # captured under this config: the graph keeps it
             dec = GraphDecoder(stack, max_slots=2, buckets=(1,), prefill_chunk=chunk)
             sl = dec.alloc_slot()
@@ -158,14 +159,14 @@ def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1, chunk=None):
             runs.append((f"{what} {conf}", dec, sl))
         except Exception as e:
             print(f"prefill {what} {conf}: failed {type(e).__name__}: {str(e)[:200]}")
-    tk.SCAN_CONFIG, tk.CONV_CONFIG = default
+    ts.SCAN_CONFIG, tk.CONV_CONFIG = default
     for _ in range(rounds):
         for name, dec, sl in runs:
             times.setdefault(name, []).append(cuda_ms(lambda: dec.prefill(sl, hidden), iters=5, warmup=2))
     for name, _, _ in runs:
-        ts = " ".join(f"{t:.2f}" for t in times[name])
+        each = " ".join(f"{t:.2f}" for t in times[name])
         print(f"prefill 2048, 16 blocks {model}, pieces of {chunk or 'auto'}, {name}: {min(times[name]):.2f} ms "
-              f"(rounds: {ts})")
+              f"(rounds: {each})")
 
 
 def chunk_sweep(rounds=3):
@@ -194,9 +195,9 @@ def chunk_sweep(rounds=3):
         for _ in range(rounds):
             for chunk, dec, sl in runs:
                 times.setdefault(chunk, []).append(cuda_ms(lambda: dec.prefill(sl, hidden), iters=5, warmup=2))
-        for chunk, ts in times.items():
-            print(f"{model}: prefill 2048 tokens, all {cfg.num_layers} blocks, pieces of {chunk}: {min(ts):.2f} ms "
-                  f"(rounds: {' '.join(f'{t:.2f}' for t in ts)})")
+        for chunk, each in times.items():
+            print(f"{model}: prefill 2048 tokens, all {cfg.num_layers} blocks, pieces of {chunk}: {min(each):.2f} ms "
+                  f"(rounds: {' '.join(f'{t:.2f}' for t in each)})")
         runs = stack = dec = None  # noqa: F841  (free the model before the next one)
         torch.cuda.empty_cache()
 
@@ -324,7 +325,7 @@ def scan_sweep():
                    ("seq", 32, 2, 16), ("seq", 16, 2, 16), ("seq", 8, 1, 16), ("seq", 32, 1, 16), ("seq", 16, 1, 32),
                    ("chunk", 16, 16, 4), ("chunk", 32, 8, 4)]:
         try:
-            ms = graph_ms(lambda: tk.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
+            ms = graph_ms(lambda: ts.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
                                                    state, out_dtype=torch.bfloat16, config=config), reps=4, iters=5)
             print(f"scan 1x{i}x{t} {config}: {ms * 1e3:.1f} us")
         except Exception as e:

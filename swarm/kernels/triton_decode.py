@@ -26,7 +26,8 @@ import triton.language as tl
 
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from swarm.kernels.triton_ops import _conv_tap, _load_a_d, _slot, _ssm_state_update
+from swarm.kernels.triton_ops import _conv_tap, _slot
+from swarm.kernels.triton_scan import _load_a_d, _ssm_state_update
 
 # (BLOCK_N, num_warps) of the GEMVs; scripts/bench_gpu.py measures the alternatives
 GEMV_IN_CONFIG: tuple[int, int] = (4, 4)
