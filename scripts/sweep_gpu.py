@@ -149,7 +149,7 @@ def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1, chunk=None):
     if convs is None:
         convs = [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 128, 4), (128, 64, 8)]
     default = ts.SCAN_CONFIG, tk.CONV_CONFIG
-    runs, times = [], {}
+    runs = []
     for what, conf in [("scan", c) for c in scans] + [("conv", c) for c in convs]:
         ts.SCAN_CONFIG, tk.CONV_CONFIG = (conf, default[1]) if what == "scan" else (default[0], conf)
         try:  # captured under this config: the graph keeps it
@@ -160,13 +160,20 @@ def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1, chunk=None):
         except Exception as e:
             print(f"prefill {what} {conf}: failed {type(e).__name__}: {str(e)[:200]}")
     ts.SCAN_CONFIG, tk.CONV_CONFIG = default
-    for _ in range(rounds):
-        for name, dec, sl in runs:
-            times.setdefault(name, []).append(cuda_ms(lambda: dec.prefill(sl, hidden), iters=5, warmup=2))
+    times = _prefill_rounds(runs, hidden, rounds)
     for name, _, _ in runs:
         each = " ".join(f"{t:.2f}" for t in times[name])
         print(f"prefill 2048, 16 blocks {model}, pieces of {chunk or 'auto'}, {name}: {min(times[name]):.2f} ms "
               f"(rounds: {each})")
+
+
+def _prefill_rounds(runs, hidden, rounds):
+    """{key: [ms, one a round]} for runs of (key, GraphDecoder, slot), each prefilling `hidden` once a round."""
+    times = {}
+    for _ in range(rounds):
+        for key, dec, sl in runs:
+            times.setdefault(key, []).append(cuda_ms(lambda: dec.prefill(sl, hidden), iters=5, warmup=2))
+    return times
 
 
 def chunk_sweep(rounds=3):
@@ -191,10 +198,7 @@ def chunk_sweep(rounds=3):
             print(f"{model}: prefill pieces of {chunk}: peak over weights and states {extra / 2**20:.0f} MiB "
                   f"({extra / weights * 100:.1f}% of the weights, {weights / 2**30:.2f} GiB)")
             runs.append((chunk, dec, sl))
-        times = {}
-        for _ in range(rounds):
-            for chunk, dec, sl in runs:
-                times.setdefault(chunk, []).append(cuda_ms(lambda: dec.prefill(sl, hidden), iters=5, warmup=2))
+        times = _prefill_rounds(runs, hidden, rounds)
         for chunk, each in times.items():
             print(f"{model}: prefill 2048 tokens, all {cfg.num_layers} blocks, pieces of {chunk}: {min(each):.2f} ms "
                   f"(rounds: {' '.join(f'{t:.2f}' for t in each)})")

@@ -318,24 +318,24 @@ class InferenceSession(GenerationSession):
                 i += 1
                 continue
             for old in (a, b):
-                try:
-                    await asyncio.wait_for(wire.send(old.writer, wire.Close()), timeout=1)
-                except Exception:  # best effort: the peer expires idle sessions anyway
-                    pass
-                old.close()
+                await self._close_span(old)
             self.spans[i:i + 2] = [merged]
             self.stats["merged_spans"] = self.stats.get("merged_spans", 0) + 1
             log.info("merged blocks %d:%d on peer %s into one span", merged.start, merged.end, merged.peer[:12])
         for s in self.spans:
             s.merge = False
 
+    @staticmethod
+    async def _close_span(span: SpanConn) -> None:
+        try:
+            await asyncio.wait_for(wire.send(span.writer, wire.Close()), timeout=1)
+        except Exception:  # best effort: the peer expires idle sessions anyway
+            pass
+        span.close()
+
     async def _close_all(self) -> None:
         for s in self.spans:
-            try:
-                await asyncio.wait_for(wire.send(s.writer, wire.Close()), timeout=1)
-            except Exception:  # best effort: the peer expires idle sessions anyway
-                pass
-            s.close()
+            await self._close_span(s)
         self.spans = []
 
 
