@@ -183,8 +183,9 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
     # decay over a run of tokens is exp(A * sum dt). MODE 1 scans segment s from a zero state and writes that local
     # end state and sum(dt) to the workspaces hs (B, S, I, N), ds (B, S, I). MODE 2 starts segment s from the real
     # state, h0 folded through the earlier segments' (decay, local state) pairs, and writes y; its last segment
-    # writes the final state to hs[:, S - 1] (h itself is still being read by the other segments). MODE 0 is
-    # the whole sequence in one segment, from h to h. HAS_LEN: only the first len_ptr[0] tokens are real; the
+    # writes the final state to h. MODE 1's first segment copies h to hs[:, S - 1] (the last segment has no local
+    # state to keep), and MODE 2 reads h0 there: no program of MODE 2 reads h, so its last one can write it in place
+    # (no copy launch after the pass). MODE 0 is the whole sequence in one segment, from h to h. HAS_LEN: only the first len_ptr[0] tokens are real; the
     # others are skipped (y left unwritten there), so segments past them leave the state as it is.
     if HAS_LEN:
         T = tl.load(len_ptr).to(tl.int32)
@@ -199,8 +200,13 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
     h_ptrs = h_ptr + b * sh_b + i * sh_i + n * sh_n
     hs_row = hs_ptr + ((b * n_seg) * I + i) * N + n  # + s * I * N: segment s
     ds_row = ds_ptr + (b * n_seg) * I + i  # + s * I
+    h0_row = hs_row + (n_seg - 1) * I * N  # MODE 1 -> 2: the initial state, through the workspace
     if MODE == 1:
+        if seg == 0:
+            tl.store(h0_row, tl.load(h_ptrs, mask=mi & mn, other=0.0), mask=mi & mn)
         h = tl.zeros([BLOCK_I, BLOCK_N], dtype=tl.float32)
+    elif MODE == 2:
+        h = tl.load(h0_row, mask=mi & mn, other=0.0)
     else:
         h = tl.load(h_ptrs, mask=mi & mn, other=0.0)
     if MODE == 2:
@@ -258,7 +264,7 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
         tl.store(hs_row + seg * I * N, h, mask=mi & mn)
         tl.store(ds_row + seg * I, dsum, mask=mi)
     elif seg == n_seg - 1:
-        tl.store(hs_row + seg * I * N, h, mask=mi & mn)
+        tl.store(h_ptrs, h, mask=mi & mn)
 
 
 @triton.jit
@@ -369,9 +375,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
             ds = torch.empty(bsz, n_seg, dim, dtype=torch.float32, device=u.device)
             args = (u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, hs, ds, n_ptr, t, dim, nst, seg_len, n_seg,
                     *strides)
-            _scan_seq_kernel[(n_i, bsz, n_seg - 1)](*args, MODE=1, **kw)  # the last segment's local state is unused
+            _scan_seq_kernel[(n_i, bsz, n_seg - 1)](*args, MODE=1, **kw)  # the last segment's local state: unused
             _scan_seq_kernel[(n_i, bsz, n_seg)](*args, MODE=2, **kw)
-            ssm_state.copy_(hs[:, n_seg - 1])
     else:
         _, block_t, block_i, warps = config
         _scan_fwd_kernel[(triton.cdiv(dim, block_i), bsz)](
