@@ -147,7 +147,8 @@ def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1, chunk=None):
         scans = [("seq", 16, 1, 0, 2), ("seq", 32, 1, 0, 2), ("seq", 32, 1, 0, 3), ("seq", 32, 1, 32, 2),
                  ("seq", 32, 1, 8, 2), ("seq", 64, 2, 0, 3), ("seq", 64, 1, 0, 2), ("seq", 128, 4, 0, 3)]
     if convs is None:
-        convs = [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 128, 4), (128, 64, 8)]
+        convs = [("seq", 32, 128, 1, 3), ("seq", 32, 64, 1, 3), ("seq", 32, 128, 1, 4), ("seq", 64, 64, 2, 3),
+                 ("seq", 32, 96, 1, 3), (32, 64, 4), (64, 64, 4), (32, 128, 4)]
     default = ts.SCAN_CONFIG, tk.CONV_CONFIG
     runs = []
     for what, conf in [("scan", c) for c in scans] + [("conv", c) for c in convs]:

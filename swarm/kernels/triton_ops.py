@@ -14,10 +14,15 @@ import triton
 import triton.language as tl
 
 from swarm.kernels import Backend
-from swarm.kernels.triton_scan import _silu, selective_scan
+from swarm.kernels.triton_scan import _cols8, _silu, selective_scan
 
-# (BLOCK_T, BLOCK_I, num_warps) of the prefill conv; scripts/sweep_gpu.py prefill_sweep measures the alternatives
-CONV_CONFIG: tuple[int, int, int] = (32, 64, 4)
+# The prefill conv: (BLOCK_T, BLOCK_I, num_warps) for the tile kernel, or ("seq", BLOCK_I, SEG, num_warps, stages)
+# for the token-loop kernel (d_conv <= 4; wider convs take CONV_TILE). Both give the same bits. At 2.8b's width, 2048
+# tokens of in_proj's strided x half, past L2 (H100): the tile kernel 29.5-29.8 us, ("seq", 32, 128, 1, 3) 17.9,
+# other token-loop configs 16.0-24.6 (segments of 256 tokens: 19.6-40.4); through 16 blocks, a 2048-token prefill
+# 7.61-7.86 -> 7.44-7.72 ms (interleaved rounds; scripts/sweep_gpu.py prefill_sweep measures in context)
+CONV_TILE: tuple[int, int, int] = (32, 64, 4)
+CONV_CONFIG: tuple = ("seq", 32, 128, 1, 3)
 
 
 # ---------------------------------------------------------------- RMSNorm (optionally fused with the residual add)
@@ -110,16 +115,99 @@ def _conv_fwd_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I,
         acc += tl.load(b_ptr + i, mask=mi, other=0.0).to(tl.float32)
     tl.store(y_ptr + b * sy_b + t * sy_t + i * sy_i, _silu(acc).to(y_ptr.dtype.element_ty), mask=mt & mi)
     if pid_t == 0:  # only this program reads the old state, so only it may write the new one
-        kk = tl.arange(0, KP)[:, None]
-        if HAS_LEN:
-            T = tl.load(len_ptr).to(tl.int32)
-        last = T - K + kk  # new state[k] = full[T - 1 + k]
-        mk = kk < K
-        x_tail = tl.load(x_base + last * sx_t, mask=(last >= 0) & mk & mi, other=0.0)
-        s_tail = tl.load(s_base + (last + K) * ss_k, mask=(last < 0) & mk & mi, other=0.0)
-        new = x_tail.to(tl.float32) + s_tail.to(x_tail.dtype).to(tl.float32)
-        tl.debug_barrier()  # every thread's reads of the old state happen before any write
-        tl.store(s_base + kk * ss_k, new, mask=mk & mi)
+        _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, tl.arange(0, KP)[:, None], mi, K, HAS_LEN)
+
+
+@triton.jit
+def _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, kk, mi, K: tl.constexpr, HAS_LEN: tl.constexpr):
+    """The state after the real tokens, the last K of full = [conv_state[1:], x] (kk: 0..KP-1 on the axis that
+    is not the channels'), written over the old one by the one program that read it."""
+    if HAS_LEN:
+        T = tl.load(len_ptr).to(tl.int32)
+    last = T - K + kk  # new state[k] = full[T - 1 + k]
+    mk = kk < K
+    x_tail = tl.load(x_base + last * sx_t, mask=(last >= 0) & mk & mi, other=0.0)
+    s_tail = tl.load(s_base + (last + K) * ss_k, mask=(last < 0) & mk & mi, other=0.0)
+    new = x_tail.to(tl.float32) + s_tail.to(x_tail.dtype).to(tl.float32)
+    tl.debug_barrier()  # every thread's reads of the old state happen before any write
+    tl.store(s_base + kk * ss_k, new, mask=mk & mi)
+
+
+@triton.jit
+def _conv_prev(x_base, s_base, t, sx_t, ss_k, K: tl.constexpr, mi):
+    """Input t (BI, 1) as fp32 rounded to x's dtype: x[t], or before the first token the state's (full[t + K - 1]
+    = conv_state[t + K]); 0 before that (a K < 4 kernel pads its taps there)."""
+    t = tl.zeros(mi.shape, dtype=tl.int32) + t  # a tensor: Triton's interpreter masks with scalars badly
+    xv = tl.load(x_base + t * sx_t, mask=mi & (t >= 0), other=0.0)
+    sv = tl.load(s_base + (t + K) * ss_k, mask=mi & (t < 0) & (t + K >= 1), other=0.0)
+    return xv.to(tl.float32) + sv.to(xv.dtype).to(tl.float32)
+
+
+@triton.jit
+def _conv_w(w_ptr, i, mi, sw_i, sw_k, k: tl.constexpr, K: tl.constexpr):
+    """Tap k of 4 (fp32, (BI, 1)): the weights right-aligned, zeros in front where K < 4."""
+    if k < 4 - K:
+        return tl.zeros(i.shape, dtype=tl.float32)
+    return tl.load(w_ptr + i * sw_i + (k - (4 - K)) * sw_k, mask=mi, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv4(a, b, c, d, w0, w1, w2, w3):
+    acc = a * w0
+    acc += b * w1
+    acc += c * w2
+    acc += d * w3
+    return acc
+
+
+@triton.jit
+def _conv_seq_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I, SEG,
+                     sx_b, sx_i, sx_t, ss_b, ss_i, ss_k, sw_i, sw_k, sy_b, sy_i, sy_t,
+                     K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
+                     BLOCK_I: tl.constexpr, STAGES: tl.constexpr):
+    # A run of SEG tokens for BLOCK_I channels, 8 tokens a loop turn, each thread's 8 tokens of a channel in its
+    # own registers (_cols8): every input is loaded and converted once (the tile kernel loads each K times, once a
+    # tap), and a turn's last 3 inputs carry into the next. K <= 4 (taps padded to 4 in front).
+    i = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I))[:, None]  # (BI, 1)
+    seg = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    mi = i < I
+    x_base = x_ptr + b * sx_b + i * sx_i
+    s_base = s_ptr + b * ss_b + i * ss_i
+    y_base = y_ptr + b * sy_b + i * sy_i
+    w0 = _conv_w(w_ptr, i, mi, sw_i, sw_k, 0, K)
+    w1 = _conv_w(w_ptr, i, mi, sw_i, sw_k, 1, K)
+    w2 = _conv_w(w_ptr, i, mi, sw_i, sw_k, 2, K)
+    w3 = _conv_w(w_ptr, i, mi, sw_i, sw_k, 3, K)
+    bias = tl.zeros([BLOCK_I, 1], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + i, mask=mi, other=0.0).to(tl.float32)
+    t_lo = seg * SEG
+    t_hi = tl.minimum(t_lo + SEG, T)
+    p1 = _conv_prev(x_base, s_base, t_lo - 3, sx_t, ss_k, K, mi)
+    p2 = _conv_prev(x_base, s_base, t_lo - 2, sx_t, ss_k, K, mi)
+    p3 = _conv_prev(x_base, s_base, t_lo - 1, sx_t, ss_k, K, mi)
+    cols = tl.arange(0, 8)[None, :]
+    for t0 in tl.range(t_lo, t_hi, 8, num_stages=STAGES):
+        tt = t0 + cols  # (1, 8)
+        m8 = mi & (tt < t_hi)
+        x8 = tl.load(x_base + tt * sx_t, mask=m8, other=0.0)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _cols8(x8.to(tl.float32), BLOCK_I)
+        o0 = _conv4(p1, p2, p3, c0, w0, w1, w2, w3)
+        o1 = _conv4(p2, p3, c0, c1, w0, w1, w2, w3)
+        o2 = _conv4(p3, c0, c1, c2, w0, w1, w2, w3)
+        o3 = _conv4(c0, c1, c2, c3, w0, w1, w2, w3)
+        o4 = _conv4(c1, c2, c3, c4, w0, w1, w2, w3)
+        o5 = _conv4(c2, c3, c4, c5, w0, w1, w2, w3)
+        o6 = _conv4(c3, c4, c5, c6, w0, w1, w2, w3)
+        o7 = _conv4(c4, c5, c6, c7, w0, w1, w2, w3)
+        p1, p2, p3 = c5, c6, c7
+        # join appends a last axis, so the outermost join picks bit 0 of the token index and the innermost bit 2
+        os = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+        acc = tl.reshape(os, (BLOCK_I, 8)) + bias
+        tl.store(y_base + tt * sy_t, _silu(acc).to(y_ptr.dtype.element_ty), mask=m8)
+    if seg == 0:  # only this program reads the old state, so only it may write the new one
+        _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, tl.arange(0, KP)[None, :], mi, K, HAS_LEN)
 
 
 @triton.jit
@@ -178,14 +266,19 @@ def causal_conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tenso
         return conv1d_step(x[:, :, 0], conv_state, weight, bias).unsqueeze(-1)
     k = weight.shape[-1]
     y = torch.empty(bsz, t, dim, dtype=x.dtype, device=x.device).transpose(1, 2)  # (B, I, T)
-    block_t, block_i, warps = CONV_CONFIG
+    args = (x, conv_state, weight, weight if bias is None else bias, y, weight if length is None else length, t, dim)
+    strides = (*x.stride(), *conv_state.stride(), *weight.stride(), *y.stride())
+    kw = dict(K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_LEN=length is not None)
+    if CONV_CONFIG[0] == "seq" and k <= 4:
+        _, block_i, seg, warps, stages = CONV_CONFIG
+        seg = max(8, min(seg, triton.cdiv(t, 8) * 8))
+        grid = (triton.cdiv(dim, block_i), triton.cdiv(t, seg), bsz)
+        _conv_seq_kernel[grid](*args, seg, *strides, **kw, BLOCK_I=block_i, STAGES=stages, num_warps=warps)
+        return y
+    block_t, block_i, warps = CONV_CONFIG if CONV_CONFIG[0] != "seq" else CONV_TILE
     assert block_t >= k - 1  # only the first tile in time reaches into the state
     grid = (triton.cdiv(t, block_t), triton.cdiv(dim, block_i), bsz)
-    _conv_fwd_kernel[grid](x, conv_state, weight, weight if bias is None else bias, y,
-                           weight if length is None else length, t, dim,
-                           *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
-                           K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_LEN=length is not None,
-                           BLOCK_T=block_t, BLOCK_I=block_i, num_warps=warps)
+    _conv_fwd_kernel[grid](*args, *strides, **kw, BLOCK_T=block_t, BLOCK_I=block_i, num_warps=warps)
     return y
 
 

@@ -88,6 +88,10 @@ def test_add_rms_norm(shape, dtype):
 
 # ------------------------------------------------------------------ causal conv1d
 
+CONV_SEQ = ("seq", 32, 16, 1, 2)  # the token-loop conv, its segments short enough that the tests cross them;
+# "tile": tk.CONV_TILE, the tile kernel
+
+
 def _conv_inputs(b, i, t, k, dtype, bias):
     xz = _rand(b, t, 2 * i, dtype=dtype)  # the block hands the kernel a strided view of in_proj's output
     x = xz[..., :i].transpose(1, 2)  # (B, I, T)
@@ -101,7 +105,9 @@ def _conv_inputs(b, i, t, k, dtype, bias):
 @pytest.mark.parametrize("b,i,t,k", [(1, 37, 1, 4), (2, 64, 2, 4), (3, 100, 3, 4), (1, 256, 50, 4),
                                      (2, 33, 257, 4), (1, 70, 5, 3), (2, 48, 2, 2)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_causal_conv1d(b, i, t, k, dtype, bias):
+@pytest.mark.parametrize("config", [CONV_SEQ, "tile"])
+def test_causal_conv1d(b, i, t, k, dtype, bias, config, monkeypatch):
+    monkeypatch.setattr(tk, "CONV_CONFIG", tk.CONV_TILE if config == "tile" else config)
     x, state, w, bb = _conv_inputs(b, i, t, k, dtype, bias)
     state_ref = state.clone()
     want = ref.causal_conv1d_ref(x, state_ref, w, bb)
@@ -111,15 +117,32 @@ def test_causal_conv1d(b, i, t, k, dtype, bias):
     assert_state_equal(state, state_ref, dtype)
 
 
-@pytest.mark.parametrize("t,length", [(16, 1), (16, 2), (16, 11), (64, 64), (32, 17)])
-def test_causal_conv1d_device_length(t, length):
+@pytest.mark.parametrize("t,length", [(16, 1), (16, 2), (16, 11), (64, 64), (32, 17), (300, 290)])
+@pytest.mark.parametrize("config", [CONV_SEQ, "tile"])
+def test_causal_conv1d_device_length(t, length, config, monkeypatch):
     """A padded piece: outputs of the real tokens and the state as if only they had come."""
+    monkeypatch.setattr(tk, "CONV_CONFIG", tk.CONV_TILE if config == "tile" else config)
     x, state, w, bb = _conv_inputs(2, 40, t, 4, torch.float32, True)
     state_ref = state.clone()
     want = ref.causal_conv1d_ref(x[..., :length], state_ref, w, bb)
     out = tk.causal_conv1d(x, state, w, bb, length=torch.tensor([length], dtype=torch.int32, device=DEVICE))
     assert rel_err(out[..., :length], want) < TOL[torch.float32]
     assert_state_equal(state, state_ref, torch.float32)
+
+
+@pytest.mark.parametrize("b,i,t,k,seg", [(1, 37, 5, 4, 8), (2, 100, 300, 4, 64), (1, 70, 131, 3, 16),
+                                        (3, 33, 64, 2, 24), (1, 200, 1000, 4, 128)])
+def test_conv_kernels_agree_bitwise(b, i, t, k, seg, monkeypatch):
+    """The token-loop conv adds each output's taps in the tile kernel's order: the same bits, output and state,
+    across segment boundaries (each segment's first outputs read the previous segment's last inputs)."""
+    x, state, w, bb = _conv_inputs(b, i, t, k, torch.bfloat16, True)
+    length = torch.tensor([max(1, t - 3)], dtype=torch.int32, device=DEVICE)
+    outs = []
+    for config in [("seq", 32, seg, 1, 2), tk.CONV_TILE]:
+        monkeypatch.setattr(tk, "CONV_CONFIG", config)
+        st = state.clone()
+        outs.append((tk.causal_conv1d(x, st, w, bb, length=length), st))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
