@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python3 scripts/sweep_gpu.py [launch_costs prefill_profile ssm_decode_sweep step_sweep
                                                   step_parts prefill_sweep chunk_sweep scan_sweep prefill_kernels
-                                                  read_ceiling]
+                                                  read_ceiling conv_sweep prefill_gaps]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -11,7 +11,8 @@ step_parts: that step with kernels left out (what each one adds);
 prefill_sweep: a 2048-token prefill through those blocks for scan and conv configs (in context, interleaved rounds);
 chunk_sweep: a 2048-token prefill through whole models in pieces of 1024 and 2048 tokens, and its memory;
 scan_sweep: the scan alone at 1024 tokens (L2-warm: context changes the order, see prefill_sweep);
-prefill_kernels: that prefill's kernels by time; read_ceiling: how fast a 52 MB weight can be read at all.
+prefill_kernels: that prefill's kernels by time; read_ceiling: how fast a 52 MB weight can be read at all;
+conv_sweep: the prefill conv alone, its kernels and configs; prefill_gaps: where a graphed prefill idles.
 """
 import cProfile
 import io
@@ -335,6 +336,66 @@ def scan_sweep():
             print(f"scan 1x{i}x{t} {config}: {ms * 1e3:.1f} us")
         except Exception as e:
             print(f"scan {config}: failed {type(e).__name__}: {str(e)[:150]}")
+
+
+def conv_sweep():
+    """The prefill conv alone at 2.8b's width, 2048 tokens of in_proj's strided x half (4 inputs: past L2), for the
+    tile kernel and token-loop configs; every config must give the first one's bits."""
+    t, dim = 2048, 5120
+    bf = dict(dtype=torch.bfloat16, device=dev)
+    xzs = [torch.randn(1, t, 2 * dim, **bf) for _ in range(4)]
+    w, bb = torch.randn(dim, 4, **bf) * 0.5, torch.randn(dim, **bf)
+    st0 = torch.randn(1, dim, 4, device=dev)
+    length = torch.tensor([t - 5], dtype=torch.int32, device=dev)
+    default, base = tk.CONV_CONFIG, None
+    for c in [tk.CONV_TILE, ("seq", 32, 128, 1, 3), ("seq", 32, 128, 1, 4), ("seq", 32, 64, 1, 3),
+              ("seq", 32, 96, 1, 3), ("seq", 64, 64, 2, 3), ("seq", 64, 128, 1, 3), ("seq", 32, 256, 1, 4)]:
+        tk.CONV_CONFIG = c
+        st = st0.clone()
+        y = tk.causal_conv1d(xzs[0][..., :dim].transpose(1, 2), st, w, bb, length=length)
+        base = base or (y.clone(), st.clone())
+        same = torch.equal(y, base[0]) and torch.equal(st, base[1])
+        k = [0]
+
+        def run():
+            k[0] = (k[0] + 1) % len(xzs)
+            tk.causal_conv1d(xzs[k[0]][..., :dim].transpose(1, 2), st, w, bb, length=length)
+        print(f"conv {str(c):24s}: {graph_ms(run, reps=16) * 1e3:6.1f} us, the tile kernel's bits: {same}")
+    tk.CONV_CONFIG = default
+
+
+def prefill_gaps(layers=64):
+    """Where a graphed 2048-token prefill through `layers` blocks of 2.8b width idles between kernels (a profiler
+    trace: the gaps summed by the pair of kernels around them)."""
+    import collections
+    import json
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    cfg, stack = _wide_stack(layers)
+    hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
+    dec = GraphDecoder(stack, max_slots=2, buckets=(1,))
+    sl = dec.alloc_slot()
+    dec.prefill(sl, hidden)
+    print(f"prefill 2048 x {layers} blocks: {cuda_ms(lambda: dec.prefill(sl, hidden), iters=7, warmup=2):.3f} ms")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.prefill(sl, hidden)
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    ev = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                key=lambda e: e["ts"])
+    gaps = collections.defaultdict(lambda: [0, 0.0])
+    for a, b in zip(ev, ev[1:]):
+        key = (a["name"].split("<")[0][:40], b["name"].split("<")[0][:40])
+        gaps[key][0] += 1
+        gaps[key][1] += b["ts"] - (a["ts"] + a["dur"])
+    busy = sum(e["dur"] for e in ev)
+    span = ev[-1]["ts"] + ev[-1]["dur"] - ev[0]["ts"]
+    print(f"{len(ev)} kernels over {span / 1e3:.3f} ms, busy {busy / 1e3:.3f} ms, idle {(span - busy) / 1e3:.3f} ms")
+    for (a, b), (n, us) in sorted(gaps.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(f"  {us / 1e3:7.3f} ms {n:5d}x {us / n:6.2f} us  {a} -> {b}")
 
 
 if __name__ == "__main__":
