@@ -23,6 +23,7 @@ from swarm.kernels.triton_scan import _cols8, _silu, selective_scan
 # 7.61-7.86 -> 7.44-7.72 ms (interleaved rounds; scripts/sweep_gpu.py prefill_sweep measures in context)
 CONV_TILE: tuple[int, int, int] = (32, 64, 4)
 CONV_CONFIG: tuple = ("seq", 32, 128, 1, 3)
+CONV_OFF64_FROM: int = 2 ** 31  # the offsets from which the conv kernels compute token addresses in 64 bits
 
 
 # ---------------------------------------------------------------- RMSNorm (optionally fused with the residual add)
@@ -80,7 +81,7 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
 def _conv_fwd_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I,
                      sx_b, sx_i, sx_t, ss_b, ss_i, ss_k, sw_i, sw_k, sy_b, sy_i, sy_t,
                      K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, OFF64: tl.constexpr = False):
     # HAS_LEN: only the first len_ptr[0] of the T tokens are real (a padded piece of a captured prefill); every
     # output is written, the state advances by the real tokens
     # every operand is (BLOCK_T, 1) or (1, BLOCK_I), so all of them share the tile's layout as loaded
@@ -88,6 +89,8 @@ def _conv_fwd_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I,
     i = (tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :]  # (1, BI)
     b = tl.program_id(2).to(tl.int64)
     t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T))[:, None]  # (BT, 1)
+    if OFF64:  # T times a token stride can pass 2**31
+        t = t.to(tl.int64)
     mi = i < I
     mt = t < T
     x_base = x_ptr + b * sx_b + i * sx_i
@@ -115,16 +118,19 @@ def _conv_fwd_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I,
         acc += tl.load(b_ptr + i, mask=mi, other=0.0).to(tl.float32)
     tl.store(y_ptr + b * sy_b + t * sy_t + i * sy_i, _silu(acc).to(y_ptr.dtype.element_ty), mask=mt & mi)
     if pid_t == 0:  # only this program reads the old state, so only it may write the new one
-        _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, tl.arange(0, KP)[:, None], mi, K, HAS_LEN)
+        _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, tl.arange(0, KP)[:, None], mi, K, HAS_LEN, OFF64)
 
 
 @triton.jit
-def _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, kk, mi, K: tl.constexpr, HAS_LEN: tl.constexpr):
+def _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, kk, mi, K: tl.constexpr, HAS_LEN: tl.constexpr,
+                    OFF64: tl.constexpr):
     """The state after the real tokens, the last K of full = [conv_state[1:], x] (kk: 0..KP-1 on the axis that
     is not the channels'), written over the old one by the one program that read it."""
     if HAS_LEN:
         T = tl.load(len_ptr).to(tl.int32)
     last = T - K + kk  # new state[k] = full[T - 1 + k]
+    if OFF64:
+        last = last.to(tl.int64)
     mk = kk < K
     x_tail = tl.load(x_base + last * sx_t, mask=(last >= 0) & mk & mi, other=0.0)
     s_tail = tl.load(s_base + (last + K) * ss_k, mask=(last < 0) & mk & mi, other=0.0)
@@ -134,10 +140,11 @@ def _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, kk, mi, K: tl.conste
 
 
 @triton.jit
-def _conv_prev(x_base, s_base, t, sx_t, ss_k, K: tl.constexpr, mi):
+def _conv_prev(x_base, s_base, t, sx_t, ss_k, K: tl.constexpr, mi, OFF64: tl.constexpr):
     """Input t (BI, 1) as fp32 rounded to x's dtype: x[t], or before the first token the state's (full[t + K - 1]
     = conv_state[t + K]); 0 before that (a K < 4 kernel pads its taps there)."""
-    t = tl.zeros(mi.shape, dtype=tl.int32) + t  # a tensor: Triton's interpreter masks with scalars badly
+    t = tl.zeros(mi.shape, dtype=tl.int64 if OFF64 else tl.int32) + t  # a tensor: the interpreter masks with
+    # scalars badly
     xv = tl.load(x_base + t * sx_t, mask=mi & (t >= 0), other=0.0)
     sv = tl.load(s_base + (t + K) * ss_k, mask=mi & (t < 0) & (t + K >= 1), other=0.0)
     return xv.to(tl.float32) + sv.to(xv.dtype).to(tl.float32)
@@ -164,7 +171,7 @@ def _conv4(a, b, c, d, w0, w1, w2, w3):
 def _conv_seq_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I, SEG,
                      sx_b, sx_i, sx_t, ss_b, ss_i, ss_k, sw_i, sw_k, sy_b, sy_i, sy_t,
                      K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
-                     BLOCK_I: tl.constexpr, STAGES: tl.constexpr):
+                     BLOCK_I: tl.constexpr, STAGES: tl.constexpr, OFF64: tl.constexpr = False):
     # A run of SEG tokens for BLOCK_I channels, 8 tokens a loop turn, each thread's 8 tokens of a channel in its
     # own registers (_cols8): every input is loaded and converted once (the tile kernel loads each K times, once a
     # tap), and a turn's last 3 inputs carry into the next. K <= 4 (taps padded to 4 in front).
@@ -184,12 +191,14 @@ def _conv_seq_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I, SEG,
         bias = tl.load(b_ptr + i, mask=mi, other=0.0).to(tl.float32)
     t_lo = seg * SEG
     t_hi = tl.minimum(t_lo + SEG, T)
-    p1 = _conv_prev(x_base, s_base, t_lo - 3, sx_t, ss_k, K, mi)
-    p2 = _conv_prev(x_base, s_base, t_lo - 2, sx_t, ss_k, K, mi)
-    p3 = _conv_prev(x_base, s_base, t_lo - 1, sx_t, ss_k, K, mi)
+    p1 = _conv_prev(x_base, s_base, t_lo - 3, sx_t, ss_k, K, mi, OFF64)
+    p2 = _conv_prev(x_base, s_base, t_lo - 2, sx_t, ss_k, K, mi, OFF64)
+    p3 = _conv_prev(x_base, s_base, t_lo - 1, sx_t, ss_k, K, mi, OFF64)
     cols = tl.arange(0, 8)[None, :]
     for t0 in tl.range(t_lo, t_hi, 8, num_stages=STAGES):
         tt = t0 + cols  # (1, 8)
+        if OFF64:  # T times a token stride can pass 2**31
+            tt = tt.to(tl.int64)
         m8 = mi & (tt < t_hi)
         x8 = tl.load(x_base + tt * sx_t, mask=m8, other=0.0)
         c0, c1, c2, c3, c4, c5, c6, c7 = _cols8(x8.to(tl.float32), BLOCK_I)
@@ -207,7 +216,7 @@ def _conv_seq_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I, SEG,
         acc = tl.reshape(os, (BLOCK_I, 8)) + bias
         tl.store(y_base + tt * sy_t, _silu(acc).to(y_ptr.dtype.element_ty), mask=m8)
     if seg == 0:  # only this program reads the old state, so only it may write the new one
-        _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, tl.arange(0, KP)[None, :], mi, K, HAS_LEN)
+        _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, tl.arange(0, KP)[None, :], mi, K, HAS_LEN, OFF64)
 
 
 @triton.jit
@@ -268,7 +277,9 @@ def causal_conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tenso
     y = torch.empty(bsz, t, dim, dtype=x.dtype, device=x.device).transpose(1, 2)  # (B, I, T)
     args = (x, conv_state, weight, weight if bias is None else bias, y, weight if length is None else length, t, dim)
     strides = (*x.stride(), *conv_state.stride(), *weight.stride(), *y.stride())
-    kw = dict(K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_LEN=length is not None)
+    off64 = t * max(abs(x.stride(2)), abs(y.stride(2))) >= CONV_OFF64_FROM  # token offsets in 64 bits
+    kw = dict(K=k, KP=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_LEN=length is not None,
+              OFF64=off64)
     if CONV_CONFIG[0] == "seq" and k <= 4:
         _, block_i, seg, warps, stages = CONV_CONFIG
         seg = max(8, min(seg, triton.cdiv(t, 8) * 8))

@@ -134,15 +134,19 @@ def test_causal_conv1d_device_length(t, length, config, monkeypatch):
                                         (3, 33, 64, 2, 24), (1, 200, 1000, 4, 128)])
 def test_conv_kernels_agree_bitwise(b, i, t, k, seg, monkeypatch):
     """The token-loop conv adds each output's taps in the tile kernel's order: the same bits, output and state,
-    across segment boundaries (each segment's first outputs read the previous segment's last inputs)."""
+    across segment boundaries (each segment's first outputs read the previous segment's last inputs), with token
+    offsets in 32 or 64 bits."""
     x, state, w, bb = _conv_inputs(b, i, t, k, torch.bfloat16, True)
     length = torch.tensor([max(1, t - 3)], dtype=torch.int32, device=DEVICE)
     outs = []
-    for config in [("seq", 32, seg, 1, 2), tk.CONV_TILE]:
+    for config, off64_from in [(("seq", 32, seg, 1, 2), 2 ** 31), (tk.CONV_TILE, 2 ** 31), (("seq", 32, seg, 1, 2), 0),
+                               (tk.CONV_TILE, 0)]:  # 0: token offsets in 64 bits
         monkeypatch.setattr(tk, "CONV_CONFIG", config)
+        monkeypatch.setattr(tk, "CONV_OFF64_FROM", off64_from)
         st = state.clone()
         outs.append((tk.causal_conv1d(x, st, w, bb, length=length), st))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for out, st in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(st, outs[0][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
