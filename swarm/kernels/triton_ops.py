@@ -143,8 +143,8 @@ def _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, kk, mi, K: tl.conste
 def _conv_prev(x_base, s_base, t, sx_t, ss_k, K: tl.constexpr, mi, OFF64: tl.constexpr):
     """Input t (BI, 1) as fp32 rounded to x's dtype: x[t], or before the first token the state's (full[t + K - 1]
     = conv_state[t + K]); 0 before that (a K < 4 kernel pads its taps there)."""
-    t = tl.zeros(mi.shape, dtype=tl.int64 if OFF64 else tl.int32) + t  # a tensor: the interpreter masks with
-    # scalars badly
+    # as a tensor: Triton's interpreter mishandles masks that combine a scalar condition with a tensor
+    t = tl.zeros(mi.shape, dtype=tl.int64 if OFF64 else tl.int32) + t
     xv = tl.load(x_base + t * sx_t, mask=mi & (t >= 0), other=0.0)
     sv = tl.load(s_base + (t + K) * ss_k, mask=mi & (t < 0) & (t + K >= 1), other=0.0)
     return xv.to(tl.float32) + sv.to(xv.dtype).to(tl.float32)
@@ -212,8 +212,8 @@ def _conv_seq_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I, SEG,
         o7 = _conv4(c4, c5, c6, c7, w0, w1, w2, w3)
         p1, p2, p3 = c5, c6, c7
         # join appends a last axis, so the outermost join picks bit 0 of the token index and the innermost bit 2
-        os = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
-        acc = tl.reshape(os, (BLOCK_I, 8)) + bias
+        outs = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+        acc = tl.reshape(outs, (BLOCK_I, 8)) + bias
         tl.store(y_base + tt * sy_t, _silu(acc).to(y_ptr.dtype.element_ty), mask=m8)
     if seg == 0:  # only this program reads the old state, so only it may write the new one
         _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, tl.arange(0, KP)[None, :], mi, K, HAS_LEN, OFF64)

@@ -184,9 +184,10 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
     # end state and sum(dt) to the workspaces hs (B, S, I, N), ds (B, S, I). MODE 2 starts segment s from the real
     # state, h0 folded through the earlier segments' (decay, local state) pairs, and writes y; its last segment
     # writes the final state to h. MODE 1's first segment copies h to hs[:, S - 1] (the last segment has no local
-    # state to keep), and MODE 2 reads h0 there: no program of MODE 2 reads h, so its last one can write it in place
-    # (no copy launch after the pass). MODE 0 is the whole sequence in one segment, from h to h. HAS_LEN: only the first len_ptr[0] tokens are real; the
-    # others are skipped (y left unwritten there), so segments past them leave the state as it is.
+    # state to keep), and MODE 2 reads h0 there: no program of MODE 2 reads h, so its last one can write it in
+    # place (no copy launch after the pass). MODE 0 is the whole sequence in one segment, from h to h. HAS_LEN:
+    # only the first len_ptr[0] tokens are real; the others are skipped (y left unwritten there), so segments past
+    # them leave the state as it is.
     if HAS_LEN:
         T = tl.load(len_ptr).to(tl.int32)
     i = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I))[:, None]  # (BI, 1)
