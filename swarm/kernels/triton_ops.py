@@ -102,11 +102,8 @@ def _conv_fwd_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I,
     if pid_t == 0:
         acc = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
         for k in tl.static_range(K):
-            src = t + (k - (K - 1))
-            xv = tl.load(x_base + src * sx_t, mask=(src >= 0) & mt & mi, other=0.0)
-            sv = tl.load(s_base + (src + K) * ss_k, mask=(src < 0) & mt & mi, other=0.0)
             w = tl.load(w_ptr + i * sw_i + k * sw_k, mask=mi, other=0.0).to(tl.float32)
-            acc += (xv.to(tl.float32) + sv.to(xv.dtype).to(tl.float32)) * w
+            acc += _conv_full(x_base, s_base, t + (k - (K - 1)), sx_t, ss_k, K, mt & mi) * w
     else:
         acc = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
         for k in tl.static_range(K):
@@ -132,22 +129,27 @@ def _conv_new_state(x_base, s_base, len_ptr, T, sx_t, ss_k, kk, mi, K: tl.conste
     if OFF64:
         last = last.to(tl.int64)
     mk = kk < K
-    x_tail = tl.load(x_base + last * sx_t, mask=(last >= 0) & mk & mi, other=0.0)
-    s_tail = tl.load(s_base + (last + K) * ss_k, mask=(last < 0) & mk & mi, other=0.0)
-    new = x_tail.to(tl.float32) + s_tail.to(x_tail.dtype).to(tl.float32)
+    new = _conv_full(x_base, s_base, last, sx_t, ss_k, K, mk & mi)
     tl.debug_barrier()  # every thread's reads of the old state happen before any write
     tl.store(s_base + kk * ss_k, new, mask=mk & mi)
 
 
 @triton.jit
-def _conv_prev(x_base, s_base, t, sx_t, ss_k, K: tl.constexpr, mi, OFF64: tl.constexpr):
-    """Input t (BI, 1) as fp32 rounded to x's dtype: x[t], or before the first token the state's (full[t + K - 1]
-    = conv_state[t + K]); 0 before that (a K < 4 kernel pads its taps there)."""
-    # as a tensor: Triton's interpreter mishandles masks that combine a scalar condition with a tensor
-    t = tl.zeros(mi.shape, dtype=tl.int64 if OFF64 else tl.int32) + t
-    xv = tl.load(x_base + t * sx_t, mask=mi & (t >= 0), other=0.0)
-    sv = tl.load(s_base + (t + K) * ss_k, mask=mi & (t < 0) & (t + K >= 1), other=0.0)
+def _conv_full(x_base, s_base, t, sx_t, ss_k, K: tl.constexpr, m):
+    """Input t of the conv (a tensor of token indices; 0 where ~m) as fp32 rounded to x's dtype: x[t], or before
+    the first token the state's (full = [conv_state[1:], x], so x[t] is conv_state[t + K] for t < 0); 0 before
+    that (where a K < 4 token-loop kernel pads its taps)."""
+    xv = tl.load(x_base + t * sx_t, mask=m & (t >= 0), other=0.0)
+    sv = tl.load(s_base + (t + K) * ss_k, mask=m & (t < 0) & (t + K >= 1), other=0.0)
     return xv.to(tl.float32) + sv.to(xv.dtype).to(tl.float32)
+
+
+@triton.jit
+def _conv_prev(x_base, s_base, t, sx_t, ss_k, K: tl.constexpr, mi, OFF64: tl.constexpr):
+    """Input t (a scalar) of channels mi (BI, 1): _conv_full on a tensor, since Triton's interpreter mishandles
+    masks that combine a scalar condition with a tensor."""
+    t = tl.zeros(mi.shape, dtype=tl.int64 if OFF64 else tl.int32) + t
+    return _conv_full(x_base, s_base, t, sx_t, ss_k, K, mi)
 
 
 @triton.jit
