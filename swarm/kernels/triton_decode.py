@@ -39,9 +39,6 @@ INTERPRETER_GEMV_CONFIG: tuple[int, int] = (64, 4)
 # (BLOCK_I, num_warps) of ssm_decode, or None for the measured best: (16, 1) at batch 1, (32, 1) above (2.8b, H100:
 # 3.6 and 6.8 us against 4.0 and 10.6 for the old (32, 4))
 SSM_DECODE_CONFIG: tuple[int, int] | None = None
-# (BLOCK_I, num_warps) of ssm_decode when it also computes the gate's z (in_proj's z half; GraphDecoder's
-# z_gemv="ssm"): its programs stream z's weight rows like norm_gemv's
-SSM_DECODE_Z_CONFIG: tuple[int, int] = (4, 4)
 # Programmatic dependent launch (Hopper and later): each kernel is launched while its predecessor drains, streams
 # its weights in, and only then waits for the predecessor's outputs (gdc_wait), so the weight stream overlaps the
 # tail, the launch gap and the latency-bound SSM step. None: on where the GPU has it (compute capability >= 9).
@@ -131,10 +128,30 @@ def _normed(x, g, rstd, wdt: tl.constexpr):
 
 
 @triton.jit
-def _norm_dot(x_row, nw_ptr, w0, w1, w2, bias, eps, D: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
-              P2: tl.constexpr):
-    """linear(rms_norm(x), w) + bias in fp32 for a weight tile from _w_tile: x_row the fp32 residual row (D,)."""
+def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, cw_ptr, cb_ptr, N, I, sx_b, sw_n, sy_b,
+                      ss_b, ss_i, ss_k, scw_i, scw_k, eps, D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      CONV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, HAS_CBIAS: tl.constexpr,
+                      HAS_IDX: tl.constexpr, BLOCK_N: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                      P2: tl.constexpr, PDL: tl.constexpr):
+    # The program's whole weight tile (BLOCK_N rows, D = P0 + P1 + P2 columns) is loaded at once, so every load is
+    # in flight together (waiting a DRAM latency per chunk streams at half the bandwidth), and before the input row
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = n < N
     wdt = nw_ptr.dtype.element_ty
+    w0, w1, w2, bias = _w_tile(w_ptr, b_ptr, n, mn, sw_n, D, P0, P1, P2, HAS_BIAS)
+    if CONV:
+        mi = n < I
+        kc = tl.arange(0, KP)[None, :]
+        cw = tl.load(cw_ptr + n[:, None] * scw_i + kc * scw_k, mask=mi[:, None] & (kc < K), other=0.0)
+        if HAS_CBIAS:
+            cb = tl.load(cb_ptr + n, mask=mi, other=0.0).to(tl.float32)
+    _grid_wait(PDL)
+    x_row = x_ptr + b * sx_b
+    if CONV:  # the conv step's state: its latency hides behind the products below
+        slot = _slot(idx_ptr, b, HAS_IDX)
+        s_rows = s_ptr + slot * ss_b + n[:, None] * ss_i
+        shifted = tl.load(s_rows + (kc + 1) * ss_k, mask=mi[:, None] & (kc < K - 1), other=0.0)
     # the row's statistics (a few KB from L2, read by every program: cheaper than a launch to share them)
     x0 = _v_piece(x_row, 0, P0, D).to(wdt).to(tl.float32)
     ss = tl.sum(x0 * x0, axis=0)
@@ -150,34 +167,9 @@ def _norm_dot(x_row, nw_ptr, w0, w1, w2, bias, eps, D: tl.constexpr, P0: tl.cons
         y += tl.sum(w1.to(tl.float32) * _normed(x1, _v_piece(nw_ptr, P0, P1, D), rstd, wdt)[None, :], axis=1)
     if P2 > 0:
         y += tl.sum(w2.to(tl.float32) * _normed(x2, _v_piece(nw_ptr, P0 + P1, P2, D), rstd, wdt)[None, :], axis=1)
-    return y + bias  # bias: zeros where there is none
-
-
-@triton.jit
-def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, cw_ptr, cb_ptr, N, I, sx_b, sw_n, sy_b,
-                      ss_b, ss_i, ss_k, scw_i, scw_k, eps, D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      CONV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, HAS_CBIAS: tl.constexpr,
-                      HAS_IDX: tl.constexpr, BLOCK_N: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
-                      P2: tl.constexpr, PDL: tl.constexpr):
-    # The program's whole weight tile (BLOCK_N rows, D = P0 + P1 + P2 columns) is loaded at once, so every load is
-    # in flight together (waiting a DRAM latency per chunk streams at half the bandwidth), and before the input row
-    b = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mn = n < N
-    w0, w1, w2, bias = _w_tile(w_ptr, b_ptr, n, mn, sw_n, D, P0, P1, P2, HAS_BIAS)
-    if CONV:
-        mi = n < I
-        kc = tl.arange(0, KP)[None, :]
-        cw = tl.load(cw_ptr + n[:, None] * scw_i + kc * scw_k, mask=mi[:, None] & (kc < K), other=0.0)
-        if HAS_CBIAS:
-            cb = tl.load(cb_ptr + n, mask=mi, other=0.0).to(tl.float32)
-    _grid_wait(PDL)
-    x_row = x_ptr + b * sx_b
-    if CONV:  # the conv step's state: its latency hides behind the products below
-        slot = _slot(idx_ptr, b, HAS_IDX)
-        s_rows = s_ptr + slot * ss_b + n[:, None] * ss_i
-        shifted = tl.load(s_rows + (kc + 1) * ss_k, mask=mi[:, None] & (kc < K - 1), other=0.0)
-    y = _norm_dot(x_row, nw_ptr, w0, w1, w2, bias, eps, D, P0, P1, P2).to(y_ptr.dtype.element_ty)
+    if HAS_BIAS:
+        y += bias
+    y = y.to(y_ptr.dtype.element_ty)
     if CONV:  # rows n < I are x: run them through the conv step (state shift, SiLU) and store xc in their place
         new = tl.where(kc == K - 1, y.to(tl.float32)[:, None], shifted.to(y.dtype).to(tl.float32))
         conv = tl.sum(new * cw.to(tl.float32), axis=1)
@@ -327,24 +319,18 @@ def conv_xproj(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, 
 
 
 @triton.jit
-def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, idx_ptr, y_ptr, nw_ptr, wz_ptr,
-                       bz_ptr, I, N, R, sxc_b, sp_b, sp_p, sw_i, sw_r, sz_b, sz_i, sh_b, sh_i, sh_n, sy_b, sy_i,
-                       swz_i, eps, P: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK_I: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr,
-                       STATE_EARLY: tl.constexpr, Z_GEMV: tl.constexpr, HAS_ZBIAS: tl.constexpr,
-                       DM: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr):
+def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, idx_ptr, y_ptr, I, N, R,
+                       sxc_b, sp_b, sp_p, sw_i, sw_r, sz_b, sz_i, sh_b, sh_i, sh_n, sy_b, sy_i, P: tl.constexpr,
+                       HAS_IDX: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_P: tl.constexpr, PDL: tl.constexpr, STATE_EARLY: tl.constexpr):
     # The decode graph's SSM step: add up x_proj's partial sums into dt_low, B and C (rounded to the weight dtype
     # as a matmul's output would be), dt_proj for this block of channels, then the state update and the gate.
     # STATE_EARLY: the slot index and the state rows are read before the wait too (see ssm_decode).
-    # Z_GEMV: z_ptr is the block's fp32 residual row (DM,), and the gate's z is in_proj's z half computed here,
-    # RMSNorm fused as in _norm_gemv_kernel: its weight rows stream in before the wait, behind x_proj.
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     b = tl.program_id(1).to(tl.int64)
     n = tl.arange(0, BLOCK_N)
     r = tl.arange(0, BLOCK_R)
     mi, mn, mr = i < I, n < N, r < R
-    if Z_GEMV:
-        wz0, wz1, wz2, zb = _w_tile(wz_ptr, bz_ptr, i, mi, swz_i, DM, P0, P1, P2, HAS_ZBIAS)
     w = tl.load(wdt_ptr + i[:, None] * sw_i + r[None, :] * sw_r, mask=mi[:, None] & mr[None, :], other=0.0)
     bias = tl.load(bias_ptr + i, mask=mi, other=0.0)
     A, Dv = _load_a_d(a_ptr, d_ptr, i, n, mi, mn, N)
@@ -369,10 +355,7 @@ def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_
     u = tl.load(xc_ptr + b * sxc_b + i, mask=mi, other=0.0).to(tl.float32)
     dlow = acc_r.to(xdt).to(tl.float32)
     dl = tl.sum(w.to(tl.float32) * dlow[None, :], axis=1).to(w.dtype).to(tl.float32)
-    if Z_GEMV:  # in_proj's output rounds to the weight dtype
-        z = _norm_dot(z_ptr + b * sz_b, nw_ptr, wz0, wz1, wz2, zb, eps, DM, P0, P1, P2).to(xdt).to(tl.float32)
-    else:
-        z = tl.load(z_ptr + b * sz_b + i * sz_i, mask=mi, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + b * sz_b + i * sz_i, mask=mi, other=0.0).to(tl.float32)
     y = _ssm_state_update(u, dl, bias, A, Dv, acc_b.to(xdt).to(tl.float32), acc_c.to(xdt).to(tl.float32), z, h,
                           h_ptrs, mi, mn)
     tl.store(y_ptr + b * sy_b + i * sy_i, y.to(y_ptr.dtype.element_ty), mask=mi)
@@ -381,13 +364,10 @@ def _ssm_decode_kernel(xc_ptr, p_ptr, wdt_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, h_
 def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor,
                D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
                idx: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-               config: tuple[int, int] | None = None, state_early: bool = False,
-               z_gemv: tuple | None = None) -> torch.Tensor:
+               config: tuple[int, int] | None = None, state_early: bool = False) -> torch.Tensor:
     """The decode graph's SSM step after conv_xproj: xc (B, I), partials (B, P, R + 2N) -> y (B, I) in out_dtype.
 
     dt_weight: (I, R); z: (B, I); ssm_state (B, I, N) fp32, or with idx (B,) a pool (S, I, N) addressed by idx[b].
-    z_gemv = (norm_w, eps, z_weight (I, D), z_bias or None): z is instead the block's fp32 input row (B, D), and the
-    gate's z = linear(rms_norm(z), z_weight, z_bias) (in_proj's z half) is computed here, rounded as norm_gemv's.
     state_early (with PDL): read idx and the state before waiting for the previous kernel, off the critical path.
     Only for a caller that guarantees that no kernel still running can write them: GraphDecoder's step writes a
     slot's state once, and each step starts with a copy, which is not PDL-launched and so waits for all before it.
@@ -395,24 +375,15 @@ def ssm_decode(xc: torch.Tensor, partials: torch.Tensor, dt_weight: torch.Tensor
     bsz, dim = xc.shape
     nst, rank, n_part = A.shape[1], dt_weight.shape[1], partials.shape[1]
     y = torch.empty(bsz, dim, dtype=out_dtype, device=xc.device)
-    if z_gemv is None:
-        block_i, warps = config or SSM_DECODE_CONFIG or ((16, 1) if bsz == 1 else (32, 1))
-        nw, eps, wz, bz, dm, pieces = xc, 0.0, xc, None, 1, (1, 0, 0)
-    else:
-        nw, eps, wz, bz = z_gemv
-        dm = z.shape[1]
-        assert z.dtype == torch.float32 and z.stride(1) == 1 and wz.stride(1) == 1 and tuple(wz.shape) == (dim, dm)
-        block_i, warps = config or (SSM_DECODE_Z_CONFIG if xc.is_cuda else (16, 1))
-        pieces = _pieces(dm)
+    block_i, warps = config or SSM_DECODE_CONFIG or ((16, 1) if bsz == 1 else (32, 1))
     if n_part > 16:
         warps = max(warps, 4)  # many partial sums to add up
-    p0, p1, p2 = pieces
     _launch(_ssm_decode_kernel, (triton.cdiv(dim, block_i), bsz),
-            xc, partials, dt_weight, z, A, D, delta_bias, ssm_state, xc if idx is None else idx, y, nw, wz,
-            wz if bz is None else bz, dim, nst, rank, xc.stride(0), partials.stride(0), partials.stride(1),
-            *dt_weight.stride(), *z.stride(), *ssm_state.stride(), *y.stride(), wz.stride(0), eps, P=n_part,
-            HAS_IDX=idx is not None, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst),
-            BLOCK_R=triton.next_power_of_2(rank), BLOCK_P=16, num_warps=warps, STATE_EARLY=state_early,
-            Z_GEMV=z_gemv is not None, HAS_ZBIAS=bz is not None, DM=dm, P0=p0, P1=p1, P2=p2,
-            pdl=_pdl(xc.device), name="ssm_decode")
+            xc, partials, dt_weight, z, A, D, delta_bias, ssm_state, xc if idx is None else idx, y, dim, nst, rank,
+            xc.stride(0), partials.stride(0), partials.stride(1), *dt_weight.stride(), *z.stride(),
+            *ssm_state.stride(), *y.stride(), P=n_part, HAS_IDX=idx is not None, BLOCK_I=block_i,
+            BLOCK_N=triton.next_power_of_2(nst), BLOCK_R=triton.next_power_of_2(rank), BLOCK_P=16, num_warps=warps,
+            STATE_EARLY=state_early, pdl=_pdl(xc.device), name="ssm_decode")
     return y
+
+

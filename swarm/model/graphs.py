@@ -23,7 +23,6 @@ from swarm.model.config import MambaConfig
 from swarm.model.stack import PREFILL_CHUNK, BlockStack, Head
 
 SSM_STATE_EARLY = True  # ssm_decode reads the slot's state before its PDL wait (see _ssm)
-Z_GEMV = "in_proj"  # GraphDecoder's default: where the GEMV buckets compute in_proj's z half (see GraphDecoder)
 PREFILL_MIN_BUCKET = 16  # the smallest padded prefill piece (buckets 16, 32, ... prefill_chunk tokens)
 # GraphDecoder's automatic prefill pieces (auto_prefill_chunk): PREFILL_CHUNK_MAX tokens where a piece's activations
 # take at most PREFILL_MEMORY_SHARE of the weights (or PREFILL_MEMORY_FLOOR bytes), else stack.PREFILL_CHUNK
@@ -99,15 +98,12 @@ class GraphDecoder:
     - buckets of up to `gemv_batch` rows run in_proj and out_proj as Triton GEMVs with the norm and the residual add
       fused into them (and, unless xproj="fused", the conv step in in_proj's epilogue); other buckets use cuBLAS
       with a fused residual-add + RMSNorm between blocks.
-    - `z_gemv="in_proj"`: in those GEMV buckets in_proj computes both halves; `"ssm"`: it computes the x half only
-      and the SSM step computes the gate's z half itself, from the residual (its weight rows stream in while x_proj
-      runs).
     A prefill runs in pieces of `prefill_chunk` tokens (None: auto_prefill_chunk, by the weights' size).
     """
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
                  graphs: bool = True, gemv_batch: int = 1, xproj: str = "gemv", head: Head | None = None,
-                 prefill_chunk: int | None = None, z_gemv: str = Z_GEMV):
+                 prefill_chunk: int | None = None):
         if graphs and stack.device.type != "cuda":
             raise ValueError(f"GraphDecoder captures CUDA graphs; the stack is on {stack.device}")
         if max_slots < 1 or not buckets or min(buckets) < 1:
@@ -120,10 +116,8 @@ class GraphDecoder:
                              f"got {prefill_chunk}")
         if xproj not in ("cublas", "gemv", "fused"):
             raise ValueError(f"GraphDecoder xproj must be 'cublas', 'gemv' or 'fused', got {xproj!r}")
-        if z_gemv not in ("in_proj", "ssm"):
-            raise ValueError(f"GraphDecoder z_gemv must be 'in_proj' or 'ssm', got {z_gemv!r}")
         self._k, self._d = _triton_kernels()
-        self.gemv_batch, self.xproj, self.prefill_chunk, self.z_gemv = gemv_batch, xproj, prefill_chunk, z_gemv
+        self.gemv_batch, self.xproj, self.prefill_chunk = gemv_batch, xproj, prefill_chunk
         cfg = stack.cfg
         self.cfg, self.device, self.dtype = cfg, stack.device, stack.dtype
         self.max_slots = max_slots
@@ -367,12 +361,10 @@ class GraphDecoder:
         if hidden.shape[0] <= self.gemv_batch:  # the residual stream lives in `out` from the first block on
             out.copy_(hidden)
             fuse_conv = self.xproj != "fused"  # the conv step in in_proj's epilogue: x comes out as silu(conv(x))
-            rows = self.cfg.intermediate_size if self.z_gemv == "ssm" else None  # in_proj's x half only
             for j, w in enumerate(self._w):
                 conv = (self.conv[j], w.conv_w, w.conv_b, idx) if fuse_conv else None
-                in_b = None if w.in_b is None else w.in_b[:rows]
-                xz = d.norm_gemv(out, w.norm_w, w.eps, w.in_w[:rows], in_b, conv=conv)  # (Bk, 2I) or (Bk, I)
-                y = self._ssm(j, w, xz, idx, conv_done=fuse_conv, residual=out if rows else None)
+                xz = d.norm_gemv(out, w.norm_w, w.eps, w.in_w, w.in_b, conv=conv)  # (Bk, 2I)
+                y = self._ssm(j, w, xz, idx, conv_done=fuse_conv)
                 d.gemv_residual(y, w.out_w, w.out_b, out)
             return out
         res, delta = hidden, None
@@ -386,24 +378,20 @@ class GraphDecoder:
         return torch.add(res, delta, out=out)
 
     def _ssm(self, j: int, w: _BlockWeights, xz: torch.Tensor, idx: torch.Tensor,
-             conv_done: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+             conv_done: bool = False) -> torch.Tensor:
         """Block j's conv, x_proj, dt_proj, state update and gate for one token: xz (Bk, 2I) -> y (Bk, I).
 
-        conv_done: xz's x half is already silu(conv(x)) and the conv state shifted (norm_gemv's epilogue).
-        residual: xz is the x half only (Bk, I), and the SSM step computes z from the block's input (Bk, D) fp32."""
+        conv_done: xz's x half is already silu(conv(x)) and the conv state shifted (norm_gemv's epilogue)."""
         n = self.cfg.intermediate_size
         if self.xproj == "fused":  # x_proj as partial sums inside the conv kernel
             xc, dbc = self._d.conv_xproj(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, w.x_w, idx)
         else:  # x_proj's (Bk, R + 2N) output is ssm_decode's single "partial sum"
             xc = xz[:, :n] if conv_done else self._k.conv1d_step(xz[:, :n], self.conv[j], w.conv_w, w.conv_b, idx)
             dbc = (self._d.gemv(xc, w.x_w) if self.xproj == "gemv" else F.linear(xc, w.x_w)).unsqueeze(1)
-        z, z_gemv = xz[:, n:], None
-        if residual is not None:
-            z, z_gemv = residual, (w.norm_w, w.eps, w.in_w[n:], None if w.in_b is None else w.in_b[n:])
         # state_early: every step starts with an op that is not PDL-launched (out.copy_, the embedding's copy, the
         # first rms_norm), which waits for all work before it, and block j's state is written once a step: nothing
         # still running can write what ssm_decode reads before its wait
-        return self._d.ssm_decode(xc, dbc, w.dt_w, w.A, w.D, z, w.dt_b, self.ssm[j], idx, z_gemv=z_gemv,
+        return self._d.ssm_decode(xc, dbc, w.dt_w, w.A, w.D, xz[:, n:], w.dt_b, self.ssm[j], idx,
                                   out_dtype=self.dtype, state_early=SSM_STATE_EARLY)
 
     @torch.no_grad()
