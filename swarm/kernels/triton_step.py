@@ -33,6 +33,8 @@ from swarm.kernels.triton_scan import _load_a_d, _ssm_state_update
 
 # (RT rows a tile, num_warps, programs an SM)
 STEP_CONFIG: tuple[int, int, int] = (2, 16, 1)
+STEP_STAGES = 3  # weight tiles in flight a program (Triton's pipeline through shared memory)
+PROBE_SYNC = tl.constexpr(int(__import__("os").environ.get("PROBE_SYNC", "1")))
 # the pointer table's columns, one row a block
 _IN_W, _NORM_W, _CONV_W, _CONV_B, _X_W, _DT_W, _DT_B, _A, _D, _OUT_W = range(10)
 NCOL = 10
@@ -40,40 +42,20 @@ _A_DONE, _B_DONE, _C_DONE, _D_DONE = range(4)
 
 
 @triton.jit
-def _col(tab_ptr, j, col, ty: tl.constexpr):
-    return tl.load(tab_ptr + j * 10 + col).to(tl.pointer_type(ty))
+def _col(tab_ptr, base, j, col):
+    """Block j's tensor in column col: base (block 0's weight-dtype or fp32 tensor) plus the table's offset."""
+    return base + tl.load(tab_ptr + j * 10 + col)
 
 
 @triton.jit
-def _item(q, pid, n_a, n_b, n_d, NPROG: tl.constexpr):
-    """Program pid's item q: (block j, stage 0-3 = A-D, tile t, k-th item of its stage, the stage's last?, the
-    program's B items, its items a block). Tiles t = pid + k NPROG; A and D have an item or more a program (NPROG
-    is at most their tile counts), B may have none, C is one item (its channels may lie past I)."""
-    na_p = (n_a - pid + NPROG - 1) // NPROG
-    nb_p = tl.maximum(n_b - pid + NPROG - 1, 0) // NPROG
-    nd_p = (n_d - pid + NPROG - 1) // NPROG
-    per = na_p + nb_p + 1 + nd_p
-    j = q // per
-    r = q - j * per
-    kind = tl.where(r < na_p, 0, tl.where(r < na_p + nb_p, 1, tl.where(r == na_p + nb_p, 2, 3)))
-    k = tl.where(kind == 0, r, tl.where(kind == 1, r - na_p, tl.where(kind == 3, r - na_p - nb_p - 1, 0)))
-    n_stage = tl.where(kind == 0, na_p, tl.where(kind == 1, nb_p, tl.where(kind == 3, nd_p, 1)))
-    return j, kind, pid + k * NPROG, k, k == n_stage - 1, nb_p, per
+def _mat(tab_ptr, wbase, j, col):
+    # in_proj, x_proj and out_proj lie at multiples of 16 bytes from wbase (PersistentStep checks): vector loads
+    return wbase + tl.multiple_of(tl.load(tab_ptr + j * 10 + col), 8)
 
 
 @triton.jit
-def _fetch(tab_ptr, conv_ptr, slot, q, pid, n_a, n_b, n_d, n_blocks, cs_j, cs_s, I, J, DM,
-           WDT: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, RT: tl.constexpr, P0: tl.constexpr,
-           P1: tl.constexpr, P2: tl.constexpr, HAS_CBIAS: tl.constexpr, NPROG: tl.constexpr):
-    """Everything item q loads that does not depend on the step's progress: its weight tile (RT, I) in pieces; for
-    an A item also the conv weights, bias and shifted state of its channels (lo: rows 2s, hi: rows 2s + 1)."""
-    j, kind, t, _, _, _, _ = _item(q, pid, n_a, n_b, n_d, NPROG)
-    live = j < n_blocks
-    jj = tl.minimum(j, n_blocks - 1)
-    col = tl.where(kind == 0, 0, tl.where(kind == 1, 4, 9))  # _IN_W, _X_W, _OUT_W
-    base = _col(tab_ptr, jj, col, WDT)
-    nrows = tl.where(kind == 0, I, tl.where(kind == 1, J, tl.where(kind == 3, DM, 0)))
-    nrows = tl.where(live, nrows, 0)
+def _tile(base, t, nrows, I, RT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr):
+    """Rows t RT ... of a matrix with rows of length I (in_proj's taken in pairs), in pieces of P0, P1, P2 columns."""
     s = t * RT + tl.arange(0, RT)
     ms = s < nrows
     rows = base + s[:, None].to(tl.int64) * I
@@ -86,25 +68,7 @@ def _fetch(tab_ptr, conv_ptr, slot, q, pid, n_a, n_b, n_d, n_blocks, cs_j, cs_s,
     if P2 > 0:
         c2 = P0 + P1 + tl.arange(0, P2)[None, :]
         w2 = tl.load(rows + c2, mask=ms[:, None] & (c2 < I), other=0.0)
-    # the conv step's inputs for the x half of an A tile (channels 2s and 2s + 1 below I)
-    lo = 2 * s
-    x_rows = tl.where(kind == 0, I, 0)  # (a vector-and-scalar mask trips Triton's interpreter: compare instead)
-    mlo = ms & (lo < x_rows)
-    mhi = ms & (lo + 1 < x_rows)
-    kc = tl.arange(0, KP)[None, :]
-    cw_base = _col(tab_ptr, jj, 2, WDT)
-    cwl = tl.load(cw_base + lo[:, None] * K + kc, mask=mlo[:, None] & (kc < K), other=0.0)
-    cwh = tl.load(cw_base + (lo + 1)[:, None] * K + kc, mask=mhi[:, None] & (kc < K), other=0.0)
-    st = conv_ptr + jj.to(tl.int64) * cs_j + slot * cs_s
-    csl = tl.load(st + lo[:, None] * K + kc + 1, mask=mlo[:, None] & (kc < K - 1), other=0.0)
-    csh = tl.load(st + (lo + 1)[:, None] * K + kc + 1, mask=mhi[:, None] & (kc < K - 1), other=0.0)
-    cbl = tl.zeros([RT], dtype=tl.float32)
-    cbh = tl.zeros([RT], dtype=tl.float32)
-    if HAS_CBIAS:
-        cb_base = _col(tab_ptr, jj, 3, WDT)
-        cbl = tl.load(cb_base + lo, mask=mlo, other=0.0).to(tl.float32)
-        cbh = tl.load(cb_base + lo + 1, mask=mhi, other=0.0).to(tl.float32)
-    return w0, w1, w2, cwl, cwh, csl, csh, cbl, cbh
+    return w0, w1, w2
 
 
 @triton.jit
@@ -115,9 +79,11 @@ def _signal(cnt_ptr):
 
 @triton.jit
 def _wait(cnt_ptr, NPROG: tl.constexpr):
-    while tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu") < NPROG:
-        pass
-    tl.debug_barrier()
+    # no barrier after it: a CTA barrier in a loop stops Triton from pipelining the loop's loads, and the spin's
+    # result reaches every thread through the atomic's own broadcast
+    if PROBE_SYNC:
+        while tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu") < NPROG:
+            pass
 
 
 @triton.jit
@@ -156,6 +122,19 @@ def _dot(w0, w1, w2, a0, a1, a2, P1: tl.constexpr, P2: tl.constexpr):
 
 
 @triton.jit
+def _piece2(rows, OFF: tl.constexpr, P: tl.constexpr, n, m):
+    c = OFF + tl.arange(0, P)[None, :]
+    return tl.load(rows + c, mask=m[:, None] & (c < n), other=0.0)
+
+
+@triton.jit
+def _dt_dot(w, dbc_ptr, OFF: tl.constexpr, P: tl.constexpr, R, WDT: tl.constexpr):
+    c = OFF + tl.arange(0, P)
+    dlow = tl.load(dbc_ptr + c, mask=c < R, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
+    return tl.sum(w.to(tl.float32) * dlow[None, :], axis=1)
+
+
+@triton.jit
 def _conv_out(y, cs, cw, cb, xz_ptr, st_rows, ch, m, kc, K: tl.constexpr):
     # the conv step of channels ch on their new input y (weight dtype): shifted state in, new state out, silu(conv)
     new = tl.where(kc == K - 1, y.to(tl.float32)[:, None], cs.to(y.dtype).to(tl.float32))
@@ -165,37 +144,69 @@ def _conv_out(y, cs, cw, cb, xz_ptr, st_rows, ch, m, kc, K: tl.constexpr):
 
 
 @triton.jit
-def _step_kernel(res_ptr, xz_ptr, dbc_ptr, y_ptr, cnt_ptr, idx_ptr, tab_ptr, conv_ptr, ssm_ptr, n_blocks, eps,
-                 cs_j, cs_s, hs_j, hs_s, DM, I, R, N, J, WDT: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, RT: tl.constexpr,
-                 CT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, HAS_CBIAS: tl.constexpr,
-                 NPROG: tl.constexpr):
+def _acts(ptr, n, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr):
+    a0 = _act(ptr, 0, P0, n)
+    a1, a2 = a0, a0
+    if P1 > 0:
+        a1 = _act(ptr, P0, P1, n)
+    if P2 > 0:
+        a2 = _act(ptr, P0 + P1, P2, n)
+    return a0, a1, a2
+
+
+@triton.jit
+def _residual_add(res_ptr, t, DM, w0, w1, w2, a0, a1, a2, RT: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                  WDT: tl.constexpr):
+    s = t * RT + tl.arange(0, RT)
+    md = s < DM
+    old = tl.load(res_ptr + s, mask=md, other=0.0)
+    tl.store(res_ptr + s, old + _dot(w0, w1, w2, a0, a1, a2, P1, P2).to(WDT).to(tl.float32), mask=md)
+
+
+@triton.jit
+def _step_kernel(res_ptr, xz_ptr, dbc_ptr, y_ptr, cnt_ptr, idx_ptr, tab_ptr, wbase, fbase, conv_ptr, ssm_ptr,
+                 n_blocks, eps, cs_j, cs_s, hs_j, hs_s, DM, I, R, N, J, WDT: tl.constexpr, K: tl.constexpr,
+                 KP: tl.constexpr, BLOCK_N: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+                 RT: tl.constexpr, CT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                 HAS_CBIAS: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     slot = tl.load(idx_ptr)
-    n_a = (I + RT - 1) // RT
+    n_a = (I + RT - 1) // RT  # A tiles: in_proj's 2 I rows in pairs, RT pairs a tile
     n_d = (DM + RT - 1) // RT
-    n_b = (J + RT - 1) // RT
-    _, _, _, _, _, _, per = _item(0, pid, n_a, n_b, n_d, NPROG)
+    na_p = (n_a - pid + NPROG - 1) // NPROG  # this program's tiles pid, pid + NPROG, ...
+    nd_p = (n_d - pid + NPROG - 1) // NPROG
     kc = tl.arange(0, KP)[None, :]
-    cur = _fetch(tab_ptr, conv_ptr, slot, 0, pid, n_a, n_b, n_d, n_blocks, cs_j, cs_s, I, J, DM, WDT, K, KP, RT, P0, P1,
-                 P2, HAS_CBIAS, NPROG)
-    nxt = _fetch(tab_ptr, conv_ptr, slot, 1, pid, n_a, n_b, n_d, n_blocks, cs_j, cs_s, I, J, DM, WDT, K, KP, RT, P0, P1,
-                 P2, HAS_CBIAS, NPROG)
     a0 = tl.zeros([P0], dtype=tl.float32)
     a1 = tl.zeros([P1 if P1 > 0 else P0], dtype=tl.float32)
     a2 = tl.zeros([P2 if P2 > 0 else P0], dtype=tl.float32)
-    for q in range(0, per * n_blocks):
-        new = _fetch(tab_ptr, conv_ptr, slot, q + 2, pid, n_a, n_b, n_d, n_blocks, cs_j, cs_s, I, J, DM, WDT, K, KP, RT,
-                     P0, P1, P2, HAS_CBIAS, NPROG)
-        w0, w1, w2, cwl, cwh, csl, csh, cbl, cbh = cur
-        j, kind, t, k, last, nb_p, _ = _item(q, pid, n_a, n_b, n_d, NPROG)
+    for j in range(0, n_blocks):
         cnt = cnt_ptr + j * 4
-        s = t * RT + tl.arange(0, RT)
-        if kind == 0:  # A: in_proj rows 2s and 2s + 1
+        # A: in_proj rows 2s and 2s + 1 of tile pairs s; the loop's first tiles load before the wait
+        in_w = _mat(tab_ptr, wbase, j, 0)
+        cw_ptr = _col(tab_ptr, wbase, j, 2)
+        j64 = tl.full([], 0, tl.int64) + j
+        st = conv_ptr + j64 * cs_j + slot * cs_s
+        for k in tl.range(0, na_p, num_stages=STAGES):
+            t = pid + k * NPROG
+            w0, w1, w2 = _tile(in_w, t, I, I, RT, P0, P1, P2)
+            s = t * RT + tl.arange(0, RT)
+            lo = 2 * s
+            mlo = (s < I) & (lo < I)  # x rows: the conv step's channels
+            mhi = (s < I) & (lo + 1 < I)
+            cwl = tl.load(cw_ptr + lo[:, None] * K + kc, mask=mlo[:, None] & (kc < K), other=0.0)
+            cwh = tl.load(cw_ptr + (lo + 1)[:, None] * K + kc, mask=mhi[:, None] & (kc < K), other=0.0)
+            csl = tl.load(st + lo[:, None] * K + kc + 1, mask=mlo[:, None] & (kc < K - 1), other=0.0)
+            csh = tl.load(st + (lo + 1)[:, None] * K + kc + 1, mask=mhi[:, None] & (kc < K - 1), other=0.0)
+            cbl = tl.zeros([RT], dtype=tl.float32)
+            cbh = tl.zeros([RT], dtype=tl.float32)
+            if HAS_CBIAS:
+                cb_ptr = _col(tab_ptr, wbase, j, 3)
+                cbl = tl.load(cb_ptr + lo, mask=mlo, other=0.0).to(tl.float32)
+                cbh = tl.load(cb_ptr + lo + 1, mask=mhi, other=0.0).to(tl.float32)
             if k == 0:
                 if j > 0:
-                    _wait(cnt - 4 + 3, NPROG)
-                nw = _col(tab_ptr, j, 1, WDT)
+                    _wait(cnt - 4 + 3, NPROG)  # the previous block's residual
+                nw = _col(tab_ptr, wbase, j, 1)
                 x0 = _act(res_ptr, 0, P0, DM).to(WDT).to(tl.float32)
                 ss = tl.sum(x0 * x0, axis=0)
                 if P1 > 0:
@@ -210,76 +221,70 @@ def _step_kernel(res_ptr, xz_ptr, dbc_ptr, y_ptr, cnt_ptr, idx_ptr, tab_ptr, con
                     a1 = _normed_dup(res_ptr, nw, eps, P0, P1, I, DM, rstd, WDT)
                 if P2 > 0:
                     a2 = _normed_dup(res_ptr, nw, eps, P0 + P1, P2, I, DM, rstd, WDT)
-            lo, hi = _dot2(w0, a0, 0, P0, DM)
+            ylo, yhi = _dot2(w0, a0, 0, P0, DM)
             if P1 > 0:
                 l1, h1 = _dot2(w1, a1, P0, P1, DM)
-                lo += l1
-                hi += h1
+                ylo += l1
+                yhi += h1
             if P2 > 0:
                 l2, h2 = _dot2(w2, a2, P0 + P1, P2, DM)
-                lo += l2
-                hi += h2
-            lo = lo.to(WDT)
-            hi = hi.to(WDT)
-            ch = 2 * s
-            ms = s < I
-            st_rows = conv_ptr + j.to(tl.int64) * cs_j + slot * cs_s
-            _conv_out(lo, csl, cwl, cbl, xz_ptr, st_rows, ch, ms & (ch < I), kc, K)
-            _conv_out(hi, csh, cwh, cbh, xz_ptr, st_rows, ch + 1, ms & (ch + 1 < I), kc, K)
-            tl.store(xz_ptr + ch, lo, mask=ms & (ch >= I))
-            tl.store(xz_ptr + ch + 1, hi, mask=ms & (ch + 1 >= I))
-            if last:
-                _signal(cnt + 0)
-        elif kind == 1:  # B: x_proj rows s (fp32, unrounded: the SSM step rounds them)
-            if k == 0:
-                _wait(cnt + 0, NPROG)
-                a0 = _act(xz_ptr, 0, P0, I)
-                if P1 > 0:
-                    a1 = _act(xz_ptr, P0, P1, I)
-                if P2 > 0:
-                    a2 = _act(xz_ptr, P0 + P1, P2, I)
-            tl.store(dbc_ptr + s, _dot(w0, w1, w2, a0, a1, a2, P1, P2), mask=s < J)
-            if last:
-                _signal(cnt + 1)
-        elif kind == 2:  # C: the SSM step of channels pid * CT ...
-            i = pid * CT + tl.arange(0, CT)
-            n = tl.arange(0, BLOCK_N)
-            rr = tl.arange(0, BLOCK_R)
-            mi, mn, mr = i < I, n < N, rr < R
-            dtw = tl.load(_col(tab_ptr, j, 5, WDT) + i[:, None] * R + rr[None, :], mask=mi[:, None] & mr[None, :],
-                          other=0.0)
-            bias = tl.load(_col(tab_ptr, j, 6, tl.float32) + i, mask=mi, other=0.0)
-            A, Dv = _load_a_d(_col(tab_ptr, j, 7, tl.float32), _col(tab_ptr, j, 8, tl.float32), i, n, mi, mn, N)
-            h_ptrs = ssm_ptr + j.to(tl.int64) * hs_j + slot * hs_s + i[:, None] * N + n[None, :]
-            h = tl.load(h_ptrs, mask=mi[:, None] & mn[None, :], other=0.0)
-            if nb_p == 0:
-                _signal(cnt + 1)  # no x_proj rows here
-            _wait(cnt + 1, NPROG)
-            dlow = tl.load(dbc_ptr + rr, mask=mr, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
-            bm = tl.load(dbc_ptr + R + n, mask=mn, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
-            cm = tl.load(dbc_ptr + R + N + n, mask=mn, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
-            u = tl.load(xz_ptr + i, mask=mi, other=0.0, cache_modifier=".cg").to(tl.float32)
-            z = tl.load(xz_ptr + I + i, mask=mi, other=0.0, cache_modifier=".cg").to(tl.float32)
-            dl = tl.sum(dtw.to(tl.float32) * dlow[None, :], axis=1).to(WDT).to(tl.float32)
-            yv = _ssm_state_update(u, dl, bias, A, Dv, bm, cm, z, h, h_ptrs, mi, mn)
-            tl.store(y_ptr + i, yv.to(WDT), mask=mi)
-            _signal(cnt + 2)
-        else:  # D: out_proj rows s into the residual
-            if k == 0:
-                _wait(cnt + 2, NPROG)
-                a0 = _act(y_ptr, 0, P0, I)
-                if P1 > 0:
-                    a1 = _act(y_ptr, P0, P1, I)
-                if P2 > 0:
-                    a2 = _act(y_ptr, P0 + P1, P2, I)
-            y = _dot(w0, w1, w2, a0, a1, a2, P1, P2)
-            md = s < DM
-            old = tl.load(res_ptr + s, mask=md, other=0.0, cache_modifier=".cg")
-            tl.store(res_ptr + s, old + y.to(WDT).to(tl.float32), mask=md)
-            if last:
-                _signal(cnt + 3)
-        cur = nxt
-        nxt = new
+                ylo += l2
+                yhi += h2
+            ylo = ylo.to(WDT)
+            yhi = yhi.to(WDT)
+            _conv_out(ylo, csl, cwl, cbl, xz_ptr, st, lo, mlo, kc, K)
+            _conv_out(yhi, csh, cwh, cbh, xz_ptr, st, lo + 1, mhi, kc, K)
+            mz = (s < I) & (lo >= I)  # z rows: as they are
+            tl.store(xz_ptr + lo, ylo, mask=mz)
+            tl.store(xz_ptr + lo + 1, yhi, mask=mz)
+        _signal(cnt + 0)
+        # D's first tile loads into registers before B and C, the rest through the pipelined loop after them
+        out_w = _mat(tab_ptr, wbase, j, 9)
+        d0, d1, d2 = _tile(out_w, pid, DM, I, RT, P0, P1, P2)
+        # B: x_proj rows pid RT ..., fp32 and unrounded (C rounds them); its tile loads before the wait
+        b0, b1, b2 = _tile(_mat(tab_ptr, wbase, j, 4), pid, J, I, RT, P0, P1, P2)
+        _wait(cnt + 0, NPROG)
+        c0, c1, c2 = _acts(xz_ptr, I, P0, P1, P2)
+        sb = pid * RT + tl.arange(0, RT)
+        tl.store(dbc_ptr + sb, _dot(b0, b1, b2, c0, c1, c2, P1, P2), mask=sb < J)
+        _signal(cnt + 1)
+        # C: the SSM step of channels pid CT ...; what does not depend on B loads before the wait
+        i = pid * CT + tl.arange(0, CT)
+        n = tl.arange(0, BLOCK_N)
+        mi, mn = i < I, n < N
+        dt_rows = _col(tab_ptr, wbase, j, 5) + i[:, None] * R
+        dtw0 = _piece2(dt_rows, 0, R0, R, mi)
+        dtw1, dtw2 = dtw0, dtw0
+        if R1 > 0:
+            dtw1 = _piece2(dt_rows, R0, R1, R, mi)
+        if R2 > 0:
+            dtw2 = _piece2(dt_rows, R0 + R1, R2, R, mi)
+        bias = tl.load(_col(tab_ptr, fbase, j, 6) + i, mask=mi, other=0.0)
+        A, Dv = _load_a_d(_col(tab_ptr, fbase, j, 7), _col(tab_ptr, fbase, j, 8), i, n, mi, mn, N)
+        h_ptrs = ssm_ptr + j64 * hs_j + slot * hs_s + i[:, None] * N + n[None, :]
+        h = tl.load(h_ptrs, mask=mi[:, None] & mn[None, :], other=0.0)
+        _wait(cnt + 1, NPROG)
+        bm = tl.load(dbc_ptr + R + n, mask=mn, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
+        cm = tl.load(dbc_ptr + R + N + n, mask=mn, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
+        u = tl.load(xz_ptr + i, mask=mi, other=0.0, cache_modifier=".cg").to(tl.float32)
+        z = tl.load(xz_ptr + I + i, mask=mi, other=0.0, cache_modifier=".cg").to(tl.float32)
+        dl = _dt_dot(dtw0, dbc_ptr, 0, R0, R, WDT)  # dt_proj of the rounded dt_low
+        if R1 > 0:
+            dl += _dt_dot(dtw1, dbc_ptr, R0, R1, R, WDT)
+        if R2 > 0:
+            dl += _dt_dot(dtw2, dbc_ptr, R0 + R1, R2, R, WDT)
+        yv = _ssm_state_update(u, dl.to(WDT).to(tl.float32), bias, A, Dv, bm, cm, z, h, h_ptrs, mi, mn)
+        tl.store(y_ptr + i, yv.to(WDT), mask=mi)
+        _signal(cnt + 2)
+        # D: out_proj rows into the residual (rows only this program writes)
+        _wait(cnt + 2, NPROG)
+        a0, a1, a2 = _acts(y_ptr, I, P0, P1, P2)
+        _residual_add(res_ptr, pid, DM, d0, d1, d2, a0, a1, a2, RT, P1, P2, WDT)
+        for k in tl.range(1, nd_p, num_stages=STAGES):
+            t = pid + k * NPROG
+            w0, w1, w2 = _tile(out_w, t, DM, I, RT, P0, P1, P2)
+            _residual_add(res_ptr, t, DM, w0, w1, w2, a0, a1, a2, RT, P1, P2, WDT)
+        _signal(cnt + 3)
 
 
 class PersistentStep:
@@ -301,32 +306,50 @@ class PersistentStep:
         self.eps = w.eps
         self.conv, self.ssm = conv_pool, ssm_pool
         assert conv_pool.is_contiguous() and ssm_pool.is_contiguous()
-        rows = []
-        for b in blocks:
-            cb = b.conv_b if b.conv_b is not None else b.conv_w
-            rows.append([t.data_ptr() for t in (b.in_w, b.norm_w, b.conv_w, cb, b.x_w, b.dt_w, b.dt_b, b.A, b.D,
-                                                b.out_w)])
+        self.wbase, self.fbase = w.in_w, w.A  # the table holds offsets from these, in their elements
+        self.tab = torch.tensor(self._offsets(blocks, w.in_w, w.A), dtype=torch.int64, device=dev)
         self._keep = blocks  # the table holds their addresses
-        self.tab = torch.tensor(rows, dtype=torch.int64, device=dev)
         self.has_cbias = w.conv_b is not None
         self.n_blocks = len(blocks)
         rt, warps, per_sm = config or STEP_CONFIG
-        if dev.type != "cuda":  # the interpreter runs programs one after another: one program does every item
-            self.nprog, warps = 1, 4
+        if dev.type != "cuda":  # the interpreter runs programs one after another: one program does every tile
+            self.nprog, warps, rt = 1, 4, triton.next_power_of_2(self.j)
         else:
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             self.nprog = min(sms * per_sm, triton.cdiv(self.i, rt), triton.cdiv(self.dm, rt))
         self.rt, self.warps = rt, warps
         self.ct = triton.next_power_of_2(triton.cdiv(self.i, self.nprog))
+        if triton.cdiv(self.j, rt) > self.nprog:  # x_proj: one tile a program
+            raise ValueError(f"PersistentStep: x_proj's {self.j} rows need more than {self.nprog} tiles of {rt}")
         self.xz = torch.empty(2 * self.i, dtype=self.wdt, device=dev)
         self.dbc = torch.empty(self.j, dtype=torch.float32, device=dev)
         self.y = torch.empty(self.i, dtype=self.wdt, device=dev)
         self.cnt = torch.zeros(self.n_blocks * 4, dtype=torch.int32, device=dev)
 
     @staticmethod
+    def _offsets(blocks, wbase: torch.Tensor, fbase: torch.Tensor) -> list[list[int]] | None:
+        """The table: each block's tensors as element offsets from wbase (weight dtype) or fbase (fp32), or None
+        where one does not lie a whole number of elements away, or a matrix not a multiple of 16 bytes away."""
+        rows = []
+        for b in blocks:
+            cb = b.conv_b if b.conv_b is not None else b.conv_w
+            row = []
+            for col, t in enumerate((b.in_w, b.norm_w, b.conv_w, cb, b.x_w, b.dt_w, b.dt_b, b.A, b.D, b.out_w)):
+                base = fbase if col in (_DT_B, _A, _D) else wbase
+                if t.dtype != base.dtype:
+                    return None
+                gap = t.data_ptr() - base.data_ptr()
+                if gap % (16 if col in (_IN_W, _X_W, _OUT_W) else t.element_size()):
+                    return None
+                row.append(gap // t.element_size())
+            rows.append(row)
+        return rows
+
+    @staticmethod
     def supports(blocks) -> bool:
         w = blocks[0]
-        return (all(b.in_b is None and b.out_b is None and b.eps == w.eps for b in blocks)
+        return (PersistentStep._offsets(blocks, w.in_w, w.A) is not None
+                and all(b.in_b is None and b.out_b is None and b.eps == w.eps for b in blocks)
                 and w.in_w.shape[0] == 2 * w.out_w.shape[1] and w.in_w.shape[0] == 4 * w.in_w.shape[1]
                 and all(t.is_contiguous() for b in blocks for t in (b.in_w, b.x_w, b.dt_w, b.out_w, b.conv_w, b.A)))
 
@@ -334,13 +357,14 @@ class PersistentStep:
         assert residual.shape == (1, self.dm) and residual.dtype == torch.float32 and residual.is_contiguous()
         self.cnt.zero_()
         p0, p1, p2 = _pieces(self.i)
+        r0, r1, r2 = _pieces(self.r)
         _step_kernel[(self.nprog,)](
-            residual, self.xz, self.dbc, self.y, self.cnt, idx, self.tab, self.conv, self.ssm, self.n_blocks,
+            residual, self.xz, self.dbc, self.y, self.cnt, idx, self.tab, self.wbase, self.fbase, self.conv, self.ssm,
+            self.n_blocks,
             self.eps, self.conv.stride(0), self.conv.stride(1), self.ssm.stride(0), self.ssm.stride(1), self.dm,
             self.i, self.r, self.n, self.j, WDT=_tl_dtype(self.wdt), K=self.k, KP=triton.next_power_of_2(self.k),
-            BLOCK_N=triton.next_power_of_2(self.n), BLOCK_R=triton.next_power_of_2(self.r),
-            BLOCK_J=triton.next_power_of_2(self.j), RT=self.rt, CT=self.ct, P0=p0, P1=p1, P2=p2,
-            HAS_CBIAS=self.has_cbias, NPROG=self.nprog, num_warps=self.warps, num_stages=1)
+            BLOCK_N=triton.next_power_of_2(self.n), R0=r0, R1=r1, R2=r2, RT=self.rt, CT=self.ct, P0=p0, P1=p1, P2=p2,
+            HAS_CBIAS=self.has_cbias, NPROG=self.nprog, STAGES=STEP_STAGES, num_warps=self.warps)
         return residual
 
 
