@@ -35,10 +35,11 @@ from swarm.kernels.triton_scan import _load_a_d, _ssm_state_update
 STEP_CONFIG: tuple[int, int, int] = (2, 16, 1)
 STEP_STAGES = 3  # weight tiles in flight a program (Triton's pipeline through shared memory)
 PROBE_SYNC = tl.constexpr(int(__import__("os").environ.get("PROBE_SYNC", "1")))
+PROBE_PARTS = tl.constexpr(int(__import__("os").environ.get("PROBE_PARTS", "7")))
 # the pointer table's columns, one row a block
 _IN_W, _NORM_W, _CONV_W, _CONV_B, _X_W, _DT_W, _DT_B, _A, _D, _OUT_W = range(10)
 NCOL = 10
-_A_DONE, _B_DONE, _C_DONE, _D_DONE = range(4)
+NSTAGE = 5  # counters a block: A, A2, B, C, D done
 
 
 @triton.jit
@@ -93,24 +94,6 @@ def _act(ptr, OFF: tl.constexpr, P: tl.constexpr, n):
 
 
 @triton.jit
-def _normed_dup(res_ptr, nw_ptr, eps, OFF: tl.constexpr, P: tl.constexpr, I, DM, rstd, WDT: tl.constexpr):
-    # the normalised residual at columns c of a row pair: element c % DM (in_proj's rows 2s and 2s + 1 side by side)
-    c = OFF + tl.arange(0, P)
-    m = c < I
-    x = tl.load(res_ptr + c % DM, mask=m, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
-    g = tl.load(nw_ptr + c % DM, mask=m, other=0.0)
-    return tl.where(m, _normed(x, g, rstd, WDT), 0.0)
-
-
-@triton.jit
-def _dot2(w, a, OFF: tl.constexpr, P: tl.constexpr, DM):
-    """Row sums of w * a over columns below DM and from DM on: an A tile's two in_proj rows, or a row in two parts."""
-    p = w.to(tl.float32) * a[None, :]
-    c = (OFF + tl.arange(0, P))[None, :]
-    return tl.sum(tl.where(c < DM, p, 0.0), axis=1), tl.sum(tl.where(c >= DM, p, 0.0), axis=1)
-
-
-@triton.jit
 def _dot(w0, w1, w2, a0, a1, a2, P1: tl.constexpr, P2: tl.constexpr):
     """Row sums of the tile times the activation row, fp32 (the pieces past I are zero in both)."""
     y = tl.sum(w0.to(tl.float32) * a0[None, :], axis=1)
@@ -135,12 +118,9 @@ def _dt_dot(w, dbc_ptr, OFF: tl.constexpr, P: tl.constexpr, R, WDT: tl.constexpr
 
 
 @triton.jit
-def _conv_out(y, cs, cw, cb, xz_ptr, st_rows, ch, m, kc, K: tl.constexpr):
-    # the conv step of channels ch on their new input y (weight dtype): shifted state in, new state out, silu(conv)
-    new = tl.where(kc == K - 1, y.to(tl.float32)[:, None], cs.to(y.dtype).to(tl.float32))
-    conv = tl.sum(new * cw.to(tl.float32), axis=1) + cb
-    tl.store(st_rows + ch[:, None] * K + kc, new, mask=m[:, None] & (kc < K))
-    tl.store(xz_ptr + ch, (conv * tl.sigmoid(conv)).to(y.dtype), mask=m)
+def _v(ptr, OFF: tl.constexpr, P: tl.constexpr, n):
+    c = OFF + tl.arange(0, P)
+    return tl.load(ptr + c, mask=c < n, other=0.0)
 
 
 @triton.jit
@@ -168,123 +148,112 @@ def _step_kernel(res_ptr, xz_ptr, dbc_ptr, y_ptr, cnt_ptr, idx_ptr, tab_ptr, wba
                  n_blocks, eps, cs_j, cs_s, hs_j, hs_s, DM, I, R, N, J, WDT: tl.constexpr, K: tl.constexpr,
                  KP: tl.constexpr, BLOCK_N: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
                  RT: tl.constexpr, CT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                 HAS_CBIAS: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr):
+                 Q0: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr, HAS_CBIAS: tl.constexpr,
+                 NPROG: tl.constexpr, STAGES: tl.constexpr, NSTAGE: tl.constexpr):
     pid = tl.program_id(0)
     slot = tl.load(idx_ptr)
-    n_a = (I + RT - 1) // RT  # A tiles: in_proj's 2 I rows in pairs, RT pairs a tile
+    n_a = (I + RT - 1) // RT  # A tiles: in_proj's 2 I rows, 2 RT a tile
     n_d = (DM + RT - 1) // RT
     na_p = (n_a - pid + NPROG - 1) // NPROG  # this program's tiles pid, pid + NPROG, ...
     nd_p = (n_d - pid + NPROG - 1) // NPROG
     kc = tl.arange(0, KP)[None, :]
-    a0 = tl.zeros([P0], dtype=tl.float32)
-    a1 = tl.zeros([P1 if P1 > 0 else P0], dtype=tl.float32)
-    a2 = tl.zeros([P2 if P2 > 0 else P0], dtype=tl.float32)
+    n0 = tl.zeros([Q0], dtype=tl.float32)
+    n1 = tl.zeros([Q1 if Q1 > 0 else Q0], dtype=tl.float32)
+    n2 = tl.zeros([Q2 if Q2 > 0 else Q0], dtype=tl.float32)
     for j in range(0, n_blocks):
-        cnt = cnt_ptr + j * 4
-        # A: in_proj rows 2s and 2s + 1 of tile pairs s; the loop's first tiles load before the wait
-        in_w = _mat(tab_ptr, wbase, j, 0)
-        cw_ptr = _col(tab_ptr, wbase, j, 2)
+        cnt = cnt_ptr + j * NSTAGE
         j64 = tl.full([], 0, tl.int64) + j
-        st = conv_ptr + j64 * cs_j + slot * cs_s
-        for k in tl.range(0, na_p, num_stages=STAGES):
+        # A: in_proj rows (x and z halves, as they are); the loop's first tiles load before the wait
+        in_w = _mat(tab_ptr, wbase, j, 0)
+        for k in tl.range(0, na_p if PROBE_PARTS & 1 else 0, num_stages=STAGES):
             t = pid + k * NPROG
-            w0, w1, w2 = _tile(in_w, t, I, I, RT, P0, P1, P2)
-            s = t * RT + tl.arange(0, RT)
-            lo = 2 * s
-            mlo = (s < I) & (lo < I)  # x rows: the conv step's channels
-            mhi = (s < I) & (lo + 1 < I)
-            cwl = tl.load(cw_ptr + lo[:, None] * K + kc, mask=mlo[:, None] & (kc < K), other=0.0)
-            cwh = tl.load(cw_ptr + (lo + 1)[:, None] * K + kc, mask=mhi[:, None] & (kc < K), other=0.0)
-            csl = tl.load(st + lo[:, None] * K + kc + 1, mask=mlo[:, None] & (kc < K - 1), other=0.0)
-            csh = tl.load(st + (lo + 1)[:, None] * K + kc + 1, mask=mhi[:, None] & (kc < K - 1), other=0.0)
-            cbl = tl.zeros([RT], dtype=tl.float32)
-            cbh = tl.zeros([RT], dtype=tl.float32)
-            if HAS_CBIAS:
-                cb_ptr = _col(tab_ptr, wbase, j, 3)
-                cbl = tl.load(cb_ptr + lo, mask=mlo, other=0.0).to(tl.float32)
-                cbh = tl.load(cb_ptr + lo + 1, mask=mhi, other=0.0).to(tl.float32)
+            w0, w1, w2 = _tile(in_w, t, 2 * I, DM, 2 * RT, Q0, Q1, Q2)
             if k == 0:
                 if j > 0:
-                    _wait(cnt - 4 + 3, NPROG)  # the previous block's residual
+                    _wait(cnt - NSTAGE + 4, NPROG)  # the previous block's residual
                 nw = _col(tab_ptr, wbase, j, 1)
-                x0 = _act(res_ptr, 0, P0, DM).to(WDT).to(tl.float32)
+                x0 = _act(res_ptr, 0, Q0, DM).to(WDT).to(tl.float32)
                 ss = tl.sum(x0 * x0, axis=0)
-                if P1 > 0:
-                    x1 = _act(res_ptr, P0, P1, DM).to(WDT).to(tl.float32)
+                if Q1 > 0:
+                    x1 = _act(res_ptr, Q0, Q1, DM).to(WDT).to(tl.float32)
                     ss += tl.sum(x1 * x1, axis=0)
-                if P2 > 0:
-                    x2 = _act(res_ptr, P0 + P1, P2, DM).to(WDT).to(tl.float32)
+                if Q2 > 0:
+                    x2 = _act(res_ptr, Q0 + Q1, Q2, DM).to(WDT).to(tl.float32)
                     ss += tl.sum(x2 * x2, axis=0)
                 rstd = tl.rsqrt(ss / DM + eps)
-                a0 = _normed_dup(res_ptr, nw, eps, 0, P0, I, DM, rstd, WDT)
-                if P1 > 0:
-                    a1 = _normed_dup(res_ptr, nw, eps, P0, P1, I, DM, rstd, WDT)
-                if P2 > 0:
-                    a2 = _normed_dup(res_ptr, nw, eps, P0 + P1, P2, I, DM, rstd, WDT)
-            ylo, yhi = _dot2(w0, a0, 0, P0, DM)
-            if P1 > 0:
-                l1, h1 = _dot2(w1, a1, P0, P1, DM)
-                ylo += l1
-                yhi += h1
-            if P2 > 0:
-                l2, h2 = _dot2(w2, a2, P0 + P1, P2, DM)
-                ylo += l2
-                yhi += h2
-            ylo = ylo.to(WDT)
-            yhi = yhi.to(WDT)
-            _conv_out(ylo, csl, cwl, cbl, xz_ptr, st, lo, mlo, kc, K)
-            _conv_out(yhi, csh, cwh, cbh, xz_ptr, st, lo + 1, mhi, kc, K)
-            mz = (s < I) & (lo >= I)  # z rows: as they are
-            tl.store(xz_ptr + lo, ylo, mask=mz)
-            tl.store(xz_ptr + lo + 1, yhi, mask=mz)
+                n0 = _normed(x0, _v(nw, 0, Q0, DM), rstd, WDT)
+                if Q1 > 0:
+                    n1 = _normed(x1, _v(nw, Q0, Q1, DM), rstd, WDT)
+                if Q2 > 0:
+                    n2 = _normed(x2, _v(nw, Q0 + Q1, Q2, DM), rstd, WDT)
+            s = t * 2 * RT + tl.arange(0, 2 * RT)
+            tl.store(xz_ptr + s, _dot(w0, w1, w2, n0, n1, n2, Q1, Q2).to(WDT), mask=s < 2 * I)
         _signal(cnt + 0)
+        # A2: the conv step of channels pid CT ... on in_proj's x half, in place; state and weights load first
+        i = pid * CT + tl.arange(0, CT)
+        mi = i < I
+        cw = tl.load(_col(tab_ptr, wbase, j, 2) + i[:, None] * K + kc, mask=mi[:, None] & (kc < K), other=0.0)
+        cb = tl.zeros([CT], dtype=tl.float32)
+        if HAS_CBIAS:
+            cb = tl.load(_col(tab_ptr, wbase, j, 3) + i, mask=mi, other=0.0).to(tl.float32)
+        st = conv_ptr + j64 * cs_j + slot * cs_s + i[:, None] * K
+        shifted = tl.load(st + kc + 1, mask=mi[:, None] & (kc < K - 1), other=0.0)
+        _wait(cnt + 0, NPROG)
+        xin = tl.load(xz_ptr + i, mask=mi, other=0.0, cache_modifier=".cg")
+        new = tl.where(kc == K - 1, xin.to(tl.float32)[:, None], shifted.to(WDT).to(tl.float32))
+        conv = tl.sum(new * cw.to(tl.float32), axis=1) + cb
+        tl.store(st + kc, new, mask=mi[:, None] & (kc < K))
+        tl.store(xz_ptr + i, (conv * tl.sigmoid(conv)).to(WDT), mask=mi)
+        _signal(cnt + 1)
         # D's first tile loads into registers before B and C, the rest through the pipelined loop after them
         out_w = _mat(tab_ptr, wbase, j, 9)
         d0, d1, d2 = _tile(out_w, pid, DM, I, RT, P0, P1, P2)
         # B: x_proj rows pid RT ..., fp32 and unrounded (C rounds them); its tile loads before the wait
-        b0, b1, b2 = _tile(_mat(tab_ptr, wbase, j, 4), pid, J, I, RT, P0, P1, P2)
-        _wait(cnt + 0, NPROG)
-        c0, c1, c2 = _acts(xz_ptr, I, P0, P1, P2)
-        sb = pid * RT + tl.arange(0, RT)
-        tl.store(dbc_ptr + sb, _dot(b0, b1, b2, c0, c1, c2, P1, P2), mask=sb < J)
-        _signal(cnt + 1)
-        # C: the SSM step of channels pid CT ...; what does not depend on B loads before the wait
-        i = pid * CT + tl.arange(0, CT)
-        n = tl.arange(0, BLOCK_N)
-        mi, mn = i < I, n < N
-        dt_rows = _col(tab_ptr, wbase, j, 5) + i[:, None] * R
-        dtw0 = _piece2(dt_rows, 0, R0, R, mi)
-        dtw1, dtw2 = dtw0, dtw0
-        if R1 > 0:
-            dtw1 = _piece2(dt_rows, R0, R1, R, mi)
-        if R2 > 0:
-            dtw2 = _piece2(dt_rows, R0 + R1, R2, R, mi)
-        bias = tl.load(_col(tab_ptr, fbase, j, 6) + i, mask=mi, other=0.0)
-        A, Dv = _load_a_d(_col(tab_ptr, fbase, j, 7), _col(tab_ptr, fbase, j, 8), i, n, mi, mn, N)
-        h_ptrs = ssm_ptr + j64 * hs_j + slot * hs_s + i[:, None] * N + n[None, :]
-        h = tl.load(h_ptrs, mask=mi[:, None] & mn[None, :], other=0.0)
-        _wait(cnt + 1, NPROG)
-        bm = tl.load(dbc_ptr + R + n, mask=mn, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
-        cm = tl.load(dbc_ptr + R + N + n, mask=mn, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
-        u = tl.load(xz_ptr + i, mask=mi, other=0.0, cache_modifier=".cg").to(tl.float32)
-        z = tl.load(xz_ptr + I + i, mask=mi, other=0.0, cache_modifier=".cg").to(tl.float32)
-        dl = _dt_dot(dtw0, dbc_ptr, 0, R0, R, WDT)  # dt_proj of the rounded dt_low
-        if R1 > 0:
-            dl += _dt_dot(dtw1, dbc_ptr, R0, R1, R, WDT)
-        if R2 > 0:
-            dl += _dt_dot(dtw2, dbc_ptr, R0 + R1, R2, R, WDT)
-        yv = _ssm_state_update(u, dl.to(WDT).to(tl.float32), bias, A, Dv, bm, cm, z, h, h_ptrs, mi, mn)
-        tl.store(y_ptr + i, yv.to(WDT), mask=mi)
-        _signal(cnt + 2)
+        if PROBE_PARTS & 2:
+            b0, b1, b2 = _tile(_mat(tab_ptr, wbase, j, 4), pid, J, I, RT, P0, P1, P2)
+            _wait(cnt + 1, NPROG)
+            c0, c1, c2 = _acts(xz_ptr, I, P0, P1, P2)
+            sb = pid * RT + tl.arange(0, RT)
+            tl.store(dbc_ptr + sb, _dot(b0, b1, b2, c0, c1, c2, P1, P2), mask=sb < J)
+            _signal(cnt + 2)
+            # C: the SSM step of channels pid CT ...; what does not depend on B loads before the wait
+            i = pid * CT + tl.arange(0, CT)
+            n = tl.arange(0, BLOCK_N)
+            mi, mn = i < I, n < N
+            dt_rows = _col(tab_ptr, wbase, j, 5) + i[:, None] * R
+            dtw0 = _piece2(dt_rows, 0, R0, R, mi)
+            dtw1, dtw2 = dtw0, dtw0
+            if R1 > 0:
+                dtw1 = _piece2(dt_rows, R0, R1, R, mi)
+            if R2 > 0:
+                dtw2 = _piece2(dt_rows, R0 + R1, R2, R, mi)
+            bias = tl.load(_col(tab_ptr, fbase, j, 6) + i, mask=mi, other=0.0)
+            A, Dv = _load_a_d(_col(tab_ptr, fbase, j, 7), _col(tab_ptr, fbase, j, 8), i, n, mi, mn, N)
+            h_ptrs = ssm_ptr + j64 * hs_j + slot * hs_s + i[:, None] * N + n[None, :]
+            h = tl.load(h_ptrs, mask=mi[:, None] & mn[None, :], other=0.0)
+            _wait(cnt + 2, NPROG)
+            bm = tl.load(dbc_ptr + R + n, mask=mn, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
+            cm = tl.load(dbc_ptr + R + N + n, mask=mn, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
+            u = tl.load(xz_ptr + i, mask=mi, other=0.0, cache_modifier=".cg").to(tl.float32)
+            z = tl.load(xz_ptr + I + i, mask=mi, other=0.0, cache_modifier=".cg").to(tl.float32)
+            dl = _dt_dot(dtw0, dbc_ptr, 0, R0, R, WDT)  # dt_proj of the rounded dt_low
+            if R1 > 0:
+                dl += _dt_dot(dtw1, dbc_ptr, R0, R1, R, WDT)
+            if R2 > 0:
+                dl += _dt_dot(dtw2, dbc_ptr, R0 + R1, R2, R, WDT)
+            yv = _ssm_state_update(u, dl.to(WDT).to(tl.float32), bias, A, Dv, bm, cm, z, h, h_ptrs, mi, mn)
+            tl.store(y_ptr + i, yv.to(WDT), mask=mi)
+            _signal(cnt + 3)
         # D: out_proj rows into the residual (rows only this program writes)
-        _wait(cnt + 2, NPROG)
-        a0, a1, a2 = _acts(y_ptr, I, P0, P1, P2)
-        _residual_add(res_ptr, pid, DM, d0, d1, d2, a0, a1, a2, RT, P1, P2, WDT)
-        for k in tl.range(1, nd_p, num_stages=STAGES):
-            t = pid + k * NPROG
-            w0, w1, w2 = _tile(out_w, t, DM, I, RT, P0, P1, P2)
-            _residual_add(res_ptr, t, DM, w0, w1, w2, a0, a1, a2, RT, P1, P2, WDT)
-        _signal(cnt + 3)
+        if PROBE_PARTS & 4:
+            _wait(cnt + 3, NPROG)
+            a0, a1, a2 = _acts(y_ptr, I, P0, P1, P2)
+            _residual_add(res_ptr, pid, DM, d0, d1, d2, a0, a1, a2, RT, P1, P2, WDT)
+            for k in tl.range(1, nd_p, num_stages=STAGES):
+                t = pid + k * NPROG
+                w0, w1, w2 = _tile(out_w, t, DM, I, RT, P0, P1, P2)
+                _residual_add(res_ptr, t, DM, w0, w1, w2, a0, a1, a2, RT, P1, P2, WDT)
+        _signal(cnt + 4)
 
 
 class PersistentStep:
@@ -324,7 +293,7 @@ class PersistentStep:
         self.xz = torch.empty(2 * self.i, dtype=self.wdt, device=dev)
         self.dbc = torch.empty(self.j, dtype=torch.float32, device=dev)
         self.y = torch.empty(self.i, dtype=self.wdt, device=dev)
-        self.cnt = torch.zeros(self.n_blocks * 4, dtype=torch.int32, device=dev)
+        self.cnt = torch.zeros(self.n_blocks * NSTAGE, dtype=torch.int32, device=dev)
 
     @staticmethod
     def _offsets(blocks, wbase: torch.Tensor, fbase: torch.Tensor) -> list[list[int]] | None:
@@ -358,13 +327,15 @@ class PersistentStep:
         self.cnt.zero_()
         p0, p1, p2 = _pieces(self.i)
         r0, r1, r2 = _pieces(self.r)
+        q0, q1, q2 = _pieces(self.dm)
         _step_kernel[(self.nprog,)](
             residual, self.xz, self.dbc, self.y, self.cnt, idx, self.tab, self.wbase, self.fbase, self.conv, self.ssm,
             self.n_blocks,
             self.eps, self.conv.stride(0), self.conv.stride(1), self.ssm.stride(0), self.ssm.stride(1), self.dm,
             self.i, self.r, self.n, self.j, WDT=_tl_dtype(self.wdt), K=self.k, KP=triton.next_power_of_2(self.k),
             BLOCK_N=triton.next_power_of_2(self.n), R0=r0, R1=r1, R2=r2, RT=self.rt, CT=self.ct, P0=p0, P1=p1, P2=p2,
-            HAS_CBIAS=self.has_cbias, NPROG=self.nprog, STAGES=STEP_STAGES, num_warps=self.warps)
+            Q0=q0, Q1=q1, Q2=q2, HAS_CBIAS=self.has_cbias, NPROG=self.nprog, STAGES=STEP_STAGES,
+            NSTAGE=NSTAGE, num_warps=self.warps)
         return residual
 
 
