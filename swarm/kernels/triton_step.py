@@ -34,6 +34,8 @@ from swarm.kernels.triton_scan import _load_a_d, _ssm_state_update
 # (RT rows a tile, num_warps, programs an SM)
 STEP_CONFIG: tuple[int, int, int] = (2, 16, 1)
 STEP_STAGES = 3  # weight tiles in flight a program (Triton's pipeline through shared memory)
+STEP_PREFETCH = True  # out_proj's tiles and the next block's first in_proj tiles into L2 during the B-C chain
+STEP_PREFETCH_A = 4  # of the next block's in_proj tiles, a program (a power of two)
 PROBE_SYNC = tl.constexpr(int(__import__("os").environ.get("PROBE_SYNC", "1")))
 PROBE_PARTS = tl.constexpr(int(__import__("os").environ.get("PROBE_PARTS", "7")))
 # the pointer table's columns, one row a block
@@ -70,6 +72,20 @@ def _tile(base, t, nrows, I, RT: tl.constexpr, P0: tl.constexpr, P1: tl.constexp
         c2 = P0 + P1 + tl.arange(0, P2)[None, :]
         w2 = tl.load(rows + c2, mask=ms[:, None] & (c2 < I), other=0.0)
     return w0, w1, w2
+
+
+@triton.jit
+def _prefetch_tiles(base, t0, step, count, rows_per_tile, nrows, row_bytes, KMAX: tl.constexpr):
+    """Into L2 (cp.async.bulk.prefetch.L2, sm_90): `count` tiles t0, t0 + step, ... of a row-major matrix at base,
+    each rows_per_tile whole rows (contiguous), so they stream in while the program waits at a dependency."""
+    k = tl.arange(0, KMAX)
+    t = t0 + k * step
+    rows = tl.minimum(nrows - t * rows_per_tile, rows_per_tile)
+    nbytes = tl.where((k < count) & (rows > 0), rows * row_bytes, 0).to(tl.int32)
+    addr = base.to(tl.int64) + t.to(tl.int64) * rows_per_tile * row_bytes
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -149,7 +165,8 @@ def _step_kernel(res_ptr, xz_ptr, dbc_ptr, y_ptr, cnt_ptr, idx_ptr, tab_ptr, wba
                  KP: tl.constexpr, BLOCK_N: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
                  RT: tl.constexpr, CT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  Q0: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr, HAS_CBIAS: tl.constexpr,
-                 NPROG: tl.constexpr, STAGES: tl.constexpr, NSTAGE: tl.constexpr):
+                 NPROG: tl.constexpr, STAGES: tl.constexpr, NSTAGE: tl.constexpr, ES: tl.constexpr,
+                 PF_D: tl.constexpr, PF_A: tl.constexpr):
     pid = tl.program_id(0)
     slot = tl.load(idx_ptr)
     n_a = (I + RT - 1) // RT  # A tiles: in_proj's 2 I rows, 2 RT a tile
@@ -189,6 +206,13 @@ def _step_kernel(res_ptr, xz_ptr, dbc_ptr, y_ptr, cnt_ptr, idx_ptr, tab_ptr, wba
             s = t * 2 * RT + tl.arange(0, 2 * RT)
             tl.store(xz_ptr + s, _dot(w0, w1, w2, n0, n1, n2, Q1, Q2).to(WDT), mask=s < 2 * I)
         _signal(cnt + 0)
+        out_w = _mat(tab_ptr, wbase, j, 9)
+        if PF_D > 0:  # while A2, B and C wait on each other: out_proj, then the next block's in_proj, into L2
+            _prefetch_tiles(out_w, pid + NPROG, NPROG, tl.minimum(nd_p - 1, PF_D), RT, DM, I * ES, PF_D)
+        if PF_A > 0:
+            nxt = tl.minimum(j + 1, n_blocks - 1)
+            _prefetch_tiles(_mat(tab_ptr, wbase, nxt, 0), pid, NPROG, tl.where(j + 1 < n_blocks, PF_A, 0), 2 * RT,
+                            2 * I, DM * ES, PF_A)
         # A2: the conv step of channels pid CT ... on in_proj's x half, in place; state and weights load first
         i = pid * CT + tl.arange(0, CT)
         mi = i < I
@@ -206,7 +230,6 @@ def _step_kernel(res_ptr, xz_ptr, dbc_ptr, y_ptr, cnt_ptr, idx_ptr, tab_ptr, wba
         tl.store(xz_ptr + i, (conv * tl.sigmoid(conv)).to(WDT), mask=mi)
         _signal(cnt + 1)
         # D's first tile loads into registers before B and C, the rest through the pipelined loop after them
-        out_w = _mat(tab_ptr, wbase, j, 9)
         d0, d1, d2 = _tile(out_w, pid, DM, I, RT, P0, P1, P2)
         # B: x_proj rows pid RT ..., fp32 and unrounded (C rounds them); its tile loads before the wait
         if PROBE_PARTS & 2:
@@ -328,6 +351,10 @@ class PersistentStep:
         p0, p1, p2 = _pieces(self.i)
         r0, r1, r2 = _pieces(self.r)
         q0, q1, q2 = _pieces(self.dm)
+        pf_d, pf_a = (0, 0)
+        if self.conv.is_cuda and STEP_PREFETCH:  # tiles a program prefetches into L2 (powers of two)
+            pf_d = triton.next_power_of_2(triton.cdiv(triton.cdiv(self.dm, self.rt), self.nprog))
+            pf_a = STEP_PREFETCH_A
         _step_kernel[(self.nprog,)](
             residual, self.xz, self.dbc, self.y, self.cnt, idx, self.tab, self.wbase, self.fbase, self.conv, self.ssm,
             self.n_blocks,
@@ -335,7 +362,7 @@ class PersistentStep:
             self.i, self.r, self.n, self.j, WDT=_tl_dtype(self.wdt), K=self.k, KP=triton.next_power_of_2(self.k),
             BLOCK_N=triton.next_power_of_2(self.n), R0=r0, R1=r1, R2=r2, RT=self.rt, CT=self.ct, P0=p0, P1=p1, P2=p2,
             Q0=q0, Q1=q1, Q2=q2, HAS_CBIAS=self.has_cbias, NPROG=self.nprog, STAGES=STEP_STAGES,
-            NSTAGE=NSTAGE, num_warps=self.warps)
+            NSTAGE=NSTAGE, ES=self.wdt.itemsize, PF_D=pf_d, PF_A=pf_a, num_warps=self.warps)
         return residual
 
 
