@@ -34,10 +34,8 @@ from swarm.kernels.triton_scan import _load_a_d, _ssm_state_update
 # (RT rows a tile, num_warps, programs an SM)
 STEP_CONFIG: tuple[int, int, int] = (2, 16, 1)
 STEP_STAGES = 3  # weight tiles in flight a program (Triton's pipeline through shared memory)
-STEP_PREFETCH = True  # out_proj's tiles and the next block's first in_proj tiles into L2 during the B-C chain
-STEP_PREFETCH_A = 4  # of the next block's in_proj tiles, a program (a power of two)
+STEP_STAGES_D = 8  # out_proj's: they stream into shared memory while the program does A2, B and C
 PROBE_SYNC = tl.constexpr(int(__import__("os").environ.get("PROBE_SYNC", "1")))
-PROBE_PARTS = tl.constexpr(int(__import__("os").environ.get("PROBE_PARTS", "7")))
 # the pointer table's columns, one row a block
 _IN_W, _NORM_W, _CONV_W, _CONV_B, _X_W, _DT_W, _DT_B, _A, _D, _OUT_W = range(10)
 NCOL = 10
@@ -75,22 +73,19 @@ def _tile(base, t, nrows, I, RT: tl.constexpr, P0: tl.constexpr, P1: tl.constexp
 
 
 @triton.jit
-def _prefetch_tiles(base, t0, step, count, rows_per_tile, nrows, row_bytes, KMAX: tl.constexpr):
-    """Into L2 (cp.async.bulk.prefetch.L2, sm_90): `count` tiles t0, t0 + step, ... of a row-major matrix at base,
-    each rows_per_tile whole rows (contiguous), so they stream in while the program waits at a dependency."""
-    k = tl.arange(0, KMAX)
-    t = t0 + k * step
-    rows = tl.minimum(nrows - t * rows_per_tile, rows_per_tile)
-    nbytes = tl.where((k < count) & (rows > 0), rows * row_bytes, 0).to(tl.int32)
-    addr = base.to(tl.int64) + t.to(tl.int64) * rows_per_tile * row_bytes
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+def _cta_barrier(NT: tl.constexpr, ASM: tl.constexpr):
+    # bar.sync through inline asm, once a thread (NT = the program's threads): Triton's own barrier op in a loop
+    # stops its pipeliner from streaming the loop's loads through shared memory; the interpreter has no asm
+    if ASM:
+        tl.inline_asm_elementwise("bar.sync 0; mov.u32 $0, 0;", "=r,r", [tl.arange(0, NT)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    else:
+        tl.debug_barrier()
 
 
 @triton.jit
-def _signal(cnt_ptr):
-    tl.debug_barrier()  # every thread's stores of the stage are issued before the release
+def _signal(cnt_ptr, NT: tl.constexpr, ASM: tl.constexpr):
+    _cta_barrier(NT, ASM)  # every thread's stores of the stage are issued before the release
     tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
 
 
@@ -165,8 +160,8 @@ def _step_kernel(res_ptr, xz_ptr, dbc_ptr, y_ptr, cnt_ptr, idx_ptr, tab_ptr, wba
                  KP: tl.constexpr, BLOCK_N: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
                  RT: tl.constexpr, CT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                  Q0: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr, HAS_CBIAS: tl.constexpr,
-                 NPROG: tl.constexpr, STAGES: tl.constexpr, NSTAGE: tl.constexpr, ES: tl.constexpr,
-                 PF_D: tl.constexpr, PF_A: tl.constexpr):
+                 NPROG: tl.constexpr, STAGES: tl.constexpr, STAGES_D: tl.constexpr, NSTAGE: tl.constexpr,
+                 NT: tl.constexpr, ASM: tl.constexpr):
     pid = tl.program_id(0)
     slot = tl.load(idx_ptr)
     n_a = (I + RT - 1) // RT  # A tiles: in_proj's 2 I rows, 2 RT a tile
@@ -177,12 +172,15 @@ def _step_kernel(res_ptr, xz_ptr, dbc_ptr, y_ptr, cnt_ptr, idx_ptr, tab_ptr, wba
     n0 = tl.zeros([Q0], dtype=tl.float32)
     n1 = tl.zeros([Q1 if Q1 > 0 else Q0], dtype=tl.float32)
     n2 = tl.zeros([Q2 if Q2 > 0 else Q0], dtype=tl.float32)
+    a0 = tl.zeros([P0], dtype=tl.float32)
+    a1 = tl.zeros([P1 if P1 > 0 else P0], dtype=tl.float32)
+    a2 = tl.zeros([P2 if P2 > 0 else P0], dtype=tl.float32)
     for j in range(0, n_blocks):
         cnt = cnt_ptr + j * NSTAGE
         j64 = tl.full([], 0, tl.int64) + j
         # A: in_proj rows (x and z halves, as they are); the loop's first tiles load before the wait
         in_w = _mat(tab_ptr, wbase, j, 0)
-        for k in tl.range(0, na_p if PROBE_PARTS & 1 else 0, num_stages=STAGES):
+        for k in tl.range(0, na_p, num_stages=STAGES):
             t = pid + k * NPROG
             w0, w1, w2 = _tile(in_w, t, 2 * I, DM, 2 * RT, Q0, Q1, Q2)
             if k == 0:
@@ -205,78 +203,69 @@ def _step_kernel(res_ptr, xz_ptr, dbc_ptr, y_ptr, cnt_ptr, idx_ptr, tab_ptr, wba
                     n2 = _normed(x2, _v(nw, Q0 + Q1, Q2, DM), rstd, WDT)
             s = t * 2 * RT + tl.arange(0, 2 * RT)
             tl.store(xz_ptr + s, _dot(w0, w1, w2, n0, n1, n2, Q1, Q2).to(WDT), mask=s < 2 * I)
-        _signal(cnt + 0)
+        _signal(cnt + 0, NT, ASM)
+        # D: out_proj rows into the residual (rows only this program writes). Its loop's first STAGES_D - 1 tiles
+        # stream into shared memory while the program runs the chain A2 -> B -> C in the first iteration.
         out_w = _mat(tab_ptr, wbase, j, 9)
-        if PF_D > 0:  # while A2, B and C wait on each other: out_proj, then the next block's in_proj, into L2
-            _prefetch_tiles(out_w, pid + NPROG, NPROG, tl.minimum(nd_p - 1, PF_D), RT, DM, I * ES, PF_D)
-        if PF_A > 0:
-            nxt = tl.minimum(j + 1, n_blocks - 1)
-            _prefetch_tiles(_mat(tab_ptr, wbase, nxt, 0), pid, NPROG, tl.where(j + 1 < n_blocks, PF_A, 0), 2 * RT,
-                            2 * I, DM * ES, PF_A)
-        # A2: the conv step of channels pid CT ... on in_proj's x half, in place; state and weights load first
-        i = pid * CT + tl.arange(0, CT)
-        mi = i < I
-        cw = tl.load(_col(tab_ptr, wbase, j, 2) + i[:, None] * K + kc, mask=mi[:, None] & (kc < K), other=0.0)
-        cb = tl.zeros([CT], dtype=tl.float32)
-        if HAS_CBIAS:
-            cb = tl.load(_col(tab_ptr, wbase, j, 3) + i, mask=mi, other=0.0).to(tl.float32)
-        st = conv_ptr + j64 * cs_j + slot * cs_s + i[:, None] * K
-        shifted = tl.load(st + kc + 1, mask=mi[:, None] & (kc < K - 1), other=0.0)
-        _wait(cnt + 0, NPROG)
-        xin = tl.load(xz_ptr + i, mask=mi, other=0.0, cache_modifier=".cg")
-        new = tl.where(kc == K - 1, xin.to(tl.float32)[:, None], shifted.to(WDT).to(tl.float32))
-        conv = tl.sum(new * cw.to(tl.float32), axis=1) + cb
-        tl.store(st + kc, new, mask=mi[:, None] & (kc < K))
-        tl.store(xz_ptr + i, (conv * tl.sigmoid(conv)).to(WDT), mask=mi)
-        _signal(cnt + 1)
-        # D's first tile loads into registers before B and C, the rest through the pipelined loop after them
-        d0, d1, d2 = _tile(out_w, pid, DM, I, RT, P0, P1, P2)
-        # B: x_proj rows pid RT ..., fp32 and unrounded (C rounds them); its tile loads before the wait
-        if PROBE_PARTS & 2:
-            b0, b1, b2 = _tile(_mat(tab_ptr, wbase, j, 4), pid, J, I, RT, P0, P1, P2)
-            _wait(cnt + 1, NPROG)
-            c0, c1, c2 = _acts(xz_ptr, I, P0, P1, P2)
-            sb = pid * RT + tl.arange(0, RT)
-            tl.store(dbc_ptr + sb, _dot(b0, b1, b2, c0, c1, c2, P1, P2), mask=sb < J)
-            _signal(cnt + 2)
-            # C: the SSM step of channels pid CT ...; what does not depend on B loads before the wait
-            i = pid * CT + tl.arange(0, CT)
-            n = tl.arange(0, BLOCK_N)
-            mi, mn = i < I, n < N
-            dt_rows = _col(tab_ptr, wbase, j, 5) + i[:, None] * R
-            dtw0 = _piece2(dt_rows, 0, R0, R, mi)
-            dtw1, dtw2 = dtw0, dtw0
-            if R1 > 0:
-                dtw1 = _piece2(dt_rows, R0, R1, R, mi)
-            if R2 > 0:
-                dtw2 = _piece2(dt_rows, R0 + R1, R2, R, mi)
-            bias = tl.load(_col(tab_ptr, fbase, j, 6) + i, mask=mi, other=0.0)
-            A, Dv = _load_a_d(_col(tab_ptr, fbase, j, 7), _col(tab_ptr, fbase, j, 8), i, n, mi, mn, N)
-            h_ptrs = ssm_ptr + j64 * hs_j + slot * hs_s + i[:, None] * N + n[None, :]
-            h = tl.load(h_ptrs, mask=mi[:, None] & mn[None, :], other=0.0)
-            _wait(cnt + 2, NPROG)
-            bm = tl.load(dbc_ptr + R + n, mask=mn, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
-            cm = tl.load(dbc_ptr + R + N + n, mask=mn, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
-            u = tl.load(xz_ptr + i, mask=mi, other=0.0, cache_modifier=".cg").to(tl.float32)
-            z = tl.load(xz_ptr + I + i, mask=mi, other=0.0, cache_modifier=".cg").to(tl.float32)
-            dl = _dt_dot(dtw0, dbc_ptr, 0, R0, R, WDT)  # dt_proj of the rounded dt_low
-            if R1 > 0:
-                dl += _dt_dot(dtw1, dbc_ptr, R0, R1, R, WDT)
-            if R2 > 0:
-                dl += _dt_dot(dtw2, dbc_ptr, R0 + R1, R2, R, WDT)
-            yv = _ssm_state_update(u, dl.to(WDT).to(tl.float32), bias, A, Dv, bm, cm, z, h, h_ptrs, mi, mn)
-            tl.store(y_ptr + i, yv.to(WDT), mask=mi)
-            _signal(cnt + 3)
-        # D: out_proj rows into the residual (rows only this program writes)
-        if PROBE_PARTS & 4:
-            _wait(cnt + 3, NPROG)
-            a0, a1, a2 = _acts(y_ptr, I, P0, P1, P2)
-            _residual_add(res_ptr, pid, DM, d0, d1, d2, a0, a1, a2, RT, P1, P2, WDT)
-            for k in tl.range(1, nd_p, num_stages=STAGES):
-                t = pid + k * NPROG
-                w0, w1, w2 = _tile(out_w, t, DM, I, RT, P0, P1, P2)
-                _residual_add(res_ptr, t, DM, w0, w1, w2, a0, a1, a2, RT, P1, P2, WDT)
-        _signal(cnt + 4)
+        for k in tl.range(0, nd_p, num_stages=STAGES_D):
+            t = pid + k * NPROG
+            w0, w1, w2 = _tile(out_w, t, DM, I, RT, P0, P1, P2)
+            if k == 0:
+                # A2: the conv step of channels pid CT ... on in_proj's x half, in place
+                i = pid * CT + tl.arange(0, CT)
+                mi = i < I
+                cw = tl.load(_col(tab_ptr, wbase, j, 2) + i[:, None] * K + kc, mask=mi[:, None] & (kc < K),
+                             other=0.0)
+                cb = tl.zeros([CT], dtype=tl.float32)
+                if HAS_CBIAS:
+                    cb = tl.load(_col(tab_ptr, wbase, j, 3) + i, mask=mi, other=0.0).to(tl.float32)
+                st = conv_ptr + j64 * cs_j + slot * cs_s + i[:, None] * K
+                shifted = tl.load(st + kc + 1, mask=mi[:, None] & (kc < K - 1), other=0.0)
+                _wait(cnt + 0, NPROG)
+                xin = tl.load(xz_ptr + i, mask=mi, other=0.0, cache_modifier=".cg")
+                new = tl.where(kc == K - 1, xin.to(tl.float32)[:, None], shifted.to(WDT).to(tl.float32))
+                conv = tl.sum(new * cw.to(tl.float32), axis=1) + cb
+                tl.store(st + kc, new, mask=mi[:, None] & (kc < K))
+                tl.store(xz_ptr + i, (conv * tl.sigmoid(conv)).to(WDT), mask=mi)
+                _signal(cnt + 1, NT, ASM)
+                # B: x_proj rows pid RT ..., fp32 and unrounded (C rounds them); its tile loads before the wait
+                b0, b1, b2 = _tile(_mat(tab_ptr, wbase, j, 4), pid, J, I, RT, P0, P1, P2)
+                _wait(cnt + 1, NPROG)
+                c0, c1, c2 = _acts(xz_ptr, I, P0, P1, P2)
+                sb = pid * RT + tl.arange(0, RT)
+                tl.store(dbc_ptr + sb, _dot(b0, b1, b2, c0, c1, c2, P1, P2), mask=sb < J)
+                _signal(cnt + 2, NT, ASM)
+                # C: the SSM step of channels pid CT ...; what does not depend on B loads before the wait
+                n = tl.arange(0, BLOCK_N)
+                mn = n < N
+                dt_rows = _col(tab_ptr, wbase, j, 5) + i[:, None] * R
+                dtw0 = _piece2(dt_rows, 0, R0, R, mi)
+                dtw1, dtw2 = dtw0, dtw0
+                if R1 > 0:
+                    dtw1 = _piece2(dt_rows, R0, R1, R, mi)
+                if R2 > 0:
+                    dtw2 = _piece2(dt_rows, R0 + R1, R2, R, mi)
+                bias = tl.load(_col(tab_ptr, fbase, j, 6) + i, mask=mi, other=0.0)
+                A, Dv = _load_a_d(_col(tab_ptr, fbase, j, 7), _col(tab_ptr, fbase, j, 8), i, n, mi, mn, N)
+                h_ptrs = ssm_ptr + j64 * hs_j + slot * hs_s + i[:, None] * N + n[None, :]
+                h = tl.load(h_ptrs, mask=mi[:, None] & mn[None, :], other=0.0)
+                _wait(cnt + 2, NPROG)
+                bm = tl.load(dbc_ptr + R + n, mask=mn, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
+                cm = tl.load(dbc_ptr + R + N + n, mask=mn, other=0.0, cache_modifier=".cg").to(WDT).to(tl.float32)
+                u = tl.load(xz_ptr + i, mask=mi, other=0.0, cache_modifier=".cg").to(tl.float32)
+                z = tl.load(xz_ptr + I + i, mask=mi, other=0.0, cache_modifier=".cg").to(tl.float32)
+                dl = _dt_dot(dtw0, dbc_ptr, 0, R0, R, WDT)  # dt_proj of the rounded dt_low
+                if R1 > 0:
+                    dl += _dt_dot(dtw1, dbc_ptr, R0, R1, R, WDT)
+                if R2 > 0:
+                    dl += _dt_dot(dtw2, dbc_ptr, R0 + R1, R2, R, WDT)
+                yv = _ssm_state_update(u, dl.to(WDT).to(tl.float32), bias, A, Dv, bm, cm, z, h, h_ptrs, mi, mn)
+                tl.store(y_ptr + i, yv.to(WDT), mask=mi)
+                _signal(cnt + 3, NT, ASM)
+                _wait(cnt + 3, NPROG)
+                a0, a1, a2 = _acts(y_ptr, I, P0, P1, P2)
+            _residual_add(res_ptr, t, DM, w0, w1, w2, a0, a1, a2, RT, P1, P2, WDT)
+        _signal(cnt + 4, NT, ASM)
 
 
 class PersistentStep:
@@ -351,10 +340,6 @@ class PersistentStep:
         p0, p1, p2 = _pieces(self.i)
         r0, r1, r2 = _pieces(self.r)
         q0, q1, q2 = _pieces(self.dm)
-        pf_d, pf_a = (0, 0)
-        if self.conv.is_cuda and STEP_PREFETCH:  # tiles a program prefetches into L2 (powers of two)
-            pf_d = triton.next_power_of_2(triton.cdiv(triton.cdiv(self.dm, self.rt), self.nprog))
-            pf_a = STEP_PREFETCH_A
         _step_kernel[(self.nprog,)](
             residual, self.xz, self.dbc, self.y, self.cnt, idx, self.tab, self.wbase, self.fbase, self.conv, self.ssm,
             self.n_blocks,
@@ -362,7 +347,8 @@ class PersistentStep:
             self.i, self.r, self.n, self.j, WDT=_tl_dtype(self.wdt), K=self.k, KP=triton.next_power_of_2(self.k),
             BLOCK_N=triton.next_power_of_2(self.n), R0=r0, R1=r1, R2=r2, RT=self.rt, CT=self.ct, P0=p0, P1=p1, P2=p2,
             Q0=q0, Q1=q1, Q2=q2, HAS_CBIAS=self.has_cbias, NPROG=self.nprog, STAGES=STEP_STAGES,
-            NSTAGE=NSTAGE, ES=self.wdt.itemsize, PF_D=pf_d, PF_A=pf_a, num_warps=self.warps)
+            STAGES_D=STEP_STAGES_D, NSTAGE=NSTAGE, NT=32 * self.warps, ASM=self.conv.is_cuda,
+            num_warps=self.warps)
         return residual
 
 
