@@ -2,8 +2,7 @@
 
     PYTHONPATH=$PWD python3 scripts/sweep_gpu.py [launch_costs prefill_profile ssm_decode_sweep step_sweep
                                                   step_parts prefill_sweep chunk_sweep scan_sweep prefill_kernels
-                                                  read_ceiling conv_sweep prefill_gaps
-                                                  persistent_sweep]
+                                                  read_ceiling conv_sweep prefill_gaps]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -13,8 +12,7 @@ prefill_sweep: a 2048-token prefill through those blocks for scan and conv confi
 chunk_sweep: a 2048-token prefill through whole models in pieces of 1024 and 2048 tokens, and its memory;
 scan_sweep: the scan alone at 1024 tokens (L2-warm: context changes the order, see prefill_sweep);
 prefill_kernels: that prefill's kernels by time; read_ceiling: how fast a 52 MB weight can be read at all;
-conv_sweep: the prefill conv alone, its kernels and configs; prefill_gaps: where a graphed prefill idles;
-persistent_sweep: the b=1 decode step as four kernels a block or as one persistent kernel, for its configs.
+conv_sweep: the prefill conv alone, its kernels and configs; prefill_gaps: where a graphed prefill idles.
 """
 import cProfile
 import io
@@ -288,40 +286,6 @@ def step_sweep():
     td.GEMV_IN_CONFIG, td.GEMV_OUT_CONFIG, td.GEMV_XPROJ_CONFIG = default
     td.PDL, td.PDL_EARLY = None, early_default
     graphs.SSM_STATE_EARLY = True
-
-
-def persistent_sweep(rounds=3):
-    """The b=1 decode step as four kernels a block (the default) or one persistent kernel (triton_step), for its
-    configs (rows a tile, warps, programs an SM): 16 blocks of 2.8b width and 24 of 130m's, interleaved rounds."""
-    from swarm.kernels import triton_step as tst
-    default = tst.STEP_CONFIG
-    variants = [("kernels", None)] + [("persistent", c) for c in
-                                      [(2, 16, 1), (4, 16, 1), (2, 8, 1), (4, 8, 1), (8, 16, 1), (2, 8, 2), (1, 8, 2),
-                                       (4, 32, 1), (2, 4, 2)]]
-    for model, layers in (("2.8b", 16), ("130m", 24)):
-        cfg, stack = _wide_stack(layers, model)
-        h1 = torch.randn(1, 1, cfg.hidden_size, device=dev)
-        times = {v: [] for v in variants}
-        outs = {}
-        for _ in range(rounds):
-            for v in variants:
-                tst.STEP_CONFIG = v[1] or default
-                try:
-                    dec = GraphDecoder(stack, max_slots=2, buckets=(1,), step=v[0])
-                    sl = [dec.alloc_slot()]
-                    outs.setdefault(v, dec.step(sl, h1).clone())
-                    times[v].append(cuda_ms(lambda: dec.step(sl, h1), iters=20, inner=10) * 1e3 / layers)
-                    del dec
-                except Exception as e:
-                    print(f"persistent_sweep {model} {v}: failed {type(e).__name__}: {str(e)[:300]}")
-                torch.cuda.synchronize()
-        base = outs.get(variants[0])
-        for v in variants:
-            if times[v]:
-                err = ((outs[v] - base).norm() / base.norm()).item() if base is not None else float("nan")
-                print(f"persistent_sweep {model} b=1 {v[0]:10s} {str(v[1]):12s}: "
-                      + " ".join(f"{t:.1f}" for t in times[v]) + f" us/block (rel diff of the first step {err:.1e})")
-    tst.STEP_CONFIG = default
 
 
 def step_parts():

@@ -23,7 +23,6 @@ from swarm.model.config import MambaConfig
 from swarm.model.stack import PREFILL_CHUNK, BlockStack, Head
 
 SSM_STATE_EARLY = True  # ssm_decode reads the slot's state before its PDL wait (see _ssm)
-STEP = "kernels"  # GraphDecoder's default step for a bucket of one row (see GraphDecoder)
 PREFILL_MIN_BUCKET = 16  # the smallest padded prefill piece (buckets 16, 32, ... prefill_chunk tokens)
 # GraphDecoder's automatic prefill pieces (auto_prefill_chunk): PREFILL_CHUNK_MAX tokens where a piece's activations
 # take at most PREFILL_MEMORY_SHARE of the weights (or PREFILL_MEMORY_FLOOR bytes), else stack.PREFILL_CHUNK
@@ -99,14 +98,12 @@ class GraphDecoder:
     - buckets of up to `gemv_batch` rows run in_proj and out_proj as Triton GEMVs with the norm and the residual add
       fused into them (and, unless xproj="fused", the conv step in in_proj's epilogue); other buckets use cuBLAS
       with a fused residual-add + RMSNorm between blocks.
-    - `step="persistent"`: a bucket of one row runs all blocks as one persistent kernel (triton_step) where the
-      blocks allow it (expand 2, no in_proj/out_proj bias); `"kernels"`: four kernels a block as above.
     A prefill runs in pieces of `prefill_chunk` tokens (None: auto_prefill_chunk, by the weights' size).
     """
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
                  graphs: bool = True, gemv_batch: int = 1, xproj: str = "gemv", head: Head | None = None,
-                 prefill_chunk: int | None = None, step: str | None = None):
+                 prefill_chunk: int | None = None):
         if graphs and stack.device.type != "cuda":
             raise ValueError(f"GraphDecoder captures CUDA graphs; the stack is on {stack.device}")
         if max_slots < 1 or not buckets or min(buckets) < 1:
@@ -119,9 +116,6 @@ class GraphDecoder:
                              f"got {prefill_chunk}")
         if xproj not in ("cublas", "gemv", "fused"):
             raise ValueError(f"GraphDecoder xproj must be 'cublas', 'gemv' or 'fused', got {xproj!r}")
-        step = STEP if step is None else step
-        if step not in ("kernels", "persistent"):
-            raise ValueError(f"GraphDecoder step must be 'kernels' or 'persistent', got {step!r}")
         self._k, self._d = _triton_kernels()
         self.gemv_batch, self.xproj, self.prefill_chunk = gemv_batch, xproj, prefill_chunk
         cfg = stack.cfg
@@ -132,12 +126,6 @@ class GraphDecoder:
         n_blocks, scratch = len(self._w), max_slots
         self.conv = torch.zeros(n_blocks, max_slots + 1, cfg.intermediate_size, cfg.conv_kernel, device=self.device)
         self.ssm = torch.zeros(n_blocks, max_slots + 1, cfg.intermediate_size, cfg.state_size, device=self.device)
-        self._persist = None
-        if step == "persistent" and gemv_batch >= 1 and 1 in self.buckets:
-            from swarm.kernels.triton_step import PersistentStep
-            if PersistentStep.supports(self._w):
-                self._persist = PersistentStep(self._w, self.conv, self.ssm)
-        self.step_kind = "persistent" if self._persist is not None else "kernels"
         self._free = list(range(max_slots))
         self._used: set[int] = set()
         self._lock = threading.Lock()  # a peer allocates slots on its event loop and frees them on its compute thread
@@ -372,8 +360,6 @@ class GraphDecoder:
         k, d = self._k, self._d
         if hidden.shape[0] <= self.gemv_batch:  # the residual stream lives in `out` from the first block on
             out.copy_(hidden)
-            if self._persist is not None and hidden.shape[0] == 1:
-                return self._persist.step(out, idx)
             fuse_conv = self.xproj != "fused"  # the conv step in in_proj's epilogue: x comes out as silu(conv(x))
             for j, w in enumerate(self._w):
                 conv = (self.conv[j], w.conv_w, w.conv_b, idx) if fuse_conv else None
