@@ -42,7 +42,7 @@ def consumer(bufs, ready, empty, act_smem, act_ptr, cnt_ptr, L, N, G, S: gl.cons
             if l > 0:
                 while gl.atomic_add(cnt_ptr + l - 1, 0, sem="acquire", scope="gpu") < G:
                     pass
-        src = act_ptr + (l % 2) * 8192
+        src = act_ptr + (l % 2) * 16384
         for kb in gl.static_range(KB):  # unrolled: the loads go out together
             act_smem.index(kb).store(gl.load(src + kb * 256 + cols, cache_modifier=".cg"))
         gl.thread_barrier()
@@ -57,7 +57,7 @@ def consumer(bufs, ready, empty, act_smem, act_ptr, cnt_ptr, L, N, G, S: gl.cons
             av = act_smem.index(kb).load(gl.SliceLayout(0, wl))
             acc += gl.sum(w.to(gl.float32) * av.to(gl.float32)[None, :], axis=1)
         r = c * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, wl))
-        gl.store(act_ptr + ((l + 1) % 2) * 8192 + r, acc.to(gl.bfloat16))
+        gl.store(act_ptr + ((l + 1) % 2) * 16384 + r, acc.to(gl.bfloat16))
         gl.thread_barrier()
         if SYNC:
             gl.atomic_add(cnt_ptr + l, 1, sem="release", scope="gpu")
@@ -83,7 +83,7 @@ def run(L=64, S=16, RB=16, warps=4, sync=True, reps=10):
     G = torch.cuda.get_device_properties(0).multi_processor_count
     N = G * RB
     W = torch.randn(L * N, KB * 256, device="cuda", dtype=torch.bfloat16)
-    act = torch.randn(2 * 8192, device="cuda", dtype=torch.bfloat16)
+    act = torch.randn(2 * 16384, device="cuda", dtype=torch.bfloat16)
     cnt = torch.zeros(L, device="cuda", dtype=torch.int32)
     layout = gl.NVMMASharedLayout.get_default_for([RB, 256], gl.bfloat16)
     desc = TensorDescriptor.from_tensor(W, [RB, 256], layout)
