@@ -32,7 +32,7 @@ def producer(desc, bufs, ready, empty, L, N, S: gl.constexpr, RB: gl.constexpr, 
 
 
 @gluon.jit
-def consumer(bufs, ready, empty, act_smem, act_ptr, cnt_ptr, L, N, G, S: gl.constexpr, RB: gl.constexpr,
+def consumer(bufs, ready, empty, act_smem, act_ptr, cnt_ptr, L, N, G, AS, S: gl.constexpr, RB: gl.constexpr,
              KB: gl.constexpr, SYNC: gl.constexpr, num_warps: gl.constexpr):
     c = gl.program_id(0)
     wl: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
@@ -42,7 +42,7 @@ def consumer(bufs, ready, empty, act_smem, act_ptr, cnt_ptr, L, N, G, S: gl.cons
             if l > 0:
                 while gl.atomic_add(cnt_ptr + l - 1, 0, sem="acquire", scope="gpu") < G:
                     pass
-        src = act_ptr + (l % 2) * 16384
+        src = act_ptr + (l % 2) * AS
         for kb in gl.static_range(KB):  # unrolled: the loads go out together
             act_smem.index(kb).store(gl.load(src + kb * 256 + cols, cache_modifier=".cg"))
         gl.thread_barrier()
@@ -57,14 +57,14 @@ def consumer(bufs, ready, empty, act_smem, act_ptr, cnt_ptr, L, N, G, S: gl.cons
             av = act_smem.index(kb).load(gl.SliceLayout(0, wl))
             acc += gl.sum(w.to(gl.float32) * av.to(gl.float32)[None, :], axis=1)
         r = c * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, wl))
-        gl.store(act_ptr + ((l + 1) % 2) * 16384 + r, acc.to(gl.bfloat16))
+        gl.store(act_ptr + ((l + 1) % 2) * AS + r, acc.to(gl.bfloat16))
         gl.thread_barrier()
         if SYNC:
             gl.atomic_add(cnt_ptr + l, 1, sem="release", scope="gpu")
 
 
 @gluon.jit
-def ws_kernel(desc, act_ptr, cnt_ptr, L, N, G, S: gl.constexpr, RB: gl.constexpr, KB: gl.constexpr,
+def ws_kernel(desc, act_ptr, cnt_ptr, L, N, G, AS, S: gl.constexpr, RB: gl.constexpr, KB: gl.constexpr,
               SYNC: gl.constexpr, num_warps: gl.constexpr):
     bufs = gl.allocate_shared_memory(desc.dtype, [S] + desc.block_type.shape, desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
@@ -74,7 +74,7 @@ def ws_kernel(desc, act_ptr, cnt_ptr, L, N, G, S: gl.constexpr, RB: gl.constexpr
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
-        (consumer, (bufs, ready, empty, act_smem, act_ptr, cnt_ptr, L, N, G, S, RB, KB, SYNC, num_warps)),
+        (consumer, (bufs, ready, empty, act_smem, act_ptr, cnt_ptr, L, N, G, AS, S, RB, KB, SYNC, num_warps)),
         (producer, (desc, bufs, ready, empty, L, N, S, RB, KB)),
     ], [1], [24])
 
@@ -83,14 +83,15 @@ def run(L=64, S=16, RB=16, warps=4, sync=True, reps=10):
     G = torch.cuda.get_device_properties(0).multi_processor_count
     N = G * RB
     W = torch.randn(L * N, KB * 256, device="cuda", dtype=torch.bfloat16)
-    act = torch.randn(2 * 16384, device="cuda", dtype=torch.bfloat16)
+    AS = max(N, KB * 256)  # a layer's activations: its input row and its output rows (two, alternating)
+    act = torch.randn(2 * AS, device="cuda", dtype=torch.bfloat16)
     cnt = torch.zeros(L, device="cuda", dtype=torch.int32)
     layout = gl.NVMMASharedLayout.get_default_for([RB, 256], gl.bfloat16)
     desc = TensorDescriptor.from_tensor(W, [RB, 256], layout)
 
     def go():
         cnt.zero_()
-        ws_kernel[(G,)](desc, act, cnt, L, N, G, S=S, RB=RB, KB=KB, SYNC=sync, num_warps=warps)
+        ws_kernel[(G,)](desc, act, cnt, L, N, G, AS, S=S, RB=RB, KB=KB, SYNC=sync, num_warps=warps)
     go()
     torch.cuda.synchronize()
     times = []
