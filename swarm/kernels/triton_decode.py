@@ -26,8 +26,6 @@ import triton.language as tl
 
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from swarm.errors import BackendUnavailable
-from swarm.kernels import gluon_decode
 from swarm.kernels.triton_ops import _conv_tap, _slot
 from swarm.kernels.triton_scan import _load_a_d, _ssm_state_update
 
@@ -49,11 +47,6 @@ PDL: bool | None = None
 # (the others let it launch once their input is ready): deeper overlap. All of them measured best (2.8b width,
 # H100: 41.2 us a block against 41.8 with none early and 48.5 without PDL; scripts/sweep_gpu.py step_sweep).
 PDL_EARLY: frozenset[str] = frozenset({"norm_gemv", "gemv", "ssm_decode", "gemv_residual"})
-# out_proj at batch 1 through gluon_decode's kernel, which prefetches its weight rows into shared memory by TMA
-# behind the latency-bound x_proj and SSM step: None = where it is available (Hopper, Triton with Gluon); True
-# without it is an error. (warps of its programs)
-OUT_TMA: bool | None = None
-OUT_TMA_WARPS = 4
 
 
 def _pdl(device: torch.device) -> bool:
@@ -69,12 +62,11 @@ def _sm_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def _launch(kernel, grid, *args, pdl: bool, name: str, side: bool = False, **kw) -> None:
-    """kernel[grid](*args) with PDL = 0 (a plain launch), 1 (the successor launches after gdc_wait), 2 (early) or
-    3 (side: early, and the kernel waits for its predecessor only at its end)."""
+def _launch(kernel, grid, *args, pdl: bool, name: str, **kw) -> None:
+    """kernel[grid](*args) with PDL = 0 (a plain launch), 1 (the successor launches after gdc_wait) or 2 (early)."""
     if pdl:
         kw["launch_pdl"] = True
-    kernel[grid](*args, PDL=(3 if side else 2 if name in PDL_EARLY else 1) if pdl else 0, **kw)
+    kernel[grid](*args, PDL=(2 if name in PDL_EARLY else 1) if pdl else 0, **kw)
 
 
 def _pieces(k: int) -> tuple[int, int, int]:
@@ -154,10 +146,7 @@ def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, cw_ptr
         cw = tl.load(cw_ptr + n[:, None] * scw_i + kc * scw_k, mask=mi[:, None] & (kc < K), other=0.0)
         if HAS_CBIAS:
             cb = tl.load(cb_ptr + n, mask=mi, other=0.0).to(tl.float32)
-    if PDL == 3:  # off the chain: its input is ready when it launches; the wait is at the end (see norm_gemv)
-        gdc_launch_dependents()
-    else:
-        _grid_wait(PDL)
+    _grid_wait(PDL)
     x_row = x_ptr + b * sx_b
     if CONV:  # the conv step's state: its latency hides behind the products below
         slot = _slot(idx_ptr, b, HAS_IDX)
@@ -190,8 +179,6 @@ def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, cw_ptr
         tl.store(s_rows + kc * ss_k, new, mask=mi[:, None] & (kc < K))
         y = tl.where(mi, (conv * tl.sigmoid(conv)).to(y.dtype), y)
     tl.store(y_ptr + b * sy_b + n, y, mask=mn)
-    if PDL == 3:
-        gdc_wait()
 
 
 @triton.jit
@@ -221,7 +208,7 @@ def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, N, sx_b, sw_n, sr_b, K: tl
 
 
 def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-              config: tuple[int, int] | None = None, conv: tuple | None = None, side: bool = False) -> torch.Tensor:
+              config: tuple[int, int] | None = None, conv: tuple | None = None) -> torch.Tensor:
     """linear(rms_norm(x), weight, bias) in one pass: x (B, D) fp32 -> (B, N) in weight's dtype.
 
     Rounds as the eager block does: x to the weight dtype, the normalised row, then the scaled row.
@@ -247,7 +234,7 @@ def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.T
             cw if cb is None else cb, out_dim, n_conv, x.stride(0), weight.stride(0), y.stride(0), *strides, eps,
             D=dim, HAS_BIAS=bias is not None, CONV=conv is not None, K=k, KP=triton.next_power_of_2(k),
             HAS_CBIAS=cb is not None, HAS_IDX=idx is not None, BLOCK_N=block_n, P0=p0, P1=p1, P2=p2,
-            num_warps=warps, pdl=_pdl(x.device), name="norm_gemv", side=side)
+            num_warps=warps, pdl=_pdl(x.device), name="norm_gemv")
     return y
 
 
@@ -258,16 +245,6 @@ def gemv_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out_dim = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and residual.stride(1) == 1 and weight.shape[1] == k
     assert residual.dtype == torch.float32 and tuple(residual.shape) == (bsz, out_dim)
-    if bsz == 1 and config is None and OUT_TMA is not False and x.is_cuda:
-        if gluon_decode.available(x.device):
-            pdl = _pdl(x.device)
-            early = "gemv_residual" in PDL_EARLY
-            if gluon_decode.gemv_residual_tma(x, weight, bias, residual, (2 if early else 1) if pdl else 0,
-                                              OUT_TMA_WARPS):
-                return residual
-        elif OUT_TMA:
-            raise BackendUnavailable(f"OUT_TMA asks for the Gluon out_proj kernel, which {x.device} lacks: "
-                                     f"{gluon_decode._IMPORT_ERROR or 'not a Hopper or later GPU'}")
     block_n, warps = config or (GEMV_OUT_CONFIG if x.is_cuda else INTERPRETER_GEMV_CONFIG)
     p0, p1, p2 = _pieces(k)
     _launch(_gemv_residual_kernel, (bsz, triton.cdiv(out_dim, block_n)),
