@@ -51,6 +51,14 @@ def _triton_kernels():
     return triton_ops, triton_decode
 
 
+def _persistent_step(weights: list, conv: torch.Tensor, ssm: torch.Tensor):
+    try:
+        from swarm.kernels import gluon_step
+    except ImportError:
+        return None
+    return gluon_step.PersistentStep.build(weights, conv, ssm)
+
+
 @dataclass(frozen=True)
 class _BlockWeights:
     """One block's tensors as the fused step reads them (views of the stack's parameters, fp32 where the maths is)."""
@@ -103,7 +111,7 @@ class GraphDecoder:
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
                  graphs: bool = True, gemv_batch: int = 1, xproj: str = "gemv", head: Head | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, step: str = "auto"):
         if graphs and stack.device.type != "cuda":
             raise ValueError(f"GraphDecoder captures CUDA graphs; the stack is on {stack.device}")
         if max_slots < 1 or not buckets or min(buckets) < 1:
@@ -116,6 +124,8 @@ class GraphDecoder:
                              f"got {prefill_chunk}")
         if xproj not in ("cublas", "gemv", "fused"):
             raise ValueError(f"GraphDecoder xproj must be 'cublas', 'gemv' or 'fused', got {xproj!r}")
+        if step not in ("auto", "persistent", "kernels"):
+            raise ValueError(f"GraphDecoder step must be 'auto', 'persistent' or 'kernels', got {step!r}")
         self._k, self._d = _triton_kernels()
         self.gemv_batch, self.xproj, self.prefill_chunk = gemv_batch, xproj, prefill_chunk
         cfg = stack.cfg
@@ -126,6 +136,13 @@ class GraphDecoder:
         n_blocks, scratch = len(self._w), max_slots
         self.conv = torch.zeros(n_blocks, max_slots + 1, cfg.intermediate_size, cfg.conv_kernel, device=self.device)
         self.ssm = torch.zeros(n_blocks, max_slots + 1, cfg.intermediate_size, cfg.state_size, device=self.device)
+        # the batch-1 step as one persistent kernel (gluon_step) where it applies; "kernels": four a block always
+        self._persistent = None
+        if step != "kernels" and stack.device.type == "cuda":
+            self._persistent = _persistent_step(self._w, self.conv, self.ssm)
+        if step == "persistent" and self._persistent is None:
+            raise BackendUnavailable("GraphDecoder step='persistent' needs a Hopper GPU, Triton's Gluon, in_proj and "
+                                     "out_proj packed by BlockStack.from_tensors and a model the kernel's plan fits")
         self._free = list(range(max_slots))
         self._used: set[int] = set()
         self._lock = threading.Lock()  # a peer allocates slots on its event loop and frees them on its compute thread
@@ -358,6 +375,10 @@ class GraphDecoder:
     def _step_blocks(self, hidden: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """One token through every block (what is captured): hidden (Bk, D) fp32, idx (Bk,) slots -> out (Bk, D)."""
         k, d = self._k, self._d
+        if hidden.shape[0] == 1 and self._persistent is not None:
+            out.copy_(hidden)
+            self._persistent.step(out, idx)
+            return out
         if hidden.shape[0] <= self.gemv_batch:  # the residual stream lives in `out` from the first block on
             out.copy_(hidden)
             fuse_conv = self.xproj != "fused"  # the conv step in in_proj's epilogue: x comes out as silu(conv(x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import ChainMap
 from typing import Mapping
 
 import torch
@@ -43,6 +44,31 @@ def _check_materialized(module: nn.Module, what: str) -> None:
             raise ConfigError(f"{what}: {name!r} was not loaded from any tensor (still on the meta device)")
 
 
+# On CUDA these weights of a stack's blocks are loaded into one tensor each, block after block (each block's
+# parameter a view): the persistent decode step (swarm.kernels.gluon_step) streams them through one TMA descriptor
+PACKED = ("mixer.in_proj.weight", "mixer.out_proj.weight")
+
+
+def _pack(tensors: Mapping[str, torch.Tensor], start: int, end: int,
+          device: torch.device) -> dict[str, torch.Tensor]:
+    """PACKED weights of blocks start..end-1 copied into one tensor each on `device`, as {name: view}; a weight
+    that is missing, differs in shape or dtype between blocks, or lives on the meta device is left to _assign."""
+    out: dict[str, torch.Tensor] = {}
+    for name in PACKED:
+        keys = [f"backbone.layers.{j}.{name}" for j in range(start, end)]
+        if not all(k in tensors for k in keys):
+            continue
+        srcs = [tensors[k] for k in keys]
+        s0 = srcs[0]
+        if any(t.is_meta or t.shape != s0.shape or t.dtype != s0.dtype for t in srcs):
+            continue
+        packed = torch.empty((len(srcs), *s0.shape), dtype=s0.dtype, device=device)
+        for j, (k, t) in enumerate(zip(keys, srcs)):
+            packed[j].copy_(t)
+            out[k] = packed[j]
+    return out
+
+
 # A peer runs a longer prefill in pieces of this many tokens, the states carried from one to the next: the same
 # result, with activations bounded (2.8b: ~0.15 GB for 1024 tokens instead of growing with the prompt).
 PREFILL_CHUNK = 1024
@@ -65,6 +91,8 @@ class BlockStack(nn.Module):
         device = torch.device(device)
         with torch.device("meta"):
             stack = cls(cfg, start, end)
+        if device.type == "cuda":
+            tensors = ChainMap(_pack(tensors, start, end, device), tensors)
         for j, block in enumerate(stack.blocks):
             _assign(block, tensors, f"backbone.layers.{start + j}.", f"block {start + j}", device)
         _check_materialized(stack, f"blocks {start}:{end}")
