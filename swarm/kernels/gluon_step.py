@@ -36,8 +36,10 @@ try:  # Gluon is experimental: without it (or with another API) the four-kernel 
 except Exception as e:  # noqa: BLE001 - any failure means "not here"
     _IMPORT_ERROR = e
 
-SLOT_ELEMS = 4096  # a ring slot: one TMA box of 8 KB (bf16)
-RING_SLOTS = 22
+SLOT_BYTES = (32768, 16384, 8192)  # ring slot (one TMA box) sizes, the largest a model's shapes allow first:
+# the stream's rate grows with the box (scripts/probe_ws_stream.py: 1.8 / 2.4 / 2.7-2.9 TB/s for 8 / 16 / 32 KB)
+SMEM_BYTES = 224 * 1024  # the ring, the two input rows and the staged conv rows (227 KB at most for one block)
+MAX_SLOTS = 24
 CONSUMER_WARPS = 4
 FIX_BITS = 32  # x_proj's partial sums as int64 with 32 fractional bits (the kernel has 2**32 and 2**-32 as literals)
 N_PTRS = 8  # per-block pointers: norm_w, conv_w, conv_b, x_w, dt_w, dt_b, A, D
@@ -55,36 +57,44 @@ class Plan:
     BPO: int
     PWO: int
     CS: int  # SSM channels a program (programs c < I / CS)
+    S: int  # ring slots
 
 
-def _box(rows: int, k: int) -> tuple[int, int, int] | None:
-    """A [BR, BP, PW] box of SLOT_ELEMS with PW | k (pieces of a row), BP | k / PW, BR | rows."""
+def _box(rows: int, k: int, elems: int) -> tuple[int, int, int] | None:
+    """A [BR, BP, PW] box of `elems` with PW | k (pieces of a row), BP | k / PW, BR | rows."""
     for pw in (256, 128, 64):
         if k % pw:
             continue
         np_ = k // pw
-        bp = min(np_ & -np_, SLOT_ELEMS // pw)
+        bp = min(np_ & -np_, elems // pw)
         while bp >= 1:
-            br = SLOT_ELEMS // (pw * bp)
+            br = elems // (pw * bp)
             if np_ % bp == 0 and rows % br == 0:
                 return br, bp, pw
             bp //= 2
     return None
 
 
-def plan(d: int, i: int, sms: int) -> Plan | None:
-    """How the kernel splits a model of d_model d and d_inner i over at most `sms` programs, or None."""
-    for g in range(sms, 1, -1):
-        if g % 2 or (2 * i) % g or d % g:
-            continue
-        ri, ro = 2 * i // g, d // g
-        bi, bo = _box(ri, d), _box(ro, i)
-        if bi is None or bo is None:
-            continue
-        cs = next((c for c in (64, 32, 16) if i % c == 0 and i // c <= g), None)
-        if cs is None:
-            continue
-        return Plan(g, ri, *bi, ro, *bo, cs)
+def plan(d: int, i: int, sms: int, slot_bytes: int | None = None, elsize: int = 2) -> Plan | None:
+    """How the kernel splits a model of d_model d and d_inner i over at most `sms` programs, or None: the largest
+    ring slot (SLOT_BYTES, or `slot_bytes`) that some even number of programs fits, with the most programs."""
+    for sb in (slot_bytes,) if slot_bytes else SLOT_BYTES:
+        elems = sb // elsize
+        for g in range(sms - sms % 2, 1, -2):
+            if (2 * i) % g or d % g:
+                continue
+            ri, ro = 2 * i // g, d // g
+            bi, bo = _box(ri, d, elems), _box(ro, i, elems)
+            if bi is None or bo is None:
+                continue
+            cs = next((c for c in (64, 32, 16) if i % c == 0 and i // c <= g), None)
+            if cs is None:
+                continue
+            act = (_np2(d // bi[2]) * bi[2] + _np2(i // bo[2]) * bo[2]) * elsize + 3 * _np2(ri // bi[0]) * bi[0] * 8 * 4
+            slots = min(MAX_SLOTS, (SMEM_BYTES - act) // sb)
+            if slots < 2:
+                continue
+            return Plan(g, ri, *bi, ro, *bo, cs, slots)
     return None
 
 
@@ -118,8 +128,18 @@ if _IMPORT_ERROR is None:
         gl.atomic_add(ptr, 1, sem="release", scope="gpu")
 
     @gluon.jit
-    def _producer(win_desc, wout_desc, ring, ring_o, ready, empty, L, D: gl.constexpr, I: gl.constexpr,
-                  RI: gl.constexpr, RO: gl.constexpr, S: gl.constexpr):
+    def _now():
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
+                                         pack=1)
+
+    @gluon.jit
+    def _mark(t_ptr, k: gl.constexpr, TIMES: gl.constexpr):
+        if TIMES:
+            gl.store(t_ptr + k, _now())
+
+    @gluon.jit
+    def _producer(win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, L, D: gl.constexpr,
+                  I: gl.constexpr, RI: gl.constexpr, RO: gl.constexpr, S: gl.constexpr):
         c = gl.program_id(0)
         BRI: gl.constexpr = win_desc.block_type.shape[0]
         BPI: gl.constexpr = win_desc.block_type.shape[1]
@@ -137,6 +157,13 @@ if _IMPORT_ERROR is None:
                     tma.async_copy_global_to_shared(win_desc, [j * 2 * I + c * RI + rg * BRI, pg * BPI, 0],
                                                     ready.index(s), ring.index(s))
                     it += 1
+                if c * RI < I:  # x rows: the group's x_proj columns, [J rows (padded), BRI channels]
+                    s = it % S
+                    mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
+                    mbarrier.expect(ready.index(s), wx_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(wx_desc, [j, 0, c * RI + rg * BRI], ready.index(s),
+                                                    ring_x.index(s).slice(0, 1))
+                    it += 1
             for rg in range(RO // BRO):
                 for pg in gl.static_range(I // PWO // BPO):
                     s = it % S
@@ -147,23 +174,52 @@ if _IMPORT_ERROR is None:
                     it += 1
 
     @gluon.jit
-    def _take(ring, ready, empty, it, S: gl.constexpr, layout: gl.constexpr):
-        """The ring's next box as a register tensor; its slot goes back to the producer."""
+    def _take(ring, ready, empty, it, S: gl.constexpr, layout: gl.constexpr, FIRST: gl.constexpr = False):
+        """The ring's next box as a register tensor; its slot goes back to the producer. FIRST: the box is the
+        first of the slot's [XF, ...] (a box smaller than the slot)."""
         s = it % S
         mbarrier.wait(ready.index(s), (it // S) & 1)
-        w = ring.index(s).load(layout)
+        if FIRST:
+            w = ring.index(s).slice(0, 1).load(layout)
+        else:
+            w = ring.index(s).load(layout)
         fence_async_shared()
         mbarrier.arrive(empty.index(s), count=1)
         return w
 
     @gluon.jit
-    def _consumer(ring, ring_o, ready, empty, act_in, act_out, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr,
+    def _row_group(ring, ready, empty, act, it, S: gl.constexpr, NPG: gl.constexpr, layout: gl.constexpr):
+        """One row group's GEMV: NPG boxes [BR, BP, PW] from the ring against act's pieces -> (BR,) fp32 sums.
+        Products accumulate elementwise (one cross-lane reduction a group) while that takes at most 64 registers a
+        thread, else each box is reduced over its columns as it comes."""
+        BR: gl.constexpr = ring.shape[1]
+        BP: gl.constexpr = ring.shape[2]
+        PW: gl.constexpr = ring.shape[3]
+        if BR * BP * PW <= 64 * 32 * gl.num_warps():
+            acc = gl.zeros([BR, BP, PW], gl.float32, layout=layout)
+            for pg in gl.static_range(NPG):  # unrolled: act slices need constant starts
+                w = _take(ring, ready, empty, it + pg, S, layout)
+                xv = act.slice(pg * BP, BP).load(gl.SliceLayout(0, layout))
+                acc += w.to(gl.float32) * xv.to(gl.float32)[None, :, :]
+            out = gl.sum(gl.sum(acc, axis=2), axis=1)
+        else:
+            acc2 = gl.zeros([BR, BP], gl.float32, layout=gl.SliceLayout(2, layout))
+            for pg in gl.static_range(NPG):
+                w = _take(ring, ready, empty, it + pg, S, layout)
+                xv = act.slice(pg * BP, BP).load(gl.SliceLayout(0, layout))
+                acc2 += gl.sum(w.to(gl.float32) * xv.to(gl.float32)[None, :, :], axis=2)
+            out = gl.sum(acc2, axis=1)
+        return out
+
+    @gluon.jit
+    def _consumer(ring, ring_o, ring_x, ready, empty, act_in, act_out, stg, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr,
                   xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l,
                   D: gl.constexpr, I: gl.constexpr, R: gl.constexpr, N: gl.constexpr, K: gl.constexpr,
                   G: gl.constexpr, RI: gl.constexpr, RO: gl.constexpr, CS: gl.constexpr, JP: gl.constexpr,
                   RP: gl.constexpr, KP: gl.constexpr, BRI: gl.constexpr, BPI: gl.constexpr, PWI: gl.constexpr,
                   BRO: gl.constexpr, BPO: gl.constexpr, PWO: gl.constexpr, NPIP: gl.constexpr, NPOP: gl.constexpr,
-                  HAS_CBIAS: gl.constexpr, S: gl.constexpr, num_warps: gl.constexpr):
+                  HAS_CBIAS: gl.constexpr, S: gl.constexpr, t_ptr, TIMES: gl.constexpr, SYNC: gl.constexpr,
+                  num_warps: gl.constexpr):
         # No branches on the program's role: a z-row program's conv and x_proj loads and stores are masked off
         # (its channels are >= I), as are the SSM step's of programs past I / CS.
         c = gl.program_id(0)
@@ -176,8 +232,9 @@ if _IMPORT_ERROR is None:
         wl_o: gl.constexpr = gl.BlockedLayout([1, 1, PWO // 32], [1, 1, 32], [num_warps // WPO, WPO, 1], [2, 1, 0])
         rl_i: gl.constexpr = gl.BlockedLayout([1, PWI // 32], [1, 32], [num_warps, 1], [1, 0])
         rl_o: gl.constexpr = gl.BlockedLayout([1, PWO // 32], [1, 32], [num_warps, 1], [1, 0])
-        cl: gl.constexpr = gl.BlockedLayout([1, KP], [32, 1], [num_warps, 1], [1, 0])
-        xpl: gl.constexpr = gl.BlockedLayout([1, BRI], [32, 1], [num_warps, 1], [1, 0])
+        xl3: gl.constexpr = gl.BlockedLayout([1, 1, BRI], [1, 32, 1], [1, num_warps, 1], [2, 1, 0])
+        yl: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, wl_i))  # a row group's in_proj outputs
+        sl2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
         dtl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         hl: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])
 
@@ -189,8 +246,11 @@ if _IMPORT_ERROR is None:
             gl.arange(0, PWI, layout=gl.SliceLayout(0, rl_i))[None, :]
         po = gl.arange(0, NPOP, layout=gl.SliceLayout(1, rl_o))[:, None] * PWO + \
             gl.arange(0, PWO, layout=gl.SliceLayout(0, rl_o))[None, :]
-        jj = gl.arange(0, JP, layout=gl.SliceLayout(1, xpl))
-        kc = gl.arange(0, KP, layout=gl.SliceLayout(0, cl))[None, :]
+        NRGP: gl.constexpr = stg.shape[0] // (2 * K)
+        stg2 = stg._reinterpret(gl.float32, stg.shape, gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))  # for 2-d stores
+        ch2 = c * RI + gl.arange(0, NRGP, layout=gl.SliceLayout(1, sl2))[:, None] * BRI + \
+            gl.arange(0, BRI, layout=gl.SliceLayout(0, sl2))[None, :]
+        m2 = ch2 < c * RI + RI
         rr = gl.arange(0, RP, layout=gl.SliceLayout(0, dtl))
         nn = gl.arange(0, N, layout=gl.SliceLayout(0, hl))
         cd = c * CS + gl.arange(0, CS, layout=gl.SliceLayout(1, dtl))
@@ -200,58 +260,64 @@ if _IMPORT_ERROR is None:
         is_x = c * RI < I
         it = 0
         for j in range(L):
+            tj = t_ptr + (j * G + c) * 8
+            _mark(tj, 0, TIMES)
             tab = tab_ptr + j * 8
             nw_p = gl.load(tab + 0).to(gl.pointer_type(WDT))
             cw_p = gl.load(tab + 1).to(gl.pointer_type(WDT))
             cb_p = gl.load(tab + 2).to(gl.pointer_type(WDT))
-            xw_p = gl.load(tab + 3).to(gl.pointer_type(WDT))
             dw_p = gl.load(tab + 4).to(gl.pointer_type(WDT))
             db_p = gl.load(tab + 5).to(gl.pointer_type(gl.float32))
             a_p = gl.load(tab + 6).to(gl.pointer_type(gl.float32))
             d_p = gl.load(tab + 7).to(gl.pointer_type(gl.float32))
             g = gl.load(nw_p + pi, mask=pi < D, other=0.0).to(gl.float32)
+            if is_x:  # the block's conv state rows and weights for this program's channels, staged in shared memory
+                gl.thread_barrier()  # the previous block's reads of the staged rows are done
+                for k in gl.static_range(K - 1):  # old taps 1 .. K-1
+                    stg2.slice(k * NRGP, NRGP).store(gl.load(conv_s + j * conv_l + ch2 * K + k + 1, mask=m2,
+                                                             other=0.0))
+                for k in gl.static_range(K):  # weights
+                    stg2.slice((K - 1 + k) * NRGP, NRGP).store(
+                        gl.load(cw_p + ch2 * K + k, mask=m2, other=0.0).to(gl.float32))
+                if HAS_CBIAS:
+                    stg2.slice((2 * K - 1) * NRGP, NRGP).store(gl.load(cb_p + ch2, mask=m2, other=0.0).to(gl.float32))
             # ---- A: RMSNorm of the residual (after the previous block's out_proj), in_proj rows, conv, x_proj
-            if j > 0:
+            if j > 0 and SYNC:
                 _spin(cnt_ptr + (j - 1) * 3 + 2, G)
+            _mark(tj, 1, TIMES)
             x = gl.load(res_ptr + pi, mask=pi < D, other=0.0, cache_modifier=".cg").to(WDT).to(gl.float32)
             rstd = gl.rsqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / D + eps)
             act_in.store(((x * rstd).to(WDT).to(gl.float32) * g).to(WDT))
             gl.thread_barrier()
-            partial = gl.zeros([JP], gl.float32, layout=gl.SliceLayout(1, xpl))
+            partial = gl.zeros([JP], gl.float32, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
             for rg in range(RI // BRI):
                 row0 = c * RI + rg * BRI
-                # this group's conv state and weights and x_proj columns: in flight during its boxes
-                chc = row0 + gl.arange(0, BRI, layout=gl.SliceLayout(1, cl))
-                mc = (chc < I)[:, None]
-                s_rows = conv_s + j * conv_l + chc[:, None] * K
-                shifted = gl.load(s_rows + kc + 1, mask=mc & (kc < K - 1), other=0.0)
-                cw = gl.load(cw_p + chc[:, None] * K + kc, mask=mc & (kc < K), other=0.0).to(gl.float32)
-                chx = row0 + gl.arange(0, BRI, layout=gl.SliceLayout(0, xpl))
-                wx = gl.load(xw_p + jj[:, None] * I + chx[None, :], mask=(jj < J)[:, None] & (chx < I)[None, :],
-                             other=0.0)
-                acc_i = gl.zeros([BRI, BPI, PWI], gl.float32, layout=wl_i)
-                for pg in gl.static_range(D // PWI // BPI):  # unrolled: act slices need constant starts
-                    w_i = _take(ring, ready, empty, it, S, wl_i)
-                    xv_i = act_in.slice(pg * BPI, BPI).load(gl.SliceLayout(0, wl_i))
-                    acc_i += w_i.to(gl.float32) * xv_i.to(gl.float32)[None, :, :]
+                yr = _row_group(ring, ready, empty, act_in, it, S, D // PWI // BPI, wl_i).to(WDT)  # rounded
+                it += D // PWI // BPI
+                if is_x:  # the conv step (state shift, SiLU) as norm_gemv's epilogue, then the x_proj share
+                    chy = row0 + gl.arange(0, BRI, layout=yl)
+                    st_rows = conv_s + j * conv_l + chy * K
+                    yf = yr.to(gl.float32)
+                    conv = yf * stg.index((2 * K - 2) * NRGP + rg).load(yl)
+                    for k in gl.static_range(K - 1):
+                        old = stg.index(k * NRGP + rg).load(yl).to(WDT).to(gl.float32)  # rounded as norm_gemv does
+                        conv += old * stg.index((K - 1 + k) * NRGP + rg).load(yl)
+                        gl.store(st_rows + k, old)
+                    gl.store(st_rows + K - 1, yf)
+                    if HAS_CBIAS:
+                        conv += stg.index((2 * K - 1) * NRGP + rg).load(yl)
+                    xc = (conv / (1.0 + gl.exp(-conv))).to(WDT)
+                    gl.store(xc_ptr + chy, xc)
+                    wx = _take(ring_x, ready, empty, it, S, xl3, True)  # [1, JP, BRI]
                     it += 1
-                yr = gl.sum(gl.sum(acc_i, axis=2), axis=1).to(WDT)  # in_proj's output, rounded
-                # x rows: the conv step (state shift, SiLU), as norm_gemv's epilogue does; z rows: stored
-                yc = gl.convert_layout(yr, gl.SliceLayout(1, cl)).to(gl.float32)
-                new = gl.where(kc == K - 1, yc[:, None], shifted.to(WDT).to(gl.float32))
-                conv = gl.sum(new * cw, axis=1)
-                if HAS_CBIAS:
-                    conv += gl.load(cb_p + chc, mask=chc < I, other=0.0).to(gl.float32)
-                gl.thread_barrier()  # every replica's read of the old state before any write
-                gl.store(s_rows + kc, new, mask=mc & (kc < K))
-                xc = (conv / (1.0 + gl.exp(-conv))).to(WDT)
-                gl.store(xc_ptr + chc, xc, mask=chc < I)
-                xcx = gl.convert_layout(xc, gl.SliceLayout(0, xpl)).to(gl.float32)
-                partial += gl.sum(wx.to(gl.float32) * xcx[None, :], axis=1)
-                zr = row0 - I + gl.arange(0, BRI, layout=gl.SliceLayout(1, gl.SliceLayout(2, wl_i)))
-                gl.store(z_ptr + zr, yr, mask=zr >= 0)
+                    xcx = gl.convert_layout(xc, gl.SliceLayout(0, gl.SliceLayout(1, xl3))).to(gl.float32)
+                    partial += gl.sum(gl.sum(wx.to(gl.float32) * xcx[None, None, :], axis=2), axis=0)
+                else:
+                    gl.store(z_ptr + row0 - I + gl.arange(0, BRI, layout=yl), yr)
+            jj = gl.arange(0, JP, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
             fixed = (partial * 4294967296.0).to(gl.int64)
             gl.atomic_add(acc_ptr + j * JP + jj, fixed, mask=(jj < J) & is_x, sem="relaxed", scope="gpu")
+            _mark(tj, 2, TIMES)
             _arrive(cnt_ptr + j * 3 + 0)
             # ---- B: the SSM step of channels c CS .. (its own state and weights read before the wait)
             wdt = gl.load(dw_p + cd[:, None] * R + rr[None, :], mask=mcd[:, None] & (rr < R)[None, :], other=0.0)
@@ -260,7 +326,9 @@ if _IMPORT_ERROR is None:
             A = gl.load(a_p + ch[:, None] * N + nn[None, :], mask=mch[:, None], other=0.0)
             Dv = gl.load(d_p + ch, mask=mch, other=0.0)
             bias = gl.load(db_p + ch, mask=mch, other=0.0)
-            _spin(cnt_ptr + j * 3 + 0, G)
+            if SYNC:
+                _spin(cnt_ptr + j * 3 + 0, G)
+            _mark(tj, 3, TIMES)
             accj = acc_ptr + j * JP
             dlow = gl.load(accj + rr, mask=rr < R, other=0, cache_modifier=".cg").to(gl.float32)
             dlow = (dlow * 2.3283064365386963e-10).to(WDT).to(gl.float32)
@@ -281,30 +349,31 @@ if _IMPORT_ERROR is None:
             y = gl.sum(h * cm[None, :], axis=1) + Dv * u
             y = y * (z / (1.0 + gl.exp(-z)))
             gl.store(y_ptr + ch, y.to(WDT), mask=mch)
+            _mark(tj, 4, TIMES)
             _arrive(cnt_ptr + j * 3 + 1)
             # ---- C: out_proj rows, added to the residual
-            _spin(cnt_ptr + j * 3 + 1, G)
+            if SYNC:
+                _spin(cnt_ptr + j * 3 + 1, G)
+            _mark(tj, 5, TIMES)
             act_out.store(gl.load(y_ptr + po, mask=po < I, other=0.0, cache_modifier=".cg"))
             gl.thread_barrier()
             for rg in range(RO // BRO):
-                acc_o = gl.zeros([BRO, BPO, PWO], gl.float32, layout=wl_o)
-                for pg in gl.static_range(I // PWO // BPO):
-                    w_o = _take(ring_o, ready, empty, it, S, wl_o)
-                    xv_o = act_out.slice(pg * BPO, BPO).load(gl.SliceLayout(0, wl_o))
-                    acc_o += w_o.to(gl.float32) * xv_o.to(gl.float32)[None, :, :]
-                    it += 1
+                yo = _row_group(ring_o, ready, empty, act_out, it, S, I // PWO // BPO, wl_o).to(WDT).to(gl.float32)
+                it += I // PWO // BPO
                 rows = c * RO + rg * BRO + gl.arange(0, BRO, layout=gl.SliceLayout(1, gl.SliceLayout(2, wl_o)))
-                yo = gl.sum(gl.sum(acc_o, axis=2), axis=1).to(WDT).to(gl.float32)
                 r = gl.load(res_ptr + rows, cache_modifier=".cg")
                 gl.store(res_ptr + rows, r + yo)
+            _mark(tj, 6, TIMES)
             _arrive(cnt_ptr + j * 3 + 2)
 
     @gluon.jit
-    def _step_kernel(win_desc, wout_desc, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr,
+    def _step_kernel(win_desc, wout_desc, wx_desc, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr,
                      acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l, D: gl.constexpr, I: gl.constexpr, R: gl.constexpr,
                      N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, RI: gl.constexpr, RO: gl.constexpr,
-                     CS: gl.constexpr, JP: gl.constexpr, RP: gl.constexpr, KP: gl.constexpr, NPIP: gl.constexpr,
-                     NPOP: gl.constexpr, HAS_CBIAS: gl.constexpr, S: gl.constexpr, num_warps: gl.constexpr):
+                     CS: gl.constexpr, JP: gl.constexpr, RP: gl.constexpr, KP: gl.constexpr, NRGP: gl.constexpr,
+                     NPIP: gl.constexpr,
+                     NPOP: gl.constexpr, HAS_CBIAS: gl.constexpr, S: gl.constexpr, t_ptr, TIMES: gl.constexpr,
+                     SYNC: gl.constexpr, num_warps: gl.constexpr):
         WDT: gl.constexpr = win_desc.dtype
         ring = gl.allocate_shared_memory(WDT, [S] + win_desc.block_type.shape, win_desc.layout)
         ring_o = ring._reinterpret(WDT, [S] + wout_desc.block_type.shape, wout_desc.layout)
@@ -313,16 +382,23 @@ if _IMPORT_ERROR is None:
         flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         act_in = gl.allocate_shared_memory(WDT, [NPIP, win_desc.block_type.shape[2]], flat)
         act_out = gl.allocate_shared_memory(WDT, [NPOP, wout_desc.block_type.shape[2]], flat)
+        # x_proj's boxes are smaller than a slot: slot s is ring_x.index(s).slice(0, 1) (a plain reinterpretation
+        # as [S] + box would put slot s at s box sizes, inside other slots)
+        XF: gl.constexpr = (win_desc.block_type.nbytes // wx_desc.block_type.nbytes)
+        ring_x = ring._reinterpret(WDT, [S, XF] + wx_desc.block_type.shape[1:], wx_desc.layout)
+        # the conv's old state taps 1..K-1, weights 0..K-1 and bias, each [row group, row], rows of a group's channels
+        stg = gl.allocate_shared_memory(gl.float32, [2 * K * NRGP, win_desc.block_type.shape[0]],
+                                        gl.SwizzledSharedLayout(1, 1, 1, [0]))
         for i in gl.static_range(S):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_consumer, (ring, ring_o, ready, empty, act_in, act_out, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr,
+            (_consumer, (ring, ring_o, ring_x, ready, empty, act_in, act_out, stg, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr,
                          xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l, D, I, R, N, K, G, RI, RO, CS,
                          JP, RP, KP, win_desc.block_type.shape[0], win_desc.block_type.shape[1],
                          win_desc.block_type.shape[2], wout_desc.block_type.shape[0], wout_desc.block_type.shape[1],
-                         wout_desc.block_type.shape[2], NPIP, NPOP, HAS_CBIAS, S, num_warps)),
-            (_producer, (win_desc, wout_desc, ring, ring_o, ready, empty, L, D, I, RI, RO, S)),
+                         wout_desc.block_type.shape[2], NPIP, NPOP, HAS_CBIAS, S, t_ptr, TIMES, SYNC, num_warps)),
+            (_producer, (win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, L, D, I, RI, RO, S)),
         ], [1], [24])
 
 
@@ -356,12 +432,16 @@ class PersistentStep:
         self.plan = p = plan_
         self.dtype = w0.in_w.dtype
         win, wout = _packed([b.in_w for b in blocks]), _packed([b.out_w for b in blocks])
-        assert win is not None and wout is not None
+        wx = _packed([b.x_w for b in blocks])
+        assert win is not None and wout is not None and wx is not None
         l3 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
         self._win = win.view(-1, self.D // p.PWI, p.PWI)
         self._wout = wout.view(-1, self.I // p.PWO, p.PWO)
         self.win_desc = TensorDescriptor.from_tensor(self._win, [p.BRI, p.BPI, p.PWI], l3)
         self.wout_desc = TensorDescriptor.from_tensor(self._wout, [p.BRO, p.BPO, p.PWO], l3)
+        self.jp, self.rp = _np2(self.R + 2 * self.N), _np2(self.R)
+        self._wx = wx.view(self.L, self.R + 2 * self.N, self.I)  # rows past R + 2N read as zeros (out of bounds)
+        self.wx_desc = TensorDescriptor.from_tensor(self._wx, [1, self.jp, p.BRI], l3)
         dev = w0.in_w.device
         ptrs = [[b.norm_w.data_ptr(), b.conv_w.data_ptr(), 0 if b.conv_b is None else b.conv_b.data_ptr(),
                  b.x_w.data_ptr(), b.dt_w.data_ptr(), b.dt_b.data_ptr(), b.A.data_ptr(), b.D.data_ptr()]
@@ -370,7 +450,6 @@ class PersistentStep:
         self.tab = torch.tensor(ptrs, dtype=torch.int64, device=dev)
         self.has_cbias = w0.conv_b is not None
         self.conv, self.ssm = conv, ssm
-        self.jp, self.rp = _np2(self.R + 2 * self.N), _np2(self.R)
         self.xc = torch.empty(self.I, dtype=self.dtype, device=dev)
         self.z = torch.empty(self.I, dtype=self.dtype, device=dev)
         self.y = torch.empty(self.I, dtype=self.dtype, device=dev)
@@ -378,7 +457,8 @@ class PersistentStep:
         self.cnt = torch.zeros(self.L, 3, dtype=torch.int32, device=dev)
 
     @classmethod
-    def build(cls, blocks: list, conv: torch.Tensor, ssm: torch.Tensor) -> "PersistentStep | None":
+    def build(cls, blocks: list, conv: torch.Tensor, ssm: torch.Tensor,
+              slot_bytes: int | None = None) -> "PersistentStep | None":
         """The step for these blocks (GraphDecoder's _BlockWeights), or None where the kernel does not apply."""
         if _IMPORT_ERROR is not None or not blocks:
             return None
@@ -390,21 +470,27 @@ class PersistentStep:
             return None
         if w0.A.shape[1] not in (16,) or w0.conv_w.shape[1] > 8 or w0.dt_w.shape[1] > 256:
             return None
-        if _packed([b.in_w for b in blocks]) is None or _packed([b.out_w for b in blocks]) is None:
+        if any(_packed([getattr(b, n) for b in blocks]) is None for n in ("in_w", "x_w", "out_w")):
             return None
-        p = plan(w0.in_w.shape[1], w0.out_w.shape[1], _sm_count(dev.index if dev.index is not None
-                                                                  else torch.cuda.current_device()))
-        if p is None or _np2(w0.dt_w.shape[1] + 2 * w0.A.shape[1]) > 256:
+        sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
+        p = plan(w0.in_w.shape[1], w0.out_w.shape[1], sms, slot_bytes)
+        # x_proj's boxes: [J (padded), BRI] with rows of at least 16 bytes, within a ring slot
+        jp = _np2(w0.dt_w.shape[1] + 2 * w0.A.shape[1])
+        if p is None or jp > 256 or p.BRI * 2 < 16 or jp * p.BRI > p.BRI * p.BPI * p.PWI:
             return None
         return cls(blocks, conv, ssm, p)
 
-    def step(self, res: torch.Tensor, idx: torch.Tensor) -> None:
+    def step(self, res: torch.Tensor, idx: torch.Tensor, times: torch.Tensor | None = None,
+             sync: bool = True) -> None:
+        """times: an int64 (L, G, 8) tensor that gets each program's %globaltimer at its stages (a probe);
+        sync=False: no waits at the counters (the result is garbage: a probe of the stream alone)."""
         p = self.plan
         self.acc.zero_()
         self.cnt.zero_()
         _step_kernel[(p.G,)](
-            self.win_desc, self.wout_desc, res, self.tab, self.conv, self.ssm, idx, self.xc, self.z, self.y,
+            self.win_desc, self.wout_desc, self.wx_desc, res, self.tab, self.conv, self.ssm, idx, self.xc, self.z, self.y,
             self.acc, self.cnt, self.L, self.eps, self.conv.stride(0), self.ssm.stride(0), D=self.D, I=self.I,
             R=self.R, N=self.N, K=self.K, G=p.G, RI=p.RI, RO=p.RO, CS=p.CS, JP=self.jp, RP=self.rp,
-            KP=4 if self.K <= 4 else 8, NPIP=_np2(self.D // p.PWI), NPOP=_np2(self.I // p.PWO),
-            HAS_CBIAS=self.has_cbias, S=RING_SLOTS, num_warps=CONSUMER_WARPS)
+            KP=4 if self.K <= 4 else 8, NRGP=_np2(p.RI // p.BRI), NPIP=_np2(self.D // p.PWI), NPOP=_np2(self.I // p.PWO),
+            HAS_CBIAS=self.has_cbias, S=p.S, t_ptr=self.acc if times is None else times,
+            TIMES=times is not None, SYNC=sync, num_warps=CONSUMER_WARPS)

@@ -45,8 +45,8 @@ def _check_materialized(module: nn.Module, what: str) -> None:
 
 
 # On CUDA these weights of a stack's blocks are loaded into one tensor each, block after block (each block's
-# parameter a view): the persistent decode step (swarm.kernels.gluon_step) streams them through one TMA descriptor
-PACKED = ("mixer.in_proj.weight", "mixer.out_proj.weight")
+# parameter a view): the persistent decode step (swarm.kernels.gluon_step) streams each through one TMA descriptor
+PACKED = ("mixer.in_proj.weight", "mixer.x_proj.weight", "mixer.out_proj.weight")
 
 
 def _pack(tensors: Mapping[str, torch.Tensor], start: int, end: int,
