@@ -36,10 +36,14 @@ try:  # Gluon is experimental: without it (or with another API) the four-kernel 
 except Exception as e:  # noqa: BLE001 - any failure means "not here"
     _IMPORT_ERROR = e
 
-SLOT_BYTES = (32768, 16384, 8192)  # ring slot (one TMA box) sizes, the largest a model's shapes allow first:
-# the stream's rate grows with the box (scripts/probe_ws_stream.py: 1.8 / 2.4 / 2.7-2.9 TB/s for 8 / 16 / 32 KB)
-SMEM_BYTES = 224 * 1024  # the ring, the two input rows and the staged conv rows (227 KB at most for one block)
-MAX_SLOTS = 24
+SLOT_BYTES = (8192,)  # the largest TMA box: the stream's rate grows with the box (scripts/probe_ws_stream.py:
+# 1.8 / 2.4 / 2.7-2.9 TB/s for 8 / 16 / 32 KB), but larger boxes need fewer programs to fit the shapes
+SMEM_BYTES = 212 * 1024  # the ring, the two input rows and the staged conv rows (227 KB at most for one block)
+MAX_SLOTS = 48
+# TMA bytes in flight a program: enough for the bandwidth (2.7 TB/s x ~1 us over 128 SMs: ~21 KB), no more. A
+# ring full of requests in flight queued every other access behind ~4 us of traffic (the counters' release, the
+# SSM step's loads)
+FLIGHT_BYTES = 32 * 1024
 CONSUMER_WARPS = 4
 FIX_BITS = 32  # x_proj's partial sums as int64 with 32 fractional bits (the kernel has 2**32 and 2**-32 as literals)
 N_PTRS = 8  # per-block pointers: norm_w, conv_w, conv_b, x_w, dt_w, dt_b, A, D
@@ -56,45 +60,49 @@ class Plan:
     BRO: int
     BPO: int
     PWO: int
-    CS: int  # SSM channels a program (programs c < I / CS)
+    CS: int  # the program's channels (RI / 2: their x and z rows), to a power of two
     S: int  # ring slots
+    slot: int  # bytes a slot
 
 
-def _box(rows: int, k: int, elems: int) -> tuple[int, int, int] | None:
-    """A [BR, BP, PW] box of `elems` with PW | k (pieces of a row), BP | k / PW, BR | rows."""
+def _box(rows: int, k: int, max_elems: int) -> tuple[int, int, int] | None:
+    """The largest [BR, BP, PW] box of at most `max_elems` (a power of two) with PW | k (pieces of a row),
+    BP | k / PW and BR | rows."""
+    best = None
     for pw in (256, 128, 64):
         if k % pw:
             continue
         np_ = k // pw
-        bp = min(np_ & -np_, elems // pw)
+        bp = np_ & -np_
         while bp >= 1:
-            br = elems // (pw * bp)
-            if np_ % bp == 0 and rows % br == 0:
-                return br, bp, pw
+            br = max_elems // (pw * bp)
+            while br >= 1 and rows % br:
+                br //= 2
+            if br >= 1 and (best is None or br * bp * pw > best[0] * best[1] * best[2]):
+                best = (br, bp, pw)
             bp //= 2
-    return None
+    return best
 
 
 def plan(d: int, i: int, sms: int, slot_bytes: int | None = None, elsize: int = 2) -> Plan | None:
-    """How the kernel splits a model of d_model d and d_inner i over at most `sms` programs, or None: the largest
-    ring slot (SLOT_BYTES, or `slot_bytes`) that some even number of programs fits, with the most programs."""
-    for sb in (slot_bytes,) if slot_bytes else SLOT_BYTES:
-        elems = sb // elsize
-        for g in range(sms - sms % 2, 1, -2):
-            if (2 * i) % g or d % g:
-                continue
-            ri, ro = 2 * i // g, d // g
-            bi, bo = _box(ri, d, elems), _box(ro, i, elems)
-            if bi is None or bo is None:
-                continue
-            cs = next((c for c in (64, 32, 16) if i % c == 0 and i // c <= g), None)
-            if cs is None:
-                continue
-            act = (_np2(d // bi[2]) * bi[2] + _np2(i // bo[2]) * bo[2]) * elsize + 3 * _np2(ri // bi[0]) * bi[0] * 8 * 4
-            slots = min(MAX_SLOTS, (SMEM_BYTES - act) // sb)
-            if slots < 2:
-                continue
-            return Plan(g, ri, *bi, ro, *bo, cs, slots)
+    """How the kernel splits a model of d_model d and d_inner i over at most `sms` programs, or None: the most
+    programs (an even number that divides 2i and d), each stream in the largest boxes up to SLOT_BYTES[0] (or
+    `slot_bytes`); a ring slot holds the larger of the in_proj and out_proj boxes."""
+    cap = (slot_bytes or SLOT_BYTES[0]) // elsize
+    for g in range(sms - sms % 2, 1, -2):
+        if (2 * i) % g or d % g:
+            continue
+        ri, ro = 2 * i // g, d // g
+        bi, bo = _box(ri // 2, d, cap), _box(ro, i, cap)  # a box's rows: all x or all z
+        if bi is None or bo is None or _np2(ri // 2) > 128:
+            continue
+        cs = _np2(ri // 2)
+        slot = max(bi[0] * bi[1] * bi[2], bo[0] * bo[1] * bo[2]) * elsize
+        act = (_np2(d // bi[2]) * bi[2] + _np2(i // bo[2]) * bo[2]) * elsize + 2 * 8 * _np2(ri // bi[0] // 2) * bi[0] * 4
+        slots = min(MAX_SLOTS, (SMEM_BYTES - act) // slot)
+        if slots < 2:
+            continue
+        return Plan(g, ri, *bi, ro, *bo, cs, slots, slot)
     return None
 
 
@@ -115,12 +123,18 @@ def _np2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+CNT_STRIDE = 40  # int32 counters a block (5, 8 apart)
+
 if _IMPORT_ERROR is None:
+    CNT_STRIDE = gl.constexpr(40)
 
     @gluon.jit
     def _spin(ptr, target):
-        while gl.atomic_add(ptr, 0, sem="acquire", scope="gpu") < target:
+        # poll with plain (volatile) loads: a read-modify-write poll from every program queued at L2 behind the
+        # counters' real updates; then one acquire for what the others wrote before their release
+        while gl.load(ptr, volatile=True) < target:
             pass
+        gl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
 
     @gluon.jit
     def _arrive(ptr):
@@ -138,8 +152,33 @@ if _IMPORT_ERROR is None:
             gl.store(t_ptr + k, _now())
 
     @gluon.jit
-    def _producer(win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, L, D: gl.constexpr,
-                  I: gl.constexpr, RI: gl.constexpr, RO: gl.constexpr, S: gl.constexpr):
+    def _box_in(desc, dst, ready, empty, it, S: gl.constexpr, coord, FLIGHT: gl.constexpr):
+        s = it % S
+        mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
+        if it >= FLIGHT:  # at most FLIGHT boxes in flight: box it - FLIGHT has landed (its slot is not reused yet)
+            mbarrier.wait(ready.index((it - FLIGHT) % S), ((it - FLIGHT) // S) & 1)
+        mbarrier.expect(ready.index(s), desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, coord, ready.index(s), dst.index(s).slice(0, desc.block_type.shape[0]))
+
+    @gluon.jit
+    def _grab(q_ptr, n, meta, ready, empty, it, S: gl.constexpr):
+        """The next item of a queue (an atomic counter of n items), told to the consumer in the meta of the slot
+        that its first box takes; when the queue is empty, -1 there and the slot's barrier completed without data."""
+        item = gl.atomic_add(q_ptr, 1, sem="relaxed", scope="gpu")
+        s = it % S
+        mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
+        ml: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        meta.index(s).store(gl.full([1], gl.where(item < n, item, -1), gl.int32, layout=ml))
+        if item >= n:
+            mbarrier.arrive(ready.index(s), count=1)
+        return item
+
+    @gluon.jit
+    def _producer(win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, meta, cnt_ptr, L,
+                  D: gl.constexpr, I: gl.constexpr, RI: gl.constexpr, RO: gl.constexpr, S: gl.constexpr,
+                  FLIGHT: gl.constexpr):
+        # per block: the program's x rows (static: their conv step and x_proj share stay with the program), then
+        # z rows and out_proj rows from queues, so that faster SMs stream more of them
         c = gl.program_id(0)
         BRI: gl.constexpr = win_desc.block_type.shape[0]
         BPI: gl.constexpr = win_desc.block_type.shape[1]
@@ -149,70 +188,85 @@ if _IMPORT_ERROR is None:
         PWO: gl.constexpr = wout_desc.block_type.shape[2]
         it = 0
         for j in range(L):
-            for rg in range(RI // BRI):
-                for pg in gl.static_range(D // PWI // BPI):  # unrolled: act slices need constant starts
-                    s = it % S
-                    mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
-                    mbarrier.expect(ready.index(s), win_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(win_desc, [j * 2 * I + c * RI + rg * BRI, pg * BPI, 0],
-                                                    ready.index(s), ring.index(s))
+            for g in range(RI // 2 // BRI):
+                row0 = c * (RI // 2) + g * BRI
+                for pg in gl.static_range(D // PWI // BPI):
+                    _box_in(win_desc, ring, ready, empty, it, S, [j * 2 * I + row0, pg * BPI, 0], FLIGHT)
                     it += 1
-                if c * RI < I:  # x rows: the group's x_proj columns, [J rows (padded), BRI channels]
-                    s = it % S
-                    mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
-                    mbarrier.expect(ready.index(s), wx_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(wx_desc, [j, 0, c * RI + rg * BRI], ready.index(s),
-                                                    ring_x.index(s).slice(0, 1))
+                _box_in(wx_desc, ring_x, ready, empty, it, S, [j, 0, row0], FLIGHT)  # the group's x_proj columns
+                it += 1
+            item = _grab(cnt_ptr + j * CNT_STRIDE + 24, I // BRI, meta, ready, empty, it, S)
+            while item < I // BRI:
+                for pg in gl.static_range(D // PWI // BPI):
+                    _box_in(win_desc, ring, ready, empty, it, S, [j * 2 * I + I + item * BRI, pg * BPI, 0],
+                            FLIGHT)
                     it += 1
-            for rg in range(RO // BRO):
+                item = _grab(cnt_ptr + j * CNT_STRIDE + 24, I // BRI, meta, ready, empty, it, S)
+            it += 1  # the end-of-queue slot
+            item = _grab(cnt_ptr + j * CNT_STRIDE + 32, D // BRO, meta, ready, empty, it, S)
+            while item < D // BRO:
                 for pg in gl.static_range(I // PWO // BPO):
-                    s = it % S
-                    mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
-                    mbarrier.expect(ready.index(s), wout_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(wout_desc, [j * D + c * RO + rg * BRO, pg * BPO, 0],
-                                                    ready.index(s), ring_o.index(s))
+                    _box_in(wout_desc, ring_o, ready, empty, it, S, [j * D + item * BRO, pg * BPO, 0], FLIGHT)
                     it += 1
+                item = _grab(cnt_ptr + j * CNT_STRIDE + 32, D // BRO, meta, ready, empty, it, S)
+            it += 1
 
     @gluon.jit
-    def _take(ring, ready, empty, it, S: gl.constexpr, layout: gl.constexpr, FIRST: gl.constexpr = False):
-        """The ring's next box as a register tensor; its slot goes back to the producer. FIRST: the box is the
-        first of the slot's [XF, ...] (a box smaller than the slot)."""
+    def _load(ring, ready, it, S: gl.constexpr, B0: gl.constexpr, layout: gl.constexpr):
+        """The ring's box `it` (the first B0 rows of its slot), once it has landed, as a register tensor."""
         s = it % S
         mbarrier.wait(ready.index(s), (it // S) & 1)
-        if FIRST:
-            w = ring.index(s).slice(0, 1).load(layout)
-        else:
-            w = ring.index(s).load(layout)
+        return ring.index(s).slice(0, B0).load(layout)
+
+    @gluon.jit
+    def _release(empty, it, n: gl.constexpr, S: gl.constexpr):
+        """Slots of boxes it .. it + n - 1 go back to the producer. Released together: Gluon brackets an arrive
+        with barriers of the consumer warps, so one release a box kept the warps in lockstep (~0.3 us a box)."""
         fence_async_shared()
-        mbarrier.arrive(empty.index(s), count=1)
+        for k in gl.static_range(n):
+            mbarrier.arrive(empty.index((it + k) % S), count=1)
+
+    @gluon.jit
+    def _peek(meta, ready, it, S: gl.constexpr, num_warps: gl.constexpr):
+        """The queue item whose boxes start at slot `it`, or -1 at the end of the queue."""
+        s = it % S
+        mbarrier.wait(ready.index(s), (it // S) & 1)
+        ml: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        return gl.max(meta.index(s).load(ml), axis=0)
+
+    @gluon.jit
+    def _take(ring, ready, empty, it, S: gl.constexpr, B0: gl.constexpr, layout: gl.constexpr):
+        w = _load(ring, ready, it, S, B0, layout)
+        _release(empty, it, 1, S)
         return w
 
     @gluon.jit
-    def _row_group(ring, ready, empty, act, it, S: gl.constexpr, NPG: gl.constexpr, layout: gl.constexpr):
+    def _row_group(ring, ready, empty, act, it, S: gl.constexpr, NPG: gl.constexpr, BR: gl.constexpr,
+                   layout: gl.constexpr):
         """One row group's GEMV: NPG boxes [BR, BP, PW] from the ring against act's pieces -> (BR,) fp32 sums.
         Products accumulate elementwise (one cross-lane reduction a group) while that takes at most 64 registers a
         thread, else each box is reduced over its columns as it comes."""
-        BR: gl.constexpr = ring.shape[1]
         BP: gl.constexpr = ring.shape[2]
         PW: gl.constexpr = ring.shape[3]
         if BR * BP * PW <= 64 * 32 * gl.num_warps():
             acc = gl.zeros([BR, BP, PW], gl.float32, layout=layout)
             for pg in gl.static_range(NPG):  # unrolled: act slices need constant starts
-                w = _take(ring, ready, empty, it + pg, S, layout)
+                w = _load(ring, ready, it + pg, S, BR, layout)
                 xv = act.slice(pg * BP, BP).load(gl.SliceLayout(0, layout))
                 acc += w.to(gl.float32) * xv.to(gl.float32)[None, :, :]
             out = gl.sum(gl.sum(acc, axis=2), axis=1)
         else:
             acc2 = gl.zeros([BR, BP], gl.float32, layout=gl.SliceLayout(2, layout))
             for pg in gl.static_range(NPG):
-                w = _take(ring, ready, empty, it + pg, S, layout)
+                w = _load(ring, ready, it + pg, S, BR, layout)
                 xv = act.slice(pg * BP, BP).load(gl.SliceLayout(0, layout))
                 acc2 += gl.sum(w.to(gl.float32) * xv.to(gl.float32)[None, :, :], axis=2)
             out = gl.sum(acc2, axis=1)
+        _release(empty, it, NPG, S)
         return out
 
     @gluon.jit
-    def _consumer(ring, ring_o, ring_x, ready, empty, act_in, act_out, stg, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr,
+    def _consumer(ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr,
                   xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l,
                   D: gl.constexpr, I: gl.constexpr, R: gl.constexpr, N: gl.constexpr, K: gl.constexpr,
                   G: gl.constexpr, RI: gl.constexpr, RO: gl.constexpr, CS: gl.constexpr, JP: gl.constexpr,
@@ -237,6 +291,9 @@ if _IMPORT_ERROR is None:
         sl2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
         dtl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         hl: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])
+        pl: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
+        pg16 = gl.arange(0, 16, layout=gl.SliceLayout(1, pl))
+        pj = gl.arange(0, JP, layout=gl.SliceLayout(0, pl))
 
         slot = gl.load(idx_ptr)
         conv_s = conv_ptr + slot * (I * K)
@@ -248,19 +305,19 @@ if _IMPORT_ERROR is None:
             gl.arange(0, PWO, layout=gl.SliceLayout(0, rl_o))[None, :]
         NRGP: gl.constexpr = stg.shape[0] // (2 * K)
         stg2 = stg._reinterpret(gl.float32, stg.shape, gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))  # for 2-d stores
-        ch2 = c * RI + gl.arange(0, NRGP, layout=gl.SliceLayout(1, sl2))[:, None] * BRI + \
+        CH: gl.constexpr = RI // 2  # the program's channels: c CH .. (c + 1) CH - 1, their x and z rows
+        ch2 = c * CH + gl.arange(0, NRGP, layout=gl.SliceLayout(1, sl2))[:, None] * BRI + \
             gl.arange(0, BRI, layout=gl.SliceLayout(0, sl2))[None, :]
-        m2 = ch2 < c * RI + RI
+        m2 = ch2 < c * CH + CH
         rr = gl.arange(0, RP, layout=gl.SliceLayout(0, dtl))
         nn = gl.arange(0, N, layout=gl.SliceLayout(0, hl))
-        cd = c * CS + gl.arange(0, CS, layout=gl.SliceLayout(1, dtl))
-        ch = c * CS + gl.arange(0, CS, layout=gl.SliceLayout(1, hl))
-        mcd = cd < I
-        mch = ch < I
-        is_x = c * RI < I
+        cd = c * CH + gl.arange(0, CS, layout=gl.SliceLayout(1, dtl))
+        ch = c * CH + gl.arange(0, CS, layout=gl.SliceLayout(1, hl))
+        mcd = cd < c * CH + CH
+        mch = ch < c * CH + CH
         it = 0
         for j in range(L):
-            tj = t_ptr + (j * G + c) * 8
+            tj = t_ptr + (j * G + c) * 16
             _mark(tj, 0, TIMES)
             tab = tab_ptr + j * 8
             nw_p = gl.load(tab + 0).to(gl.pointer_type(WDT))
@@ -271,54 +328,65 @@ if _IMPORT_ERROR is None:
             a_p = gl.load(tab + 6).to(gl.pointer_type(gl.float32))
             d_p = gl.load(tab + 7).to(gl.pointer_type(gl.float32))
             g = gl.load(nw_p + pi, mask=pi < D, other=0.0).to(gl.float32)
-            if is_x:  # the block's conv state rows and weights for this program's channels, staged in shared memory
-                gl.thread_barrier()  # the previous block's reads of the staged rows are done
-                for k in gl.static_range(K - 1):  # old taps 1 .. K-1
-                    stg2.slice(k * NRGP, NRGP).store(gl.load(conv_s + j * conv_l + ch2 * K + k + 1, mask=m2,
-                                                             other=0.0))
-                for k in gl.static_range(K):  # weights
-                    stg2.slice((K - 1 + k) * NRGP, NRGP).store(
-                        gl.load(cw_p + ch2 * K + k, mask=m2, other=0.0).to(gl.float32))
-                if HAS_CBIAS:
-                    stg2.slice((2 * K - 1) * NRGP, NRGP).store(gl.load(cb_p + ch2, mask=m2, other=0.0).to(gl.float32))
+            # the block's conv state rows and weights for this program's channels, staged in shared memory
+            gl.thread_barrier()  # the previous block's reads of the staged rows are done
+            for k in gl.static_range(K - 1):  # old taps 1 .. K-1
+                stg2.slice(k * NRGP, NRGP).store(gl.load(conv_s + j * conv_l + ch2 * K + k + 1, mask=m2, other=0.0))
+            for k in gl.static_range(K):  # weights
+                stg2.slice((K - 1 + k) * NRGP, NRGP).store(gl.load(cw_p + ch2 * K + k, mask=m2, other=0.0).to(gl.float32))
+            if HAS_CBIAS:
+                stg2.slice((2 * K - 1) * NRGP, NRGP).store(gl.load(cb_p + ch2, mask=m2, other=0.0).to(gl.float32))
             # ---- A: RMSNorm of the residual (after the previous block's out_proj), in_proj rows, conv, x_proj
             if j > 0 and SYNC:
-                _spin(cnt_ptr + (j - 1) * 3 + 2, G)
+                _spin(cnt_ptr + (j - 1) * CNT_STRIDE + 16, G)
             _mark(tj, 1, TIMES)
             x = gl.load(res_ptr + pi, mask=pi < D, other=0.0, cache_modifier=".cg").to(WDT).to(gl.float32)
             rstd = gl.rsqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / D + eps)
             act_in.store(((x * rstd).to(WDT).to(gl.float32) * g).to(WDT))
             gl.thread_barrier()
             partial = gl.zeros([JP], gl.float32, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
-            for rg in range(RI // BRI):
-                row0 = c * RI + rg * BRI
-                yr = _row_group(ring, ready, empty, act_in, it, S, D // PWI // BPI, wl_i).to(WDT)  # rounded
+            for rg in range(CH // BRI):  # the program's x rows: the conv step (state shift, SiLU), x_proj's share
+                row0 = c * CH + rg * BRI
+                yr = _row_group(ring, ready, empty, act_in, it, S, D // PWI // BPI, BRI, wl_i).to(WDT)  # rounded
                 it += D // PWI // BPI
-                if is_x:  # the conv step (state shift, SiLU) as norm_gemv's epilogue, then the x_proj share
-                    chy = row0 + gl.arange(0, BRI, layout=yl)
-                    st_rows = conv_s + j * conv_l + chy * K
-                    yf = yr.to(gl.float32)
-                    conv = yf * stg.index((2 * K - 2) * NRGP + rg).load(yl)
-                    for k in gl.static_range(K - 1):
-                        old = stg.index(k * NRGP + rg).load(yl).to(WDT).to(gl.float32)  # rounded as norm_gemv does
-                        conv += old * stg.index((K - 1 + k) * NRGP + rg).load(yl)
-                        gl.store(st_rows + k, old)
-                    gl.store(st_rows + K - 1, yf)
-                    if HAS_CBIAS:
-                        conv += stg.index((2 * K - 1) * NRGP + rg).load(yl)
-                    xc = (conv / (1.0 + gl.exp(-conv))).to(WDT)
-                    gl.store(xc_ptr + chy, xc)
-                    wx = _take(ring_x, ready, empty, it, S, xl3, True)  # [1, JP, BRI]
-                    it += 1
-                    xcx = gl.convert_layout(xc, gl.SliceLayout(0, gl.SliceLayout(1, xl3))).to(gl.float32)
-                    partial += gl.sum(gl.sum(wx.to(gl.float32) * xcx[None, None, :], axis=2), axis=0)
-                else:
-                    gl.store(z_ptr + row0 - I + gl.arange(0, BRI, layout=yl), yr)
-            jj = gl.arange(0, JP, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
-            fixed = (partial * 4294967296.0).to(gl.int64)
-            gl.atomic_add(acc_ptr + j * JP + jj, fixed, mask=(jj < J) & is_x, sem="relaxed", scope="gpu")
+                chy = row0 + gl.arange(0, BRI, layout=yl)
+                st_rows = conv_s + j * conv_l + chy * K
+                yf = yr.to(gl.float32)
+                conv = yf * stg.index((2 * K - 2) * NRGP + rg).load(yl)
+                for k in gl.static_range(K - 1):
+                    old = stg.index(k * NRGP + rg).load(yl).to(WDT).to(gl.float32)  # rounded as norm_gemv does
+                    conv += old * stg.index((K - 1 + k) * NRGP + rg).load(yl)
+                    gl.store(st_rows + k, old)
+                gl.store(st_rows + K - 1, yf)
+                if HAS_CBIAS:
+                    conv += stg.index((2 * K - 1) * NRGP + rg).load(yl)
+                xc = (conv / (1.0 + gl.exp(-conv))).to(WDT)
+                gl.store(xc_ptr + chy, xc)
+                wx = _take(ring_x, ready, empty, it, S, 1, xl3)  # [1, JP, BRI]
+                it += 1
+                xcx = gl.convert_layout(xc, gl.SliceLayout(0, gl.SliceLayout(1, xl3))).to(gl.float32)
+                partial += gl.sum(gl.sum(wx.to(gl.float32) * xcx[None, None, :], axis=2), axis=0)
+            item = _peek(meta, ready, it, S, num_warps)
+            while item >= 0:  # z rows from the queue
+                yr = _row_group(ring, ready, empty, act_in, it, S, D // PWI // BPI, BRI, wl_i).to(WDT)
+                gl.store(z_ptr + item * BRI + gl.arange(0, BRI, layout=yl), yr)
+                it += D // PWI // BPI
+                item = _peek(meta, ready, it, S, num_warps)
+            _release(empty, it, 1, S)
+            it += 1
             _mark(tj, 2, TIMES)
-            _arrive(cnt_ptr + j * 3 + 0)
+            # the program's share of x_proj, stored for every program to add up after the wait (fp32, in program
+            # order: deterministic; adding the shares with atomics serialised 128 programs at each row, ~5 us)
+            jj = gl.arange(0, JP, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
+            gl.store(acc_ptr + c * JP + jj, partial)
+            _mark(tj, 8, TIMES)
+            gl.thread_barrier()
+            _mark(tj, 9, TIMES)
+            if SYNC:
+                gl.atomic_add(cnt_ptr + j * CNT_STRIDE + 0, 1, sem="release", scope="gpu")
+            else:
+                gl.atomic_add(cnt_ptr + j * CNT_STRIDE + 0, 1, sem="relaxed", scope="gpu")
+            _mark(tj, 7, TIMES)
             # ---- B: the SSM step of channels c CS .. (its own state and weights read before the wait)
             wdt = gl.load(dw_p + cd[:, None] * R + rr[None, :], mask=mcd[:, None] & (rr < R)[None, :], other=0.0)
             h_ptrs = ssm_s + j * ssm_l + ch[:, None] * N + nn[None, :]
@@ -327,15 +395,19 @@ if _IMPORT_ERROR is None:
             Dv = gl.load(d_p + ch, mask=mch, other=0.0)
             bias = gl.load(db_p + ch, mask=mch, other=0.0)
             if SYNC:
-                _spin(cnt_ptr + j * 3 + 0, G)
+                _spin(cnt_ptr + j * CNT_STRIDE + 0, G)
             _mark(tj, 3, TIMES)
-            accj = acc_ptr + j * JP
-            dlow = gl.load(accj + rr, mask=rr < R, other=0, cache_modifier=".cg").to(gl.float32)
-            dlow = (dlow * 2.3283064365386963e-10).to(WDT).to(gl.float32)
-            bm = gl.load(accj + R + nn, cache_modifier=".cg").to(gl.float32)
-            bm = (bm * 2.3283064365386963e-10).to(WDT).to(gl.float32)
-            cm = gl.load(accj + R + N + nn, cache_modifier=".cg").to(gl.float32)
-            cm = (cm * 2.3283064365386963e-10).to(WDT).to(gl.float32)
+            # x_proj: the programs' shares added up (16 programs' rows a load, all loads in flight), then rounded
+            # as a matmul's output
+            sh = gl.zeros([16, JP], gl.float32, layout=pl)
+            for g0 in gl.static_range(0, G, 16):
+                sh += gl.load(acc_ptr + (g0 + pg16)[:, None] * JP + pj[None, :], cache_modifier=".cg")
+            gl.thread_barrier()  # the previous block's reads of dbc_sm are done
+            dbc_sm.store(gl.sum(sh, axis=0))
+            gl.thread_barrier()
+            dlow = gl.where(rr < R, dbc_sm.slice(0, RP).load(gl.SliceLayout(0, dtl)), 0.0).to(WDT).to(gl.float32)
+            bm = dbc_sm.slice(R, N).load(gl.SliceLayout(0, hl)).to(WDT).to(gl.float32)
+            cm = dbc_sm.slice(R + N, N).load(gl.SliceLayout(0, hl)).to(WDT).to(gl.float32)
             u = gl.load(xc_ptr + ch, mask=mch, other=0.0, cache_modifier=".cg").to(gl.float32)
             z = gl.load(z_ptr + ch, mask=mch, other=0.0, cache_modifier=".cg").to(gl.float32)
             dl = gl.sum(wdt.to(gl.float32) * dlow[None, :], axis=1).to(WDT).to(gl.float32)
@@ -350,21 +422,26 @@ if _IMPORT_ERROR is None:
             y = y * (z / (1.0 + gl.exp(-z)))
             gl.store(y_ptr + ch, y.to(WDT), mask=mch)
             _mark(tj, 4, TIMES)
-            _arrive(cnt_ptr + j * 3 + 1)
+            _arrive(cnt_ptr + j * CNT_STRIDE + 8)
             # ---- C: out_proj rows, added to the residual
             if SYNC:
-                _spin(cnt_ptr + j * 3 + 1, G)
+                _spin(cnt_ptr + j * CNT_STRIDE + 8, G)
             _mark(tj, 5, TIMES)
             act_out.store(gl.load(y_ptr + po, mask=po < I, other=0.0, cache_modifier=".cg"))
             gl.thread_barrier()
-            for rg in range(RO // BRO):
-                yo = _row_group(ring_o, ready, empty, act_out, it, S, I // PWO // BPO, wl_o).to(WDT).to(gl.float32)
+            item = _peek(meta, ready, it, S, num_warps)
+            while item >= 0:  # out_proj rows from the queue
+                yo = _row_group(ring_o, ready, empty, act_out, it, S, I // PWO // BPO, BRO, wl_o)
+                yo = yo.to(WDT).to(gl.float32)
                 it += I // PWO // BPO
-                rows = c * RO + rg * BRO + gl.arange(0, BRO, layout=gl.SliceLayout(1, gl.SliceLayout(2, wl_o)))
+                rows = item * BRO + gl.arange(0, BRO, layout=gl.SliceLayout(1, gl.SliceLayout(2, wl_o)))
                 r = gl.load(res_ptr + rows, cache_modifier=".cg")
                 gl.store(res_ptr + rows, r + yo)
+                item = _peek(meta, ready, it, S, num_warps)
+            _release(empty, it, 1, S)
+            it += 1
             _mark(tj, 6, TIMES)
-            _arrive(cnt_ptr + j * 3 + 2)
+            _arrive(cnt_ptr + j * CNT_STRIDE + 16)
 
     @gluon.jit
     def _step_kernel(win_desc, wout_desc, wx_desc, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr,
@@ -372,20 +449,25 @@ if _IMPORT_ERROR is None:
                      N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, RI: gl.constexpr, RO: gl.constexpr,
                      CS: gl.constexpr, JP: gl.constexpr, RP: gl.constexpr, KP: gl.constexpr, NRGP: gl.constexpr,
                      NPIP: gl.constexpr,
-                     NPOP: gl.constexpr, HAS_CBIAS: gl.constexpr, S: gl.constexpr, t_ptr, TIMES: gl.constexpr,
+                     NPOP: gl.constexpr, HAS_CBIAS: gl.constexpr, S: gl.constexpr, SLOT: gl.constexpr,
+                     FLIGHT: gl.constexpr, t_ptr, TIMES: gl.constexpr,
                      SYNC: gl.constexpr, num_warps: gl.constexpr):
         WDT: gl.constexpr = win_desc.dtype
-        ring = gl.allocate_shared_memory(WDT, [S] + win_desc.block_type.shape, win_desc.layout)
-        ring_o = ring._reinterpret(WDT, [S] + wout_desc.block_type.shape, wout_desc.layout)
+        # ring slots of SLOT elements; a stream whose box is smaller uses the first rows of a slot (a view as
+        # [S] + box would put slot s at s box sizes, inside other slots)
+        BI: gl.constexpr = win_desc.block_type.shape
+        BO: gl.constexpr = wout_desc.block_type.shape
+        BX: gl.constexpr = wx_desc.block_type.shape
+        ring = gl.allocate_shared_memory(WDT, [S, SLOT // (BI[1] * BI[2]), BI[1], BI[2]], win_desc.layout)
+        ring_o = ring._reinterpret(WDT, [S, SLOT // (BO[1] * BO[2]), BO[1], BO[2]], wout_desc.layout)
+        ring_x = ring._reinterpret(WDT, [S, SLOT // (BX[1] * BX[2]), BX[1], BX[2]], wx_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        meta = gl.allocate_shared_memory(gl.int32, [S, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        dbc_sm = gl.allocate_shared_memory(gl.float32, [JP], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
         flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         act_in = gl.allocate_shared_memory(WDT, [NPIP, win_desc.block_type.shape[2]], flat)
         act_out = gl.allocate_shared_memory(WDT, [NPOP, wout_desc.block_type.shape[2]], flat)
-        # x_proj's boxes are smaller than a slot: slot s is ring_x.index(s).slice(0, 1) (a plain reinterpretation
-        # as [S] + box would put slot s at s box sizes, inside other slots)
-        XF: gl.constexpr = (win_desc.block_type.nbytes // wx_desc.block_type.nbytes)
-        ring_x = ring._reinterpret(WDT, [S, XF] + wx_desc.block_type.shape[1:], wx_desc.layout)
         # the conv's old state taps 1..K-1, weights 0..K-1 and bias, each [row group, row], rows of a group's channels
         stg = gl.allocate_shared_memory(gl.float32, [2 * K * NRGP, win_desc.block_type.shape[0]],
                                         gl.SwizzledSharedLayout(1, 1, 1, [0]))
@@ -393,12 +475,13 @@ if _IMPORT_ERROR is None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_consumer, (ring, ring_o, ring_x, ready, empty, act_in, act_out, stg, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr,
+            (_consumer, (ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr,
                          xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l, D, I, R, N, K, G, RI, RO, CS,
                          JP, RP, KP, win_desc.block_type.shape[0], win_desc.block_type.shape[1],
                          win_desc.block_type.shape[2], wout_desc.block_type.shape[0], wout_desc.block_type.shape[1],
                          wout_desc.block_type.shape[2], NPIP, NPOP, HAS_CBIAS, S, t_ptr, TIMES, SYNC, num_warps)),
-            (_producer, (win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, L, D, I, RI, RO, S)),
+            (_producer, (win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, meta, cnt_ptr, L, D, I, RI,
+                         RO, S, FLIGHT)),
         ], [1], [24])
 
 
@@ -453,8 +536,9 @@ class PersistentStep:
         self.xc = torch.empty(self.I, dtype=self.dtype, device=dev)
         self.z = torch.empty(self.I, dtype=self.dtype, device=dev)
         self.y = torch.empty(self.I, dtype=self.dtype, device=dev)
-        self.acc = torch.zeros(self.L, self.jp, dtype=torch.int64, device=dev)
-        self.cnt = torch.zeros(self.L, 3, dtype=torch.int32, device=dev)
+        self.acc = torch.zeros(plan_.G, self.jp, dtype=torch.float32, device=dev)  # x_proj's shares
+        # a block's 3 counters and 2 queues, each in its own 32-byte sector (they are polled and added to at once)
+        self.cnt = torch.zeros(self.L, 40, dtype=torch.int32, device=dev)
 
     @classmethod
     def build(cls, blocks: list, conv: torch.Tensor, ssm: torch.Tensor,
@@ -476,7 +560,7 @@ class PersistentStep:
         p = plan(w0.in_w.shape[1], w0.out_w.shape[1], sms, slot_bytes)
         # x_proj's boxes: [J (padded), BRI] with rows of at least 16 bytes, within a ring slot
         jp = _np2(w0.dt_w.shape[1] + 2 * w0.A.shape[1])
-        if p is None or jp > 256 or p.BRI * 2 < 16 or jp * p.BRI > p.BRI * p.BPI * p.PWI:
+        if p is None or jp > 256 or p.BRI * 2 < 16 or jp * p.BRI * 2 > p.slot:
             return None
         return cls(blocks, conv, ssm, p)
 
@@ -485,12 +569,11 @@ class PersistentStep:
         """times: an int64 (L, G, 8) tensor that gets each program's %globaltimer at its stages (a probe);
         sync=False: no waits at the counters (the result is garbage: a probe of the stream alone)."""
         p = self.plan
-        self.acc.zero_()
         self.cnt.zero_()
         _step_kernel[(p.G,)](
             self.win_desc, self.wout_desc, self.wx_desc, res, self.tab, self.conv, self.ssm, idx, self.xc, self.z, self.y,
             self.acc, self.cnt, self.L, self.eps, self.conv.stride(0), self.ssm.stride(0), D=self.D, I=self.I,
             R=self.R, N=self.N, K=self.K, G=p.G, RI=p.RI, RO=p.RO, CS=p.CS, JP=self.jp, RP=self.rp,
-            KP=4 if self.K <= 4 else 8, NRGP=_np2(p.RI // p.BRI), NPIP=_np2(self.D // p.PWI), NPOP=_np2(self.I // p.PWO),
-            HAS_CBIAS=self.has_cbias, S=p.S, t_ptr=self.acc if times is None else times,
+            KP=4 if self.K <= 4 else 8, NRGP=_np2(p.RI // p.BRI // 2), NPIP=_np2(self.D // p.PWI), NPOP=_np2(self.I // p.PWO),
+            HAS_CBIAS=self.has_cbias, S=p.S, SLOT=p.slot // 2, FLIGHT=min(p.S - 1, FLIGHT_BYTES // p.slot), t_ptr=self.acc if times is None else times,
             TIMES=times is not None, SYNC=sync, num_warps=CONSUMER_WARPS)
