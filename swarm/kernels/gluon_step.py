@@ -42,8 +42,9 @@ SMEM_BYTES = 212 * 1024  # the ring, the two input rows and the staged conv rows
 MAX_SLOTS = 48
 # TMA bytes in flight a program: enough for the bandwidth (2.7 TB/s x ~1 us over 128 SMs: ~21 KB), no more. A
 # ring full of requests in flight queued every other access behind ~4 us of traffic (the counters' release, the
-# SSM step's loads)
-FLIGHT_BYTES = 32 * 1024
+# SSM step's loads). H100, 16 blocks of 2.8b width: 24 / 32 / 48 KB / all 36.0-36.5 / 36.4-36.7 / 38.1-38.8 /
+# 38.9-39.2 us a block
+FLIGHT_BYTES = 24 * 1024
 CONSUMER_WARPS = 4
 FIX_BITS = 32  # x_proj's partial sums as int64 with 32 fractional bits (the kernel has 2**32 and 2**-32 as literals)
 N_PTRS = 8  # per-block pointers: norm_w, conv_w, conv_b, x_w, dt_w, dt_b, A, D
@@ -366,6 +367,11 @@ if _IMPORT_ERROR is None:
                 it += 1
                 xcx = gl.convert_layout(xc, gl.SliceLayout(0, gl.SliceLayout(1, xl3))).to(gl.float32)
                 partial += gl.sum(gl.sum(wx.to(gl.float32) * xcx[None, None, :], axis=2), axis=0)
+            # the program's share of x_proj, stored for every program to add up after the wait (fp32, in program
+            # order: deterministic; atomics serialised 128 programs at each row, ~5 us). Stored before the z rows, so
+            # that the release at the end of the stage does not wait for it.
+            jj = gl.arange(0, JP, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
+            gl.store(acc_ptr + c * JP + jj, partial)
             item = _peek(meta, ready, it, S, num_warps)
             while item >= 0:  # z rows from the queue
                 yr = _row_group(ring, ready, empty, act_in, it, S, D // PWI // BPI, BRI, wl_i).to(WDT)
@@ -375,17 +381,7 @@ if _IMPORT_ERROR is None:
             _release(empty, it, 1, S)
             it += 1
             _mark(tj, 2, TIMES)
-            # the program's share of x_proj, stored for every program to add up after the wait (fp32, in program
-            # order: deterministic; adding the shares with atomics serialised 128 programs at each row, ~5 us)
-            jj = gl.arange(0, JP, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
-            gl.store(acc_ptr + c * JP + jj, partial)
-            _mark(tj, 8, TIMES)
-            gl.thread_barrier()
-            _mark(tj, 9, TIMES)
-            if SYNC:
-                gl.atomic_add(cnt_ptr + j * CNT_STRIDE + 0, 1, sem="release", scope="gpu")
-            else:
-                gl.atomic_add(cnt_ptr + j * CNT_STRIDE + 0, 1, sem="relaxed", scope="gpu")
+            _arrive(cnt_ptr + j * CNT_STRIDE + 0)
             _mark(tj, 7, TIMES)
             # ---- B: the SSM step of channels c CS .. (its own state and weights read before the wait)
             wdt = gl.load(dw_p + cd[:, None] * R + rr[None, :], mask=mcd[:, None] & (rr < R)[None, :], other=0.0)
@@ -401,7 +397,8 @@ if _IMPORT_ERROR is None:
             # as a matmul's output
             sh = gl.zeros([16, JP], gl.float32, layout=pl)
             for g0 in gl.static_range(0, G, 16):
-                sh += gl.load(acc_ptr + (g0 + pg16)[:, None] * JP + pj[None, :], cache_modifier=".cg")
+                sh += gl.load(acc_ptr + (g0 + pg16)[:, None] * JP + pj[None, :], mask=(pj < J)[None, :], other=0.0,
+                              cache_modifier=".cg")
             gl.thread_barrier()  # the previous block's reads of dbc_sm are done
             dbc_sm.store(gl.sum(sh, axis=0))
             gl.thread_barrier()
