@@ -1,23 +1,25 @@
 """The batch-1 decode step through all of a stack's blocks as one persistent Gluon kernel (Hopper, TMA).
 
-The four-kernel step (triton_decode) pays each of a block's four grid-wide dependencies (in_proj -> x_proj -> SSM
-step -> out_proj -> next in_proj) with ~2-3 us in which little streams: 40 us a block of 2.8b against ~30 us of
-weight reads. Here one program an SM stays resident for every block and splits in two:
+The four-kernel step (triton_decode) pays each of a block's grid-wide dependencies (in_proj -> x_proj -> SSM step
+-> out_proj -> next in_proj) with ~2-3 us in which little streams: 40 us a block of 2.8b against ~30 us of weight
+reads. Here one program an SM stays resident for every block and splits in two:
 
-- a producer warp streams the program's share of every block's in_proj and out_proj by TMA into a ring of
-  shared-memory slots, in the order the maths uses them, paced only by the ring (never by a dependency), so the
-  weights keep streaming while the consumers wait;
+- a producer warp streams the block's weights by TMA into a ring of shared-memory slots, in the order the maths
+  uses them, paced by the ring and by FLIGHT_BYTES (never by a dependency), so the weights keep streaming while
+  the consumers wait;
 - four consumer warps do the maths and meet the other programs at three counters a block (release / acquire):
 
-      A  in_proj rows (program c: rows c RI ..; RI = 2I / G, all x or all z), then for x rows the conv step and
-         their share of x_proj, added up over the programs as int64 fixed point (exact, so the sum does not depend
-         on the order the programs arrive in); z rows go to a buffer
-      B  the SSM step for CS channels (dt_proj, state update, D skip, gate) -> y
-      C  out_proj rows (RO = D / G) added to the fp32 residual; the next block's RMSNorm reads the whole row
+      A  RMSNorm of the residual; in_proj's x rows of the program's CH channels (static), with the conv step and
+         the program's share of x_proj (its columns stream through the ring too); then z rows taken from a
+         queue, so that faster SMs stream more of them
+      B  x_proj's shares added up (every program reads all of them, in program order: deterministic), then the
+         SSM step of the program's channels (dt_proj, state update, D skip, gate) -> y
+      C  out_proj rows from a queue, added to the fp32 residual
 
-Every value is rounded where the four-kernel step rounds it, so the two agree to the dtype's precision (x_proj's sum
-differs by its fixed point, 2**-32). `plan()` says whether a model fits (in_proj and out_proj must be packed in one
-tensor each: BlockStack.from_tensors packs them on CUDA).
+Every value is rounded where the four-kernel step rounds it, so the two agree to the dtype's precision (sums run
+in another order). `PersistentStep.build` says whether a stack fits: Hopper, Gluon, bf16/fp16 weights, no in_proj
+or out_proj bias, and in_proj, x_proj and out_proj each packed in one tensor (BlockStack.from_tensors packs them
+on CUDA). docs/PERFORMANCE.md (ninth session) has the measurements behind the choices.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ MAX_SLOTS = 48
 # 38.9-39.2 us a block
 FLIGHT_BYTES = 24 * 1024
 CONSUMER_WARPS = 4
-FIX_BITS = 32  # x_proj's partial sums as int64 with 32 fractional bits (the kernel has 2**32 and 2**-32 as literals)
 N_PTRS = 8  # per-block pointers: norm_w, conv_w, conv_b, x_w, dt_w, dt_b, A, D
+N_CNT = 40  # int32 counters a block: 3 counters and 2 queues, each in its own 32-byte sector (polled and added to
+# at once)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ def plan(d: int, i: int, sms: int, slot_bytes: int | None = None, elsize: int = 
             continue
         cs = _np2(ri // 2)
         slot = max(bi[0] * bi[1] * bi[2], bo[0] * bo[1] * bo[2]) * elsize
-        act = (_np2(d // bi[2]) * bi[2] + _np2(i // bo[2]) * bo[2]) * elsize + 2 * 8 * _np2(ri // bi[0] // 2) * bi[0] * 4
+        # the two input rows and the staged conv rows (K <= 4: 8 fp32 rows a group)
+        act = (_np2(d // bi[2]) * bi[2] + _np2(i // bo[2]) * bo[2]) * elsize + 8 * _np2(ri // bi[0] // 2) * bi[0] * 4
         slots = min(MAX_SLOTS, (SMEM_BYTES - act) // slot)
         if slots < 2:
             continue
@@ -108,11 +112,11 @@ def plan(d: int, i: int, sms: int, slot_bytes: int | None = None, elsize: int = 
 
 
 def available(device: torch.device) -> bool:
-    """Gluon imported and `device` is a Hopper or later GPU."""
+    """Gluon imported and `device` is a Hopper GPU (the kernel was built and measured on an H100)."""
     if _IMPORT_ERROR is not None or device.type != "cuda":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    return torch.cuda.get_device_capability(index)[0] == 9
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,10 +128,9 @@ def _np2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-CNT_STRIDE = 40  # int32 counters a block (5, 8 apart)
-
 if _IMPORT_ERROR is None:
-    CNT_STRIDE = gl.constexpr(40)
+    CNT_STRIDE = gl.constexpr(N_CNT)
+    PTRS = gl.constexpr(N_PTRS)
 
     @gluon.jit
     def _spin(ptr, target):
@@ -159,7 +162,8 @@ if _IMPORT_ERROR is None:
         if it >= FLIGHT:  # at most FLIGHT boxes in flight: box it - FLIGHT has landed (its slot is not reused yet)
             mbarrier.wait(ready.index((it - FLIGHT) % S), ((it - FLIGHT) // S) & 1)
         mbarrier.expect(ready.index(s), desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc, coord, ready.index(s), dst.index(s).slice(0, desc.block_type.shape[0]))
+        B0: gl.constexpr = desc.block_type.shape[0]
+        tma.async_copy_global_to_shared(desc, coord, ready.index(s), dst.index(s).slice(0, B0))
 
     @gluon.jit
     def _grab(q_ptr, n, meta, ready, empty, it, S: gl.constexpr):
@@ -267,16 +271,14 @@ if _IMPORT_ERROR is None:
         return out
 
     @gluon.jit
-    def _consumer(ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr,
-                  xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l,
+    def _consumer(ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr,
+                  conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l,
                   D: gl.constexpr, I: gl.constexpr, R: gl.constexpr, N: gl.constexpr, K: gl.constexpr,
                   G: gl.constexpr, RI: gl.constexpr, RO: gl.constexpr, CS: gl.constexpr, JP: gl.constexpr,
-                  RP: gl.constexpr, KP: gl.constexpr, BRI: gl.constexpr, BPI: gl.constexpr, PWI: gl.constexpr,
+                  RP: gl.constexpr, BRI: gl.constexpr, BPI: gl.constexpr, PWI: gl.constexpr,
                   BRO: gl.constexpr, BPO: gl.constexpr, PWO: gl.constexpr, NPIP: gl.constexpr, NPOP: gl.constexpr,
                   HAS_CBIAS: gl.constexpr, S: gl.constexpr, t_ptr, TIMES: gl.constexpr, SYNC: gl.constexpr,
                   num_warps: gl.constexpr):
-        # No branches on the program's role: a z-row program's conv and x_proj loads and stores are masked off
-        # (its channels are >= I), as are the SSM step's of programs past I / CS.
         c = gl.program_id(0)
         WDT: gl.constexpr = ring.dtype
         J: gl.constexpr = R + 2 * N
@@ -320,7 +322,7 @@ if _IMPORT_ERROR is None:
         for j in range(L):
             tj = t_ptr + (j * G + c) * 16
             _mark(tj, 0, TIMES)
-            tab = tab_ptr + j * 8
+            tab = tab_ptr + j * PTRS
             nw_p = gl.load(tab + 0).to(gl.pointer_type(WDT))
             cw_p = gl.load(tab + 1).to(gl.pointer_type(WDT))
             cb_p = gl.load(tab + 2).to(gl.pointer_type(WDT))
@@ -331,10 +333,12 @@ if _IMPORT_ERROR is None:
             g = gl.load(nw_p + pi, mask=pi < D, other=0.0).to(gl.float32)
             # the block's conv state rows and weights for this program's channels, staged in shared memory
             gl.thread_barrier()  # the previous block's reads of the staged rows are done
+            conv_j = conv_s + j * conv_l + ch2 * K
             for k in gl.static_range(K - 1):  # old taps 1 .. K-1
-                stg2.slice(k * NRGP, NRGP).store(gl.load(conv_s + j * conv_l + ch2 * K + k + 1, mask=m2, other=0.0))
+                stg2.slice(k * NRGP, NRGP).store(gl.load(conv_j + k + 1, mask=m2, other=0.0))
             for k in gl.static_range(K):  # weights
-                stg2.slice((K - 1 + k) * NRGP, NRGP).store(gl.load(cw_p + ch2 * K + k, mask=m2, other=0.0).to(gl.float32))
+                wk = gl.load(cw_p + ch2 * K + k, mask=m2, other=0.0).to(gl.float32)
+                stg2.slice((K - 1 + k) * NRGP, NRGP).store(wk)
             if HAS_CBIAS:
                 stg2.slice((2 * K - 1) * NRGP, NRGP).store(gl.load(cb_p + ch2, mask=m2, other=0.0).to(gl.float32))
             # ---- A: RMSNorm of the residual (after the previous block's out_proj), in_proj rows, conv, x_proj
@@ -441,14 +445,12 @@ if _IMPORT_ERROR is None:
             _arrive(cnt_ptr + j * CNT_STRIDE + 16)
 
     @gluon.jit
-    def _step_kernel(win_desc, wout_desc, wx_desc, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr,
-                     acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l, D: gl.constexpr, I: gl.constexpr, R: gl.constexpr,
+    def _step_kernel(win_desc, wout_desc, wx_desc, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr,
+                     y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l, D: gl.constexpr, I: gl.constexpr, R: gl.constexpr,
                      N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, RI: gl.constexpr, RO: gl.constexpr,
-                     CS: gl.constexpr, JP: gl.constexpr, RP: gl.constexpr, KP: gl.constexpr, NRGP: gl.constexpr,
-                     NPIP: gl.constexpr,
+                     CS: gl.constexpr, JP: gl.constexpr, RP: gl.constexpr, NRGP: gl.constexpr, NPIP: gl.constexpr,
                      NPOP: gl.constexpr, HAS_CBIAS: gl.constexpr, S: gl.constexpr, SLOT: gl.constexpr,
-                     FLIGHT: gl.constexpr, t_ptr, TIMES: gl.constexpr,
-                     SYNC: gl.constexpr, num_warps: gl.constexpr):
+                     FLIGHT: gl.constexpr, t_ptr, TIMES: gl.constexpr, SYNC: gl.constexpr, num_warps: gl.constexpr):
         WDT: gl.constexpr = win_desc.dtype
         # ring slots of SLOT elements; a stream whose box is smaller uses the first rows of a slot (a view as
         # [S] + box would put slot s at s box sizes, inside other slots)
@@ -472,11 +474,10 @@ if _IMPORT_ERROR is None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_consumer, (ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr,
-                         xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l, D, I, R, N, K, G, RI, RO, CS,
-                         JP, RP, KP, win_desc.block_type.shape[0], win_desc.block_type.shape[1],
-                         win_desc.block_type.shape[2], wout_desc.block_type.shape[0], wout_desc.block_type.shape[1],
-                         wout_desc.block_type.shape[2], NPIP, NPOP, HAS_CBIAS, S, t_ptr, TIMES, SYNC, num_warps)),
+            (_consumer, (ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr,
+                         conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l, D,
+                         I, R, N, K, G, RI, RO, CS, JP, RP, BI[0], BI[1], BI[2], BO[0], BO[1], BO[2], NPIP, NPOP,
+                         HAS_CBIAS, S, t_ptr, TIMES, SYNC, num_warps)),
             (_producer, (win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, meta, cnt_ptr, L, D, I, RI,
                          RO, S, FLIGHT)),
         ], [1], [24])
@@ -534,8 +535,7 @@ class PersistentStep:
         self.z = torch.empty(self.I, dtype=self.dtype, device=dev)
         self.y = torch.empty(self.I, dtype=self.dtype, device=dev)
         self.acc = torch.zeros(plan_.G, self.jp, dtype=torch.float32, device=dev)  # x_proj's shares
-        # a block's 3 counters and 2 queues, each in its own 32-byte sector (they are polled and added to at once)
-        self.cnt = torch.zeros(self.L, 40, dtype=torch.int32, device=dev)
+        self.cnt = torch.zeros(self.L, N_CNT, dtype=torch.int32, device=dev)
 
     @classmethod
     def build(cls, blocks: list, conv: torch.Tensor, ssm: torch.Tensor,
@@ -549,7 +549,7 @@ class PersistentStep:
             return None
         if any(b.in_b is not None or b.out_b is not None or b.eps != w0.eps for b in blocks):
             return None
-        if w0.A.shape[1] not in (16,) or w0.conv_w.shape[1] > 8 or w0.dt_w.shape[1] > 256:
+        if w0.A.shape[1] not in (16,) or w0.conv_w.shape[1] > 4 or w0.dt_w.shape[1] > 256:
             return None
         if any(_packed([getattr(b, n) for b in blocks]) is None for n in ("in_w", "x_w", "out_w")):
             return None
@@ -563,14 +563,16 @@ class PersistentStep:
 
     def step(self, res: torch.Tensor, idx: torch.Tensor, times: torch.Tensor | None = None,
              sync: bool = True) -> None:
-        """times: an int64 (L, G, 8) tensor that gets each program's %globaltimer at its stages (a probe);
-        sync=False: no waits at the counters (the result is garbage: a probe of the stream alone)."""
+        """times: an int64 (L, G, 16) tensor that gets each program's %globaltimer at its stages (a probe, see
+        scripts/sweep_gpu.py persistent_stages); sync=False: no waits at the counters (garbage out: the stream
+        alone)."""
         p = self.plan
         self.cnt.zero_()
         _step_kernel[(p.G,)](
-            self.win_desc, self.wout_desc, self.wx_desc, res, self.tab, self.conv, self.ssm, idx, self.xc, self.z, self.y,
-            self.acc, self.cnt, self.L, self.eps, self.conv.stride(0), self.ssm.stride(0), D=self.D, I=self.I,
+            self.win_desc, self.wout_desc, self.wx_desc, res, self.tab, self.conv, self.ssm, idx, self.xc, self.z,
+            self.y, self.acc, self.cnt, self.L, self.eps, self.conv.stride(0), self.ssm.stride(0), D=self.D, I=self.I,
             R=self.R, N=self.N, K=self.K, G=p.G, RI=p.RI, RO=p.RO, CS=p.CS, JP=self.jp, RP=self.rp,
-            KP=4 if self.K <= 4 else 8, NRGP=_np2(p.RI // p.BRI // 2), NPIP=_np2(self.D // p.PWI), NPOP=_np2(self.I // p.PWO),
-            HAS_CBIAS=self.has_cbias, S=p.S, SLOT=p.slot // 2, FLIGHT=min(p.S - 1, FLIGHT_BYTES // p.slot), t_ptr=self.acc if times is None else times,
-            TIMES=times is not None, SYNC=sync, num_warps=CONSUMER_WARPS)
+            NRGP=_np2(p.RI // p.BRI // 2), NPIP=_np2(self.D // p.PWI), NPOP=_np2(self.I // p.PWO),
+            HAS_CBIAS=self.has_cbias, S=p.S, SLOT=p.slot // 2, FLIGHT=min(p.S - 1, max(1, FLIGHT_BYTES // p.slot)),
+            t_ptr=self.acc if times is None else times, TIMES=times is not None, SYNC=sync,
+            num_warps=CONSUMER_WARPS)

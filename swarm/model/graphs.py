@@ -23,6 +23,10 @@ from swarm.model.config import MambaConfig
 from swarm.model.stack import PREFILL_CHUNK, BlockStack, Head
 
 SSM_STATE_EARLY = True  # ssm_decode reads the slot's state before its PDL wait (see _ssm)
+# step="auto" runs the batch-1 step as one persistent kernel (gluon_step) from this width on: measured faster at
+# 2.8b's (H100: 36.0-36.5 us a block against 39.4-40.1); narrower models keep the four-kernel step (130m does not
+# fit the kernel's plan; the widths between were not measured)
+PERSISTENT_MIN_D_MODEL = 2560
 PREFILL_MIN_BUCKET = 16  # the smallest padded prefill piece (buckets 16, 32, ... prefill_chunk tokens)
 # GraphDecoder's automatic prefill pieces (auto_prefill_chunk): PREFILL_CHUNK_MAX tokens where a piece's activations
 # take at most PREFILL_MEMORY_SHARE of the weights (or PREFILL_MEMORY_FLOOR bytes), else stack.PREFILL_CHUNK
@@ -107,6 +111,9 @@ class GraphDecoder:
       fused into them (and, unless xproj="fused", the conv step in in_proj's epilogue); other buckets use cuBLAS
       with a fused residual-add + RMSNorm between blocks.
     A prefill runs in pieces of `prefill_chunk` tokens (None: auto_prefill_chunk, by the weights' size).
+    `step`: how a batch-1 step runs: "kernels", the four kernels a block above; "persistent", one persistent kernel
+    through all blocks (swarm.kernels.gluon_step: Hopper, Triton's Gluon, weights packed by BlockStack; an error
+    where it does not apply); "auto", persistent where it applies from PERSISTENT_MIN_D_MODEL on, else kernels.
     """
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
@@ -138,7 +145,8 @@ class GraphDecoder:
         self.ssm = torch.zeros(n_blocks, max_slots + 1, cfg.intermediate_size, cfg.state_size, device=self.device)
         # the batch-1 step as one persistent kernel (gluon_step) where it applies; "kernels": four a block always
         self._persistent = None
-        if step != "kernels" and stack.device.type == "cuda":
+        wide = cfg.hidden_size >= PERSISTENT_MIN_D_MODEL
+        if stack.device.type == "cuda" and (step == "persistent" or step == "auto" and wide):
             self._persistent = _persistent_step(self._w, self.conv, self.ssm)
         if step == "persistent" and self._persistent is None:
             raise BackendUnavailable("GraphDecoder step='persistent' needs a Hopper GPU, Triton's Gluon, in_proj and "

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from swarm.errors import BackendUnavailable
 from swarm.kernels import reference as ref
 
 if torch.cuda.is_available():
@@ -525,11 +526,87 @@ def test_graph_prefill_buckets_across_pieces_and_slots():
     assert sorted(auto._prefill_graphs) == [2048]
 
 
+def _persistent_or_skip(dec):
+    from swarm.kernels import gluon_step
+    if not gluon_step.available(torch.device("cuda")):
+        pytest.skip("the persistent step needs a Hopper GPU and Triton's Gluon")
+    assert dec._persistent is not None
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_persistent_step_matches_block_stack(dtype):
+    """GraphDecoder(step="persistent"), the batch-1 step as one persistent Gluon kernel: prefills, steps of slots
+    taken in turns (the kernel addresses the pools by slot), a batch of two between them (the four-kernel path), a
+    state moved between slots; outputs and states against the eager BlockStack in fp32 on the CPU."""
+    from swarm.kernels import gluon_step
+    from swarm.model.graphs import GraphDecoder
+    torch.manual_seed(11)
+    cfg = _config(hidden_size=512, intermediate_size=1024, time_step_rank=32)  # a width the kernel's plan fits
+    want, fast = _stacks(cfg, dtype)
+    if not gluon_step.available(torch.device("cuda")):
+        with pytest.raises(BackendUnavailable):
+            GraphDecoder(fast, max_slots=4, buckets=(1, 2), step="persistent")
+        pytest.skip("the persistent step needs a Hopper GPU and Triton's Gluon")
+    dec = GraphDecoder(fast, max_slots=4, buckets=(1, 2), step="persistent")
+    _persistent_or_skip(dec)
+    slots = [dec.alloc_slot() for _ in range(3)]
+    ref_states = {s: want.new_states(1) for s in slots}
+    for s, t in zip(slots, (5, 17, 1)):
+        h = torch.randn(1, t, cfg.hidden_size)
+        assert rel_err(dec.prefill(s, h).cpu(), want(h, ref_states[s])) < 2e-2
+    for order in ([0], [1], [2], [0, 1], [2], [1], [0], [0], [2]):
+        batch = [slots[o] for o in order]
+        h = torch.randn(len(batch), 1, cfg.hidden_size)
+        out = dec.step(batch, h).cpu()
+        for row, s in enumerate(batch):
+            assert rel_err(out[row:row + 1], want(h[row:row + 1], ref_states[s])) < 2e-2
+    for s in slots:
+        for got, st in zip(dec.export_state(s), ref_states[s]):
+            assert rel_err(got.ssm, st.ssm) < 6e-2 and rel_err(got.conv, st.conv) < 6e-2
+    moved = dec.alloc_slot()
+    dec.import_state(moved, dec.export_state(slots[1]))
+    h = torch.randn(1, 1, cfg.hidden_size)
+    a, b = dec.step([slots[1]], h).clone(), dec.step([moved], h)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # deterministic: no atomics in its sums
+
+
+@needs_cuda
+def test_persistent_step_agrees_with_the_four_kernels():
+    """The two batch-1 steps of the same stack, replayed from graphs for 8 tokens: outputs and states agree to bf16
+    rounding (they sum in other orders), and auto picks the persistent one only from PERSISTENT_MIN_D_MODEL on."""
+    from swarm.model import graphs
+    from swarm.model.graphs import GraphDecoder
+    torch.manual_seed(12)
+    cfg = _config(hidden_size=512, intermediate_size=1024, time_step_rank=32, num_layers=4)
+    _, fast = _stacks(cfg, torch.bfloat16)
+    kern = GraphDecoder(fast, max_slots=2, buckets=(1,), step="kernels")
+    assert kern._persistent is None
+    auto = GraphDecoder(fast, max_slots=2, buckets=(1,))
+    assert auto._persistent is None  # 512 < PERSISTENT_MIN_D_MODEL
+    pers = GraphDecoder(fast, max_slots=2, buckets=(1,), step="persistent")
+    _persistent_or_skip(pers)
+    sk, sp = kern.alloc_slot(), pers.alloc_slot()
+    for _ in range(8):
+        h = torch.randn(1, 1, cfg.hidden_size, device="cuda")
+        assert rel_err(pers.step([sp], h), kern.step([sk], h)) < 1e-2
+    assert rel_err(pers.ssm[:, sp], kern.ssm[:, sk]) < 2e-2
+    assert rel_err(pers.conv[:, sp], kern.conv[:, sk]) < 2e-2
+    graphs_min = graphs.PERSISTENT_MIN_D_MODEL
+    try:
+        graphs.PERSISTENT_MIN_D_MODEL = cfg.hidden_size
+        assert GraphDecoder(fast, max_slots=1, buckets=(1,))._persistent is not None
+    finally:
+        graphs.PERSISTENT_MIN_D_MODEL = graphs_min
+
+
 # ------------------------------------------------------------------ logits vs transformers
 
 # small configs covering a tied head and an untied one with biases, another conv width, state size and expand
 HF_CONFIGS = {
     "tied": dict(vocab_size=512, hidden_size=64, state_size=16, num_hidden_layers=3, conv_kernel=4),
+    # a width the persistent step fits, through it (GraphDecoder step="persistent", Hopper only)
+    "persistent": dict(vocab_size=512, hidden_size=512, state_size=16, num_hidden_layers=3, conv_kernel=4),
     "untied_bias": dict(vocab_size=320, hidden_size=48, state_size=8, num_hidden_layers=3, conv_kernel=3,
                         use_bias=True, tie_word_embeddings=False, time_step_rank=5, expand=3),
 }
@@ -545,6 +622,13 @@ def test_logits_match_transformers(name, dtype, tol):
     from swarm.model import BlockStack, Head, MambaConfig
     from swarm.model.graphs import GraphDecoder
     hf_cfg = transformers.MambaConfig(**HF_CONFIGS[name])
+    step = "persistent" if name == "persistent" else "auto"
+    if step == "persistent":
+        from swarm.kernels import gluon_step
+        if dtype == torch.float32:
+            pytest.skip("the persistent step streams bf16 or fp16 weights")
+        if not gluon_step.available(torch.device("cuda")):
+            pytest.skip("the persistent step needs a Hopper GPU and Triton's Gluon")
     torch.manual_seed(0)
     hf = transformers.MambaForCausalLM(hf_cfg).eval()
     with torch.no_grad():  # let the SSM, not the residual embedding, drive the logits
@@ -559,7 +643,8 @@ def test_logits_match_transformers(name, dtype, tol):
     tensors = {k: v.to(dtype) for k, v in hf.state_dict().items()}
     stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device="cuda")
     head = Head.from_tensors(cfg, tensors, device="cuda")
-    dec = GraphDecoder(stack, max_slots=2, buckets=(1, 2), head=head)
+    dec = GraphDecoder(stack, max_slots=2, buckets=(1, 2), head=head, step=step)
+    assert (dec._persistent is not None) == (step == "persistent")
     slot = dec.alloc_slot()
     emb = head.embed(ids)
     logits = [head.logits(dec.prefill(slot, emb[:, :16]))]
