@@ -136,17 +136,19 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
     print(f"[{name}] {cfg.num_layers} blocks, weights {block_bytes / 1e9:.3f} GB + head {head_bytes / 1e9:.3f} GB")
 
     # the decode step's variants (GraphDecoder's xproj and gemv_batch): the default first
-    variants = {"default (Triton GEMVs at b=1, x_proj too)": dict(xproj="gemv", gemv_batch=1),
-                "default without PDL": dict(xproj="gemv", gemv_batch=1, pdl=False),
-                "Triton GEMVs at b=1, cuBLAS x_proj": dict(xproj="cublas", gemv_batch=1),
-                "cuBLAS GEMVs": dict(xproj="cublas", gemv_batch=0),
-                "x_proj fused into the conv kernel": dict(xproj="fused", gemv_batch=1)}
-    best = 1e9, variants["default (Triton GEMVs at b=1, x_proj too)"]
+    # (step="auto": b=1 runs the persistent kernel where GraphDecoder picks it, 2.8b; the others are four kernels)
+    variants = {"default (auto step; Triton GEMVs at b=1, x_proj too)": dict(xproj="gemv", gemv_batch=1),
+                "four kernels a block (step='kernels')": dict(xproj="gemv", gemv_batch=1, step="kernels"),
+                "four kernels without PDL": dict(xproj="gemv", gemv_batch=1, pdl=False, step="kernels"),
+                "Triton GEMVs at b=1, cuBLAS x_proj": dict(xproj="cublas", gemv_batch=1, step="kernels"),
+                "cuBLAS GEMVs": dict(xproj="cublas", gemv_batch=0, step="kernels"),
+                "x_proj fused into the conv kernel": dict(xproj="fused", gemv_batch=1, step="kernels")}
+    best = 1e9, variants["default (auto step; Triton GEMVs at b=1, x_proj too)"]
     for kind, kw in variants.items():
         kw = dict(kw)
         td.PDL = kw.pop("pdl", None)  # programmatic dependent launch: read by the kernels' wrappers at capture
         dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8), **kw)
-        for batch in ((1, 8) if kw["gemv_batch"] == 1 and kw["xproj"] != "fused" else (1,)):  # the first three
+        for batch in ((1, 8) if kw["gemv_batch"] == 1 and kw["xproj"] != "fused" else (1,)):
             slots = [dec.alloc_slot() for _ in range(batch)]
             h1 = torch.randn(batch, 1, cfg.hidden_size, device="cuda")
             ms = cuda_ms(lambda: dec.step(slots, h1), iters=20, inner=20 if name == "130m" else 5)

@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python3 scripts/sweep_gpu.py [launch_costs prefill_profile ssm_decode_sweep step_sweep
                                                   step_parts prefill_sweep chunk_sweep scan_sweep prefill_kernels
-                                                  read_ceiling conv_sweep prefill_gaps]
+                                                  read_ceiling conv_sweep prefill_gaps persistent_stages]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -12,7 +12,9 @@ prefill_sweep: a 2048-token prefill through those blocks for scan and conv confi
 chunk_sweep: a 2048-token prefill through whole models in pieces of 1024 and 2048 tokens, and its memory;
 scan_sweep: the scan alone at 1024 tokens (L2-warm: context changes the order, see prefill_sweep);
 prefill_kernels: that prefill's kernels by time; read_ceiling: how fast a 52 MB weight can be read at all;
-conv_sweep: the prefill conv alone, its kernels and configs; prefill_gaps: where a graphed prefill idles.
+conv_sweep: the prefill conv alone, its kernels and configs; prefill_gaps: where a graphed prefill idles;
+persistent_stages: where the persistent step's time goes (each program's %globaltimer at its stages), against the
+four kernels.
 """
 import cProfile
 import io
@@ -396,6 +398,35 @@ def prefill_gaps(layers=64):
     print(f"{len(ev)} kernels over {span / 1e3:.3f} ms, busy {busy / 1e3:.3f} ms, idle {(span - busy) / 1e3:.3f} ms")
     for (a, b), (n, us) in sorted(gaps.items(), key=lambda kv: -kv[1][1])[:12]:
         print(f"  {us / 1e3:7.3f} ms {n:5d}x {us / n:6.2f} us  {a} -> {b}")
+
+
+def persistent_stages(layers=16):
+    """The persistent step (gluon_step) at 2.8b width: each stage's time over programs (median / max, the mean
+    over blocks), then the graphed step against the four-kernel one, interleaved."""
+    cfg, stack = _wide_stack(layers)
+    pers = GraphDecoder(stack, max_slots=2, buckets=(1,), step="persistent")
+    kern = GraphDecoder(stack, max_slots=2, buckets=(1,), step="kernels")
+    ps = pers._persistent
+    res = torch.randn(1, cfg.hidden_size, device=dev)
+    idx = torch.zeros(1, dtype=torch.int64, device=dev)
+    T = torch.zeros(layers, ps.plan.G, 16, dtype=torch.int64, device=dev)
+    for _ in range(3):
+        ps.step(res, idx, T)
+    torch.cuda.synchronize()
+    t = (T.double() - T[0, :, 0].double().min()) / 1e3
+    names = ["wait C", "in_proj (x, then z from the queue)", "release A", "wait A", "SSM step", "wait B",
+             "out_proj (queue)"]
+    order = [0, 1, 2, 7, 3, 4, 5, 6]
+    for k, name in enumerate(names):
+        part = t[2:-1, :, order[k + 1]] - t[2:-1, :, order[k]]
+        print(f"persistent {ps.plan}: {name:36s} {part.median(1).values.mean().item():6.2f} / "
+              f"{part.max(1).values.mean().item():6.2f} us")
+    h = torch.randn(1, 1, cfg.hidden_size, device=dev)
+    decs = {"kernels": (kern, [kern.alloc_slot()]), "persistent": (pers, [pers.alloc_slot()])}
+    for r in range(3):
+        for name, (d, sl) in decs.items():
+            ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=10)
+            print(f"round {r} step 16 blocks 2.8b b=1 {name:10s} {ms * 1e3 / layers:.1f} us/block", flush=True)
 
 
 if __name__ == "__main__":
