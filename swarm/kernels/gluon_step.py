@@ -133,17 +133,24 @@ if _IMPORT_ERROR is None:
     PTRS = gl.constexpr(N_PTRS)
 
     @gluon.jit
+    def _fence():
+        gl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _spin(ptr, target):
-        # poll with plain (volatile) loads: a read-modify-write poll from every program queued at L2 behind the
-        # counters' real updates; then one acquire for what the others wrote before their release
-        while gl.load(ptr, volatile=True) < target:
+        # every thread polls with acquire loads (no read-modify-write: 128 programs polling that way queued at L2
+        # behind the counters' real updates): what the other programs wrote before their arrive is visible after
+        while gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=gl.int32,
+                                        is_pure=False, pack=1) < target:
             pass
-        gl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
 
     @gluon.jit
     def _arrive(ptr):
-        gl.thread_barrier()  # every consumer warp's stores are issued before the release
-        gl.atomic_add(ptr, 1, sem="release", scope="gpu")
+        # every thread fences its own stores (a release by one thread after a barrier left other warps' stores in
+        # flight: stale rows were read on the other side), then one thread counts the program in
+        _fence()
+        gl.thread_barrier()
+        gl.atomic_add(ptr, 1, sem="relaxed", scope="gpu")
 
     @gluon.jit
     def _now():

@@ -656,4 +656,17 @@ def test_logits_match_transformers(name, dtype, tol):
     got = torch.cat(logits, dim=1).cpu()
     err = rel_err(got, want)
     print(f"logits vs transformers fp32 ({name}, ours {dtype}): relative error {err:.2e}")
+    if step == "persistent":
+        # bf16 at this width: 5.1% for either step (H100), the prefill alone (the same code for both) 5.3%;
+        # so the bound is wider, and the decoded logits are held to the four-kernel step's as well
+        tol = 6e-2
+        kern = GraphDecoder(stack, max_slots=2, buckets=(1, 2), head=head, step="kernels")
+        ks = kern.alloc_slot()
+        kern.prefill(ks, emb[:, :16])
+        kl = torch.cat([kern.step_logits([ks], ids[:, t:t + 1]).unsqueeze(1) for t in range(16, 24)], dim=1)
+        dec2 = GraphDecoder(stack, max_slots=2, buckets=(1, 2), head=head, step="persistent")
+        ps = dec2.alloc_slot()
+        dec2.prefill(ps, emb[:, :16])
+        pl = torch.cat([dec2.step_logits([ps], ids[:, t:t + 1]).unsqueeze(1) for t in range(16, 24)], dim=1)
+        assert rel_err(pl, kl) < 1e-2
     assert err < tol
