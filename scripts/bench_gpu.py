@@ -126,8 +126,8 @@ def hf_decode_ms(model, batch: int, lengths: tuple[int, int]) -> float:
 def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
     hf_cfg, hf = hf_model(name)
     cfg = MambaConfig.from_dict(hf_cfg.to_dict())
-    tensors = hf.state_dict()  # our stack and head share these tensors with transformers' model
-    stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device="cuda")
+    tensors = hf.state_dict()  # shared with transformers' model, but in_proj, x_proj and out_proj: packed copies
+    stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device="cuda", pack=True)
     head = Head.from_tensors(cfg, tensors, device="cuda")
     block_bytes = sum(p.numel() * p.element_size() for p in stack.parameters())
     head_bytes = head.embeddings.weight.numel() * head.embeddings.weight.element_size()  # tied lm_head

@@ -135,7 +135,8 @@ def ssm_decode_sweep():
 
 def _wide_stack(layers, model="2.8b"):
     cfg = MambaConfig.from_dict(dict(MODELS[model], num_hidden_layers=layers))
-    return cfg, BlockStack.from_tensors(cfg, 0, layers, wide_block_tensors(cfg, layers), device=dev)
+    return cfg, BlockStack.from_tensors(cfg, 0, layers, wide_block_tensors(cfg, layers), device=dev,
+                                                pack=True)
 
 
 def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1, chunk=None):

@@ -86,12 +86,19 @@ class BlockStack(nn.Module):
 
     @classmethod
     def from_tensors(cls, cfg: MambaConfig, start: int, end: int, tensors: Mapping[str, torch.Tensor],
-                     device: str | torch.device = "cpu", backend: str | None = None) -> "BlockStack":
-        """Build from canonical (HF) tensor names; weights keep the file's dtype unless already cast."""
+                     device: str | torch.device = "cpu", backend: str | None = None,
+                     pack: bool | None = None) -> "BlockStack":
+        """Build from canonical (HF) tensor names; weights keep the file's dtype unless already cast.
+
+        pack: on CUDA, load PACKED weights into one tensor each (what the persistent decode step streams). None:
+        where the sources are not on the device already (the copy is made anyway: no extra memory); sources
+        already there stay the parameters themselves unless pack=True (a second copy while loading)."""
         device = torch.device(device)
         with torch.device("meta"):
             stack = cls(cfg, start, end)
-        if device.type == "cuda":
+        if pack is None:
+            pack = all(t.device != device for k, t in tensors.items() if k.endswith(PACKED))
+        if device.type == "cuda" and pack:
             tensors = ChainMap(_pack(tensors, start, end, device), tensors)
         for j, block in enumerate(stack.blocks):
             _assign(block, tensors, f"backbone.layers.{start + j}.", f"block {start + j}", device)
