@@ -96,8 +96,9 @@ class BlockStack(nn.Module):
         device = torch.device(device)
         with torch.device("meta"):
             stack = cls(cfg, start, end)
-        if pack is None:
-            pack = all(t.device != device for k, t in tensors.items() if k.endswith(PACKED))
+        if pack is None:  # ("cuda" and "cuda:0" are the same device here)
+            pack = not any(t.device.type == device.type and (device.index is None or t.device.index == device.index)
+                           for k, t in tensors.items() if k.endswith(PACKED))
         if device.type == "cuda" and pack:
             tensors = ChainMap(_pack(tensors, start, end, device), tensors)
         for j, block in enumerate(stack.blocks):
