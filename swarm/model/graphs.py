@@ -149,8 +149,8 @@ class GraphDecoder:
         if stack.device.type == "cuda" and (step == "persistent" or step == "auto" and wide):
             self._persistent = _persistent_step(self._w, self.conv, self.ssm)
         if step == "persistent" and self._persistent is None:
-            raise BackendUnavailable("GraphDecoder step='persistent' needs a Hopper GPU, Triton's Gluon, in_proj and "
-                                     "out_proj packed by BlockStack.from_tensors and a model the kernel's plan fits")
+            raise BackendUnavailable("GraphDecoder step='persistent' needs a Hopper GPU, Triton's Gluon, bf16 or fp16 "
+                                     "weights packed by BlockStack.from_tensors and a model the kernel's plan fits")
         self._free = list(range(max_slots))
         self._used: set[int] = set()
         self._lock = threading.Lock()  # a peer allocates slots on its event loop and frees them on its compute thread
