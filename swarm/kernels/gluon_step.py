@@ -38,8 +38,8 @@ try:  # Gluon is experimental: without it (or with another API) the four-kernel 
 except Exception as e:  # noqa: BLE001 - any failure means "not here"
     _IMPORT_ERROR = e
 
-SLOT_BYTES = (8192,)  # the largest TMA box: the stream's rate grows with the box (scripts/probe_ws_stream.py:
-# 1.8 / 2.4 / 2.7-2.9 TB/s for 8 / 16 / 32 KB), but larger boxes need fewer programs to fit the shapes
+SLOT_BYTES = (8192,)  # the largest TMA box, a ring slot: 16 KB slots measured slower (39.6 against 38.0 us a 2.8b
+# block: half the slots), 32 KB ones need fewer programs to fit the shapes (55.7)
 SMEM_BYTES = 212 * 1024  # the ring, the two input rows and the staged conv rows (227 KB at most for one block)
 MAX_SLOTS = 48
 # TMA bytes in flight a program: enough for the bandwidth (2.7 TB/s x ~1 us over 128 SMs: ~21 KB), no more. A
@@ -56,11 +56,11 @@ N_CNT = 40  # int32 counters a block: 3 counters and 2 queues, each in its own 3
 @dataclass(frozen=True)
 class Plan:
     G: int  # programs (one an SM)
-    RI: int  # in_proj rows a program
+    RI: int  # in_proj rows a program, on average: the x rows of its RI / 2 channels, and as many z rows (queued)
     BRI: int  # rows a box (in_proj), pieces a box, piece width
     BPI: int
     PWI: int
-    RO: int  # out_proj rows a program
+    RO: int  # out_proj rows a program, on average (queued)
     BRO: int
     BPO: int
     PWO: int
