@@ -315,7 +315,7 @@ if _IMPORT_ERROR is None:
             gl.arange(0, PWO, layout=gl.SliceLayout(0, rl_o))[None, :]
         NRGP: gl.constexpr = stg.shape[0] // (2 * K)
         stg2 = stg._reinterpret(gl.float32, stg.shape, gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))  # for 2-d stores
-        CH: gl.constexpr = RI // 2  # the program's channels: c CH .. (c + 1) CH - 1, their x and z rows
+        CH: gl.constexpr = RI // 2  # the program's channels c CH .. (c + 1) CH - 1: x rows, conv, x_proj share, SSM
         ch2 = c * CH + gl.arange(0, NRGP, layout=gl.SliceLayout(1, sl2))[:, None] * BRI + \
             gl.arange(0, BRI, layout=gl.SliceLayout(0, sl2))[None, :]
         m2 = ch2 < c * CH + CH
@@ -394,7 +394,7 @@ if _IMPORT_ERROR is None:
             _mark(tj, 2, TIMES)
             _arrive(cnt_ptr + j * CNT_STRIDE + 0)
             _mark(tj, 7, TIMES)
-            # ---- B: the SSM step of channels c CS .. (its own state and weights read before the wait)
+            # ---- B: the SSM step of the program's channels (their state and weights read before the wait)
             wdt = gl.load(dw_p + cd[:, None] * R + rr[None, :], mask=mcd[:, None] & (rr < R)[None, :], other=0.0)
             h_ptrs = ssm_s + j * ssm_l + ch[:, None] * N + nn[None, :]
             h = gl.load(h_ptrs, mask=mch[:, None], other=0.0)
