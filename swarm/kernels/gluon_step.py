@@ -186,8 +186,23 @@ if _IMPORT_ERROR is None:
         return item
 
     @gluon.jit
+    def _stream_queue(desc, dst, ready, empty, meta, q_ptr, n, row_base, it, S: gl.constexpr, NPG: gl.constexpr,
+                      FLIGHT: gl.constexpr):
+        """Stream the NPG boxes of each queue item (a row group of desc's box rows, from row_base) until the queue
+        is empty; returns the slot counter past the end-of-queue slot."""
+        B0: gl.constexpr = desc.block_type.shape[0]
+        BP: gl.constexpr = desc.block_type.shape[1]
+        item = _grab(q_ptr, n, meta, ready, empty, it, S)
+        while item < n:
+            for pg in gl.static_range(NPG):
+                _box_in(desc, dst, ready, empty, it, S, [row_base + item * B0, pg * BP, 0], FLIGHT)
+                it += 1
+            item = _grab(q_ptr, n, meta, ready, empty, it, S)
+        return it + 1
+
+    @gluon.jit
     def _producer(win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, meta, cnt_ptr, L,
-                  D: gl.constexpr, I: gl.constexpr, RI: gl.constexpr, RO: gl.constexpr, S: gl.constexpr,
+                  D: gl.constexpr, I: gl.constexpr, RI: gl.constexpr, S: gl.constexpr,
                   FLIGHT: gl.constexpr):
         # per block: the program's x rows (static: their conv step and x_proj share stay with the program), then
         # z rows and out_proj rows from queues, so that faster SMs stream more of them
@@ -207,21 +222,11 @@ if _IMPORT_ERROR is None:
                     it += 1
                 _box_in(wx_desc, ring_x, ready, empty, it, S, [j, 0, row0], FLIGHT)  # the group's x_proj columns
                 it += 1
-            item = _grab(cnt_ptr + j * CNT_STRIDE + 24, I // BRI, meta, ready, empty, it, S)
-            while item < I // BRI:
-                for pg in gl.static_range(D // PWI // BPI):
-                    _box_in(win_desc, ring, ready, empty, it, S, [j * 2 * I + I + item * BRI, pg * BPI, 0],
-                            FLIGHT)
-                    it += 1
-                item = _grab(cnt_ptr + j * CNT_STRIDE + 24, I // BRI, meta, ready, empty, it, S)
-            it += 1  # the end-of-queue slot
-            item = _grab(cnt_ptr + j * CNT_STRIDE + 32, D // BRO, meta, ready, empty, it, S)
-            while item < D // BRO:
-                for pg in gl.static_range(I // PWO // BPO):
-                    _box_in(wout_desc, ring_o, ready, empty, it, S, [j * D + item * BRO, pg * BPO, 0], FLIGHT)
-                    it += 1
-                item = _grab(cnt_ptr + j * CNT_STRIDE + 32, D // BRO, meta, ready, empty, it, S)
-            it += 1
+            # z rows, then out_proj rows, from the block's queues
+            it = _stream_queue(win_desc, ring, ready, empty, meta, cnt_ptr + j * CNT_STRIDE + 24, I // BRI,
+                               j * 2 * I + I, it, S, D // PWI // BPI, FLIGHT)
+            it = _stream_queue(wout_desc, ring_o, ready, empty, meta, cnt_ptr + j * CNT_STRIDE + 32, D // BRO,
+                               j * D, it, S, I // PWO // BPO, FLIGHT)
 
     @gluon.jit
     def _load(ring, ready, it, S: gl.constexpr, B0: gl.constexpr, layout: gl.constexpr):
@@ -256,24 +261,15 @@ if _IMPORT_ERROR is None:
     def _row_group(ring, ready, empty, act, it, S: gl.constexpr, NPG: gl.constexpr, BR: gl.constexpr,
                    layout: gl.constexpr):
         """One row group's GEMV: NPG boxes [BR, BP, PW] from the ring against act's pieces -> (BR,) fp32 sums.
-        Products accumulate elementwise (one cross-lane reduction a group) while that takes at most 64 registers a
-        thread, else each box is reduced over its columns as it comes."""
+        Products accumulate elementwise, one cross-lane reduction a group (an 8 KB box: 32 registers a thread)."""
         BP: gl.constexpr = ring.shape[2]
         PW: gl.constexpr = ring.shape[3]
-        if BR * BP * PW <= 64 * 32 * gl.num_warps():
-            acc = gl.zeros([BR, BP, PW], gl.float32, layout=layout)
-            for pg in gl.static_range(NPG):  # unrolled: act slices need constant starts
-                w = _load(ring, ready, it + pg, S, BR, layout)
-                xv = act.slice(pg * BP, BP).load(gl.SliceLayout(0, layout))
-                acc += w.to(gl.float32) * xv.to(gl.float32)[None, :, :]
-            out = gl.sum(gl.sum(acc, axis=2), axis=1)
-        else:
-            acc2 = gl.zeros([BR, BP], gl.float32, layout=gl.SliceLayout(2, layout))
-            for pg in gl.static_range(NPG):
-                w = _load(ring, ready, it + pg, S, BR, layout)
-                xv = act.slice(pg * BP, BP).load(gl.SliceLayout(0, layout))
-                acc2 += gl.sum(w.to(gl.float32) * xv.to(gl.float32)[None, :, :], axis=2)
-            out = gl.sum(acc2, axis=1)
+        acc = gl.zeros([BR, BP, PW], gl.float32, layout=layout)
+        for pg in gl.static_range(NPG):  # unrolled: act slices need constant starts
+            w = _load(ring, ready, it + pg, S, BR, layout)
+            xv = act.slice(pg * BP, BP).load(gl.SliceLayout(0, layout))
+            acc += w.to(gl.float32) * xv.to(gl.float32)[None, :, :]
+        out = gl.sum(gl.sum(acc, axis=2), axis=1)
         _release(empty, it, NPG, S)
         return out
 
@@ -281,10 +277,10 @@ if _IMPORT_ERROR is None:
     def _consumer(ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr,
                   conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l,
                   D: gl.constexpr, I: gl.constexpr, R: gl.constexpr, N: gl.constexpr, K: gl.constexpr,
-                  G: gl.constexpr, RI: gl.constexpr, RO: gl.constexpr, CS: gl.constexpr, JP: gl.constexpr,
+                  G: gl.constexpr, RI: gl.constexpr, CS: gl.constexpr, JP: gl.constexpr,
                   RP: gl.constexpr, BRI: gl.constexpr, BPI: gl.constexpr, PWI: gl.constexpr,
                   BRO: gl.constexpr, BPO: gl.constexpr, PWO: gl.constexpr, NPIP: gl.constexpr, NPOP: gl.constexpr,
-                  HAS_CBIAS: gl.constexpr, S: gl.constexpr, t_ptr, TIMES: gl.constexpr, SYNC: gl.constexpr,
+                  HAS_CBIAS: gl.constexpr, S: gl.constexpr, t_ptr, TIMES: gl.constexpr,
                   num_warps: gl.constexpr):
         c = gl.program_id(0)
         WDT: gl.constexpr = ring.dtype
@@ -349,7 +345,7 @@ if _IMPORT_ERROR is None:
             if HAS_CBIAS:
                 stg2.slice((2 * K - 1) * NRGP, NRGP).store(gl.load(cb_p + ch2, mask=m2, other=0.0).to(gl.float32))
             # ---- A: RMSNorm of the residual (after the previous block's out_proj), in_proj rows, conv, x_proj
-            if j > 0 and SYNC:
+            if j > 0:
                 _spin(cnt_ptr + (j - 1) * CNT_STRIDE + 16, G)
             _mark(tj, 1, TIMES)
             x = gl.load(res_ptr + pi, mask=pi < D, other=0.0, cache_modifier=".cg").to(WDT).to(gl.float32)
@@ -401,8 +397,7 @@ if _IMPORT_ERROR is None:
             A = gl.load(a_p + ch[:, None] * N + nn[None, :], mask=mch[:, None], other=0.0)
             Dv = gl.load(d_p + ch, mask=mch, other=0.0)
             bias = gl.load(db_p + ch, mask=mch, other=0.0)
-            if SYNC:
-                _spin(cnt_ptr + j * CNT_STRIDE + 0, G)
+            _spin(cnt_ptr + j * CNT_STRIDE + 0, G)
             _mark(tj, 3, TIMES)
             # x_proj: the programs' shares added up (16 programs' rows a load, all loads in flight), then rounded
             # as a matmul's output
@@ -432,8 +427,7 @@ if _IMPORT_ERROR is None:
             _mark(tj, 4, TIMES)
             _arrive(cnt_ptr + j * CNT_STRIDE + 8)
             # ---- C: out_proj rows, added to the residual
-            if SYNC:
-                _spin(cnt_ptr + j * CNT_STRIDE + 8, G)
+            _spin(cnt_ptr + j * CNT_STRIDE + 8, G)
             _mark(tj, 5, TIMES)
             act_out.store(gl.load(y_ptr + po, mask=po < I, other=0.0, cache_modifier=".cg"))
             gl.thread_barrier()
@@ -454,10 +448,10 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _step_kernel(win_desc, wout_desc, wx_desc, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr,
                      y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l, D: gl.constexpr, I: gl.constexpr, R: gl.constexpr,
-                     N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, RI: gl.constexpr, RO: gl.constexpr,
+                     N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, RI: gl.constexpr,
                      CS: gl.constexpr, JP: gl.constexpr, RP: gl.constexpr, NRGP: gl.constexpr, NPIP: gl.constexpr,
                      NPOP: gl.constexpr, HAS_CBIAS: gl.constexpr, S: gl.constexpr, SLOT: gl.constexpr,
-                     FLIGHT: gl.constexpr, t_ptr, TIMES: gl.constexpr, SYNC: gl.constexpr, num_warps: gl.constexpr):
+                     FLIGHT: gl.constexpr, t_ptr, TIMES: gl.constexpr, num_warps: gl.constexpr):
         WDT: gl.constexpr = win_desc.dtype
         # ring slots of SLOT elements; a stream whose box is smaller uses the first rows of a slot (a view as
         # [S] + box would put slot s at s box sizes, inside other slots)
@@ -483,10 +477,10 @@ if _IMPORT_ERROR is None:
         gl.warp_specialize([
             (_consumer, (ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr,
                          conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l, D,
-                         I, R, N, K, G, RI, RO, CS, JP, RP, BI[0], BI[1], BI[2], BO[0], BO[1], BO[2], NPIP, NPOP,
-                         HAS_CBIAS, S, t_ptr, TIMES, SYNC, num_warps)),
+                         I, R, N, K, G, RI, CS, JP, RP, BI[0], BI[1], BI[2], BO[0], BO[1], BO[2], NPIP, NPOP,
+                         HAS_CBIAS, S, t_ptr, TIMES, num_warps)),
             (_producer, (win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, meta, cnt_ptr, L, D, I, RI,
-                         RO, S, FLIGHT)),
+                         S, FLIGHT)),
         ], [1], [24])
 
 
@@ -568,18 +562,16 @@ class PersistentStep:
             return None
         return cls(blocks, conv, ssm, p)
 
-    def step(self, res: torch.Tensor, idx: torch.Tensor, times: torch.Tensor | None = None,
-             sync: bool = True) -> None:
+    def step(self, res: torch.Tensor, idx: torch.Tensor, times: torch.Tensor | None = None) -> None:
         """times: an int64 (L, G, 16) tensor that gets each program's %globaltimer at its stages (a probe, see
-        scripts/sweep_gpu.py persistent_stages); sync=False: no waits at the counters (garbage out: the stream
-        alone)."""
+        scripts/sweep_gpu.py persistent_stages)."""
         p = self.plan
         self.cnt.zero_()
         _step_kernel[(p.G,)](
             self.win_desc, self.wout_desc, self.wx_desc, res, self.tab, self.conv, self.ssm, idx, self.xc, self.z,
             self.y, self.acc, self.cnt, self.L, self.eps, self.conv.stride(0), self.ssm.stride(0), D=self.D, I=self.I,
-            R=self.R, N=self.N, K=self.K, G=p.G, RI=p.RI, RO=p.RO, CS=p.CS, JP=self.jp, RP=self.rp,
+            R=self.R, N=self.N, K=self.K, G=p.G, RI=p.RI, CS=p.CS, JP=self.jp, RP=self.rp,
             NRGP=_np2(p.RI // p.BRI // 2), NPIP=_np2(self.D // p.PWI), NPOP=_np2(self.I // p.PWO),
             HAS_CBIAS=self.has_cbias, S=p.S, SLOT=p.slot // 2, FLIGHT=min(p.S - 1, max(1, FLIGHT_BYTES // p.slot)),
-            t_ptr=self.acc if times is None else times, TIMES=times is not None, SYNC=sync,
+            t_ptr=self.acc if times is None else times, TIMES=times is not None,
             num_warps=CONSUMER_WARPS)

@@ -55,14 +55,6 @@ def _triton_kernels():
     return triton_ops, triton_decode
 
 
-def _persistent_step(weights: list, conv: torch.Tensor, ssm: torch.Tensor):
-    try:
-        from swarm.kernels import gluon_step
-    except ImportError:
-        return None
-    return gluon_step.PersistentStep.build(weights, conv, ssm)
-
-
 @dataclass(frozen=True)
 class _BlockWeights:
     """One block's tensors as the fused step reads them (views of the stack's parameters, fp32 where the maths is)."""
@@ -147,7 +139,8 @@ class GraphDecoder:
         self._persistent = None
         wide = cfg.hidden_size >= PERSISTENT_MIN_D_MODEL
         if stack.device.type == "cuda" and (step == "persistent" or step == "auto" and wide):
-            self._persistent = _persistent_step(self._w, self.conv, self.ssm)
+            from swarm.kernels import gluon_step  # guards its own Gluon import: None where the kernel cannot run
+            self._persistent = gluon_step.PersistentStep.build(self._w, self.conv, self.ssm)
         if step == "persistent" and self._persistent is None:
             raise BackendUnavailable("GraphDecoder step='persistent' needs a Hopper GPU, Triton's Gluon, bf16 or fp16 "
                                      "weights packed by BlockStack.from_tensors and a model the kernel's plan fits")
