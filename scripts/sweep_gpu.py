@@ -415,9 +415,9 @@ def persistent_stages(layers=16):
         ps.step(res, idx, T)
     torch.cuda.synchronize()
     t = (T.double() - T[0, :, 0].double().min()) / 1e3
-    names = ["wait C", "in_proj (x, then z from the queue)", "release A", "wait A", "SSM step", "wait B",
-             "out_proj (queue)"]
-    order = [0, 1, 2, 7, 3, 4, 5, 6]
+    names = ["wait C", "x rows, conv, x_proj's share", "z rows (queue), release A", "wait A",
+             "SSM step", "release B", "wait B", "gate, out_proj (queue)"]
+    order = [0, 1, 2, 3, 4, 5, 8, 6, 7]
     for k, name in enumerate(names):
         part = t[2:-1, :, order[k + 1]] - t[2:-1, :, order[k]]
         print(f"persistent {ps.plan}: {name:36s} {part.median(1).values.mean().item():6.2f} / "

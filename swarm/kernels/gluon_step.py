@@ -49,6 +49,7 @@ MAX_SLOTS = 48
 FLIGHT_BYTES = 24 * 1024
 CONSUMER_WARPS = 4
 N_PTRS = 8  # per-block pointers: norm_w, conv_w, conv_b, x_w, dt_w, dt_b, A, D
+SPIN_NS = 2_000_000_000  # a wait at a counter longer than this (ns) is a failure: see _spin
 N_CNT = 40  # int32 counters a block: 3 counters and 2 queues, each in its own 32-byte sector (polled and added to
 # at once)
 
@@ -102,8 +103,8 @@ def plan(d: int, i: int, sms: int, slot_bytes: int | None = None, elsize: int = 
             continue
         cs = _np2(ri // 2)
         slot = max(bi[0] * bi[1] * bi[2], bo[0] * bo[1] * bo[2]) * elsize
-        # the two input rows and the staged conv rows (K <= 4: 8 fp32 rows a group)
-        act = (_np2(d // bi[2]) * bi[2] + _np2(i // bo[2]) * bo[2]) * elsize + 8 * _np2(ri // bi[0] // 2) * bi[0] * 4
+        # the two input rows and the staged conv rows (K <= 4: 16 fp32 rows a group, in blocks of 4)
+        act = (_np2(d // bi[2]) * bi[2] + _np2(i // bo[2]) * bo[2]) * elsize + 16 * _np2(ri // bi[0] // 2) * bi[0] * 4
         slots = min(MAX_SLOTS, (SMEM_BYTES - act) // slot)
         if slots < 2:
             continue
@@ -137,12 +138,23 @@ if _IMPORT_ERROR is None:
         gl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _spin(ptr, target):
-        # every thread polls with acquire loads (no read-modify-write: 128 programs polling that way queued at L2
-        # behind the counters' real updates): what the other programs wrote before their arrive is visible after
-        while gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=gl.int32,
-                                        is_pure=False, pack=1) < target:
-            pass
+    def _poll(ptr):
+        return gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=gl.int32,
+                                         is_pure=False, pack=1)
+
+    @gluon.jit
+    def _spin(ptr, target, dead, limit):
+        """Wait until *ptr >= target; returns 1 where this or an earlier wait timed out (dead: then no wait).
+
+        Every thread polls with acquire loads (no read-modify-write: 128 programs polling that way queued at L2
+        behind the counters' real updates): what the other programs wrote before their arrive is visible after.
+        A wait longer than `limit` ns means some program never became resident (an SM share under MPS, say): the
+        kernel then runs to its end without waiting, so that the host gets an error instead of a hang."""
+        if dead == 0:
+            t0 = _now()
+            while (_poll(ptr) < target) & (dead == 0):
+                dead = (_now() - t0 > limit).to(gl.int32)
+        return dead
 
     @gluon.jit
     def _arrive(ptr):
@@ -258,6 +270,33 @@ if _IMPORT_ERROR is None:
         return w
 
     @gluon.jit
+    def _block_rows(nw_p, cw_p, cb_p, conv_j, pi, ch3, k3, m3, D: gl.constexpr, K: gl.constexpr,
+                    HAS_CBIAS: gl.constexpr):
+        """A block's rows that stage A needs first: the norm weight, and the program's channels' old conv taps
+        1..K-1, conv weights and bias (each [KP, row group, row]). Loaded a block ahead, so that their latency
+        (~1-2 us while the weights stream) is not on the way."""
+        g = gl.load(nw_p + pi, mask=pi < D, other=0.0).to(gl.float32)
+        old = gl.load(conv_j + ch3 * K + k3 + 1, mask=m3 & (k3 < K - 1), other=0.0)
+        cw = gl.load(cw_p + ch3 * K + k3, mask=m3 & (k3 < K), other=0.0).to(gl.float32)
+        if HAS_CBIAS:
+            cb = gl.load(cb_p + ch3 + k3 * 0, mask=m3 & (k3 < 1), other=0.0).to(gl.float32)
+        else:
+            cb = gl.zeros_like(cw)
+        return g, old, cw, cb
+
+    @gluon.jit
+    def _ssm_rows(dw_p, h_ptrs, a_p, d_p, db_p, xc_ptr, cd, rr, ch, nn, mcd, mch, R: gl.constexpr, N: gl.constexpr):
+        """The SSM step's rows of the program's channels: dt_proj's rows, the state, A, D, dt's bias, xc."""
+        gl.thread_barrier()  # xc's stores (stage A, other consumer threads) are visible
+        wdt = gl.load(dw_p + cd[:, None] * R + rr[None, :], mask=mcd[:, None] & (rr < R)[None, :], other=0.0)
+        h = gl.load(h_ptrs, mask=mch[:, None], other=0.0)
+        A = gl.load(a_p + ch[:, None] * N + nn[None, :], mask=mch[:, None], other=0.0)
+        Dv = gl.load(d_p + ch, mask=mch, other=0.0)
+        bias = gl.load(db_p + ch, mask=mch, other=0.0)
+        u = gl.load(xc_ptr + ch, mask=mch, other=0.0, cache_modifier=".cg").to(gl.float32)
+        return wdt, h, A, Dv, bias, u
+
+    @gluon.jit
     def _row_group(ring, ready, empty, act, it, S: gl.constexpr, NPG: gl.constexpr, BR: gl.constexpr,
                    layout: gl.constexpr):
         """One row group's GEMV: NPG boxes [BR, BP, PW] from the ring against act's pieces -> (BR,) fp32 sums.
@@ -275,8 +314,8 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _consumer(ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr,
-                  conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l,
-                  D: gl.constexpr, I: gl.constexpr, R: gl.constexpr, N: gl.constexpr, K: gl.constexpr,
+                  conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, err_addr, spin_ns, L, eps,
+                  conv_l, ssm_l, D: gl.constexpr, I: gl.constexpr, R: gl.constexpr, N: gl.constexpr, K: gl.constexpr,
                   G: gl.constexpr, RI: gl.constexpr, CS: gl.constexpr, JP: gl.constexpr,
                   RP: gl.constexpr, BRI: gl.constexpr, BPI: gl.constexpr, PWI: gl.constexpr,
                   BRO: gl.constexpr, BPO: gl.constexpr, PWO: gl.constexpr, NPIP: gl.constexpr, NPOP: gl.constexpr,
@@ -309,12 +348,15 @@ if _IMPORT_ERROR is None:
             gl.arange(0, PWI, layout=gl.SliceLayout(0, rl_i))[None, :]
         po = gl.arange(0, NPOP, layout=gl.SliceLayout(1, rl_o))[:, None] * PWO + \
             gl.arange(0, PWO, layout=gl.SliceLayout(0, rl_o))[None, :]
-        NRGP: gl.constexpr = stg.shape[0] // (2 * K)
-        stg2 = stg._reinterpret(gl.float32, stg.shape, gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))  # for 2-d stores
+        KP: gl.constexpr = 4  # the conv's taps, padded (K <= 4)
+        NRGP: gl.constexpr = stg.shape[0] // (4 * KP)
+        stg3 = stg._reinterpret(gl.float32, [4 * KP, NRGP, BRI], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
         CH: gl.constexpr = RI // 2  # the program's channels c CH .. (c + 1) CH - 1: x rows, conv, x_proj share, SSM
-        ch2 = c * CH + gl.arange(0, NRGP, layout=gl.SliceLayout(1, sl2))[:, None] * BRI + \
-            gl.arange(0, BRI, layout=gl.SliceLayout(0, sl2))[None, :]
-        m2 = ch2 < c * CH + CH
+        c3: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 4, 8], [1, num_warps, 1], [2, 1, 0])
+        k3 = gl.arange(0, KP, layout=gl.SliceLayout(1, gl.SliceLayout(2, c3)))[:, None, None]
+        ch3 = c * CH + gl.arange(0, NRGP, layout=gl.SliceLayout(0, gl.SliceLayout(2, c3)))[None, :, None] * BRI + \
+            gl.arange(0, BRI, layout=gl.SliceLayout(0, gl.SliceLayout(1, c3)))[None, None, :]
+        m3 = ch3 < c * CH + CH
         rr = gl.arange(0, RP, layout=gl.SliceLayout(0, dtl))
         nn = gl.arange(0, N, layout=gl.SliceLayout(0, hl))
         cd = c * CH + gl.arange(0, CS, layout=gl.SliceLayout(1, dtl))
@@ -322,31 +364,32 @@ if _IMPORT_ERROR is None:
         mcd = cd < c * CH + CH
         mch = ch < c * CH + CH
         it = 0
+        dead = 0
+        g, old, cw, cb = _block_rows(gl.load(tab_ptr + 0).to(gl.pointer_type(WDT)),
+                                     gl.load(tab_ptr + 1).to(gl.pointer_type(WDT)),
+                                     gl.load(tab_ptr + 2).to(gl.pointer_type(WDT)), conv_s, pi, ch3, k3, m3, D, K,
+                                     HAS_CBIAS)
         for j in range(L):
             tj = t_ptr + (j * G + c) * 16
             _mark(tj, 0, TIMES)
             tab = tab_ptr + j * PTRS
-            nw_p = gl.load(tab + 0).to(gl.pointer_type(WDT))
-            cw_p = gl.load(tab + 1).to(gl.pointer_type(WDT))
-            cb_p = gl.load(tab + 2).to(gl.pointer_type(WDT))
             dw_p = gl.load(tab + 4).to(gl.pointer_type(WDT))
             db_p = gl.load(tab + 5).to(gl.pointer_type(gl.float32))
             a_p = gl.load(tab + 6).to(gl.pointer_type(gl.float32))
             d_p = gl.load(tab + 7).to(gl.pointer_type(gl.float32))
-            g = gl.load(nw_p + pi, mask=pi < D, other=0.0).to(gl.float32)
+            jn = gl.minimum(j + 1, L - 1)  # the next block's pointers, for its rows loaded during this one
+            tabn = tab_ptr + jn * PTRS
+            nw_n = gl.load(tabn + 0).to(gl.pointer_type(WDT))
+            cw_n = gl.load(tabn + 1).to(gl.pointer_type(WDT))
+            cb_n = gl.load(tabn + 2).to(gl.pointer_type(WDT))
             # the block's conv state rows and weights for this program's channels, staged in shared memory
             gl.thread_barrier()  # the previous block's reads of the staged rows are done
-            conv_j = conv_s + j * conv_l + ch2 * K
-            for k in gl.static_range(K - 1):  # old taps 1 .. K-1
-                stg2.slice(k * NRGP, NRGP).store(gl.load(conv_j + k + 1, mask=m2, other=0.0))
-            for k in gl.static_range(K):  # weights
-                wk = gl.load(cw_p + ch2 * K + k, mask=m2, other=0.0).to(gl.float32)
-                stg2.slice((K - 1 + k) * NRGP, NRGP).store(wk)
-            if HAS_CBIAS:
-                stg2.slice((2 * K - 1) * NRGP, NRGP).store(gl.load(cb_p + ch2, mask=m2, other=0.0).to(gl.float32))
+            stg3.slice(0, KP).store(old)
+            stg3.slice(KP, KP).store(cw)
+            stg3.slice(2 * KP, KP).store(cb)
             # ---- A: RMSNorm of the residual (after the previous block's out_proj), in_proj rows, conv, x_proj
             if j > 0:
-                _spin(cnt_ptr + (j - 1) * CNT_STRIDE + 16, G)
+                dead = _spin(cnt_ptr + (j - 1) * CNT_STRIDE + 16, G, dead, spin_ns)
             _mark(tj, 1, TIMES)
             x = gl.load(res_ptr + pi, mask=pi < D, other=0.0, cache_modifier=".cg").to(WDT).to(gl.float32)
             rstd = gl.rsqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / D + eps)
@@ -360,14 +403,14 @@ if _IMPORT_ERROR is None:
                 chy = row0 + gl.arange(0, BRI, layout=yl)
                 st_rows = conv_s + j * conv_l + chy * K
                 yf = yr.to(gl.float32)
-                conv = yf * stg.index((2 * K - 2) * NRGP + rg).load(yl)
+                conv = yf * stg.index((KP + K - 1) * NRGP + rg).load(yl)
                 for k in gl.static_range(K - 1):
-                    old = stg.index(k * NRGP + rg).load(yl).to(WDT).to(gl.float32)  # rounded as norm_gemv does
-                    conv += old * stg.index((K - 1 + k) * NRGP + rg).load(yl)
-                    gl.store(st_rows + k, old)
+                    tap = stg.index(k * NRGP + rg).load(yl).to(WDT).to(gl.float32)  # rounded as norm_gemv does
+                    conv += tap * stg.index((KP + k) * NRGP + rg).load(yl)
+                    gl.store(st_rows + k, tap)
                 gl.store(st_rows + K - 1, yf)
                 if HAS_CBIAS:
-                    conv += stg.index((2 * K - 1) * NRGP + rg).load(yl)
+                    conv += stg.index(2 * KP * NRGP + rg).load(yl)
                 xc = (conv / (1.0 + gl.exp(-conv))).to(WDT)
                 gl.store(xc_ptr + chy, xc)
                 wx = _take(ring_x, ready, empty, it, S, 1, xl3)  # [1, JP, BRI]
@@ -379,26 +422,41 @@ if _IMPORT_ERROR is None:
             # that the release at the end of the stage does not wait for it.
             jj = gl.arange(0, JP, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
             gl.store(acc_ptr + c * JP + jj, partial)
+            _mark(tj, 2, TIMES)
+            # z rows from the queue, stored as silu(z) in fp32 for stage C's gate. The program counts in at A after
+            # its first z row group, before that group's stores: by then the stores above have landed, and the
+            # fence there (which waits for the program's loads and stores in flight) waits for little. The SSM
+            # step's rows are loaded right after it, so that their latency passes in the z rows
+            wdt = gl.zeros([CS, RP], WDT, layout=dtl)
+            h = gl.zeros([CS, N], gl.float32, layout=hl)
+            A = gl.zeros([CS, N], gl.float32, layout=hl)
+            Dv = gl.zeros([CS], gl.float32, layout=gl.SliceLayout(1, hl))
+            bias = gl.zeros([CS], gl.float32, layout=gl.SliceLayout(1, hl))
+            u = gl.zeros([CS], gl.float32, layout=gl.SliceLayout(1, hl))
+            h_ptrs = ssm_s + j * ssm_l + ch[:, None] * N + nn[None, :]
+            n_z = 0
             item = _peek(meta, ready, it, S, num_warps)
-            while item >= 0:  # z rows from the queue
-                yr = _row_group(ring, ready, empty, act_in, it, S, D // PWI // BPI, BRI, wl_i).to(WDT)
-                gl.store(z_ptr + item * BRI + gl.arange(0, BRI, layout=yl), yr)
+            while item >= 0:
+                zr = _row_group(ring, ready, empty, act_in, it, S, D // PWI // BPI, BRI, wl_i).to(WDT)
+                if n_z == 0:
+                    _arrive(cnt_ptr + j * CNT_STRIDE + 0)
+                    wdt, h, A, Dv, bias, u = _ssm_rows(dw_p, h_ptrs, a_p, d_p, db_p, xc_ptr, cd, rr, ch, nn, mcd, mch,
+                                                       R, N)
+                zf = zr.to(gl.float32)
+                gl.store(z_ptr + item * BRI + gl.arange(0, BRI, layout=yl), zf / (1.0 + gl.exp(-zf)))
                 it += D // PWI // BPI
+                n_z += 1
                 item = _peek(meta, ready, it, S, num_warps)
             _release(empty, it, 1, S)
             it += 1
-            _mark(tj, 2, TIMES)
-            _arrive(cnt_ptr + j * CNT_STRIDE + 0)
-            _mark(tj, 7, TIMES)
-            # ---- B: the SSM step of the program's channels (their state and weights read before the wait)
-            wdt = gl.load(dw_p + cd[:, None] * R + rr[None, :], mask=mcd[:, None] & (rr < R)[None, :], other=0.0)
-            h_ptrs = ssm_s + j * ssm_l + ch[:, None] * N + nn[None, :]
-            h = gl.load(h_ptrs, mask=mch[:, None], other=0.0)
-            A = gl.load(a_p + ch[:, None] * N + nn[None, :], mask=mch[:, None], other=0.0)
-            Dv = gl.load(d_p + ch, mask=mch, other=0.0)
-            bias = gl.load(db_p + ch, mask=mch, other=0.0)
-            _spin(cnt_ptr + j * CNT_STRIDE + 0, G)
+            if n_z == 0:
+                _arrive(cnt_ptr + j * CNT_STRIDE + 0)
+                wdt, h, A, Dv, bias, u = _ssm_rows(dw_p, h_ptrs, a_p, d_p, db_p, xc_ptr, cd, rr, ch, nn, mcd, mch, R, N)
             _mark(tj, 3, TIMES)
+            # ---- B: the SSM step of the program's channels. It needs every program's x_proj share (A), long
+            # counted in by now, and not z: the gate moved to stage C, so no grid-wide wait sits between the stages
+            dead = _spin(cnt_ptr + j * CNT_STRIDE + 0, G, dead, spin_ns)
+            _mark(tj, 4, TIMES)
             # x_proj: the programs' shares added up (16 programs' rows a load, all loads in flight), then rounded
             # as a matmul's output
             sh = gl.zeros([16, JP], gl.float32, layout=pl)
@@ -411,8 +469,6 @@ if _IMPORT_ERROR is None:
             dlow = gl.where(rr < R, dbc_sm.slice(0, RP).load(gl.SliceLayout(0, dtl)), 0.0).to(WDT).to(gl.float32)
             bm = dbc_sm.slice(R, N).load(gl.SliceLayout(0, hl)).to(WDT).to(gl.float32)
             cm = dbc_sm.slice(R + N, N).load(gl.SliceLayout(0, hl)).to(WDT).to(gl.float32)
-            u = gl.load(xc_ptr + ch, mask=mch, other=0.0, cache_modifier=".cg").to(gl.float32)
-            z = gl.load(z_ptr + ch, mask=mch, other=0.0, cache_modifier=".cg").to(gl.float32)
             dl = gl.sum(wdt.to(gl.float32) * dlow[None, :], axis=1).to(WDT).to(gl.float32)
             dl = gl.convert_layout(dl, gl.SliceLayout(1, hl)) + bias
             e = gl.exp(dl)  # softplus as triton_scan._softplus
@@ -422,32 +478,40 @@ if _IMPORT_ERROR is None:
             h = gl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * bm[None, :]
             gl.store(h_ptrs, h, mask=mch[:, None])
             y = gl.sum(h * cm[None, :], axis=1) + Dv * u
-            y = y * (z / (1.0 + gl.exp(-z)))
-            gl.store(y_ptr + ch, y.to(WDT), mask=mch)
-            _mark(tj, 4, TIMES)
-            _arrive(cnt_ptr + j * CNT_STRIDE + 8)
-            # ---- C: out_proj rows, added to the residual
-            _spin(cnt_ptr + j * CNT_STRIDE + 8, G)
+            gl.store(y_ptr + ch, y, mask=mch)  # fp32, before the gate
             _mark(tj, 5, TIMES)
-            act_out.store(gl.load(y_ptr + po, mask=po < I, other=0.0, cache_modifier=".cg"))
+            _arrive(cnt_ptr + j * CNT_STRIDE + 8)
+            _mark(tj, 8, TIMES)
+            # the next block's first rows, loaded after the fence above (which would wait for them)
+            g, old, cw, cb = _block_rows(nw_n, cw_n, cb_n, conv_s + jn * conv_l, pi, ch3, k3, m3, D, K, HAS_CBIAS)
+            # ---- C: the gate (y silu(z), rounded), out_proj rows, added to the residual
+            dead = _spin(cnt_ptr + j * CNT_STRIDE + 8, G, dead, spin_ns)
+            _mark(tj, 6, TIMES)
+            yg = gl.load(y_ptr + po, mask=po < I, other=0.0, cache_modifier=".cg") * \
+                gl.load(z_ptr + po, mask=po < I, other=0.0, cache_modifier=".cg")
+            act_out.store(yg.to(WDT))
             gl.thread_barrier()
             item = _peek(meta, ready, it, S, num_warps)
             while item >= 0:  # out_proj rows from the queue
+                rows = item * BRO + gl.arange(0, BRO, layout=gl.SliceLayout(1, gl.SliceLayout(2, wl_o)))
+                r = gl.load(res_ptr + rows, cache_modifier=".cg")  # loaded first: its latency passes in the GEMV
                 yo = _row_group(ring_o, ready, empty, act_out, it, S, I // PWO // BPO, BRO, wl_o)
                 yo = yo.to(WDT).to(gl.float32)
                 it += I // PWO // BPO
-                rows = item * BRO + gl.arange(0, BRO, layout=gl.SliceLayout(1, gl.SliceLayout(2, wl_o)))
-                r = gl.load(res_ptr + rows, cache_modifier=".cg")
                 gl.store(res_ptr + rows, r + yo)
                 item = _peek(meta, ready, it, S, num_warps)
             _release(empty, it, 1, S)
             it += 1
-            _mark(tj, 6, TIMES)
+            _mark(tj, 7, TIMES)
             _arrive(cnt_ptr + j * CNT_STRIDE + 16)
+        if dead != 0:  # a wait timed out: the output is NaN and the host is told (PersistentStep.failed)
+            gl.store(res_ptr + pi, gl.full(pi.shape, float("nan"), gl.float32, layout=rl_i), mask=pi < D)
+            gl.store(err_addr.to(gl.pointer_type(gl.int32)), 1)
 
     @gluon.jit
     def _step_kernel(win_desc, wout_desc, wx_desc, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr,
-                     y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l, D: gl.constexpr, I: gl.constexpr, R: gl.constexpr,
+                     y_ptr, acc_ptr, cnt_ptr, err_addr, spin_ns, L, eps, conv_l, ssm_l, D: gl.constexpr,
+                     I: gl.constexpr, R: gl.constexpr,
                      N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, RI: gl.constexpr,
                      CS: gl.constexpr, JP: gl.constexpr, RP: gl.constexpr, NRGP: gl.constexpr, NPIP: gl.constexpr,
                      NPOP: gl.constexpr, HAS_CBIAS: gl.constexpr, S: gl.constexpr, SLOT: gl.constexpr,
@@ -468,17 +532,17 @@ if _IMPORT_ERROR is None:
         flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         act_in = gl.allocate_shared_memory(WDT, [NPIP, win_desc.block_type.shape[2]], flat)
         act_out = gl.allocate_shared_memory(WDT, [NPOP, wout_desc.block_type.shape[2]], flat)
-        # the conv's old state taps 1..K-1, weights 0..K-1 and bias, each [row group, row], rows of a group's channels
-        stg = gl.allocate_shared_memory(gl.float32, [2 * K * NRGP, win_desc.block_type.shape[0]],
+        # the conv's old state taps 1..K-1, weights 0..K-1 and bias (rows 0, 4, 8 of 16), each [row group, row]
+        stg = gl.allocate_shared_memory(gl.float32, [16 * NRGP, win_desc.block_type.shape[0]],
                                         gl.SwizzledSharedLayout(1, 1, 1, [0]))
         for i in gl.static_range(S):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
             (_consumer, (ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr,
-                         conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, L, eps, conv_l, ssm_l, D,
-                         I, R, N, K, G, RI, CS, JP, RP, BI[0], BI[1], BI[2], BO[0], BO[1], BO[2], NPIP, NPOP,
-                         HAS_CBIAS, S, t_ptr, TIMES, num_warps)),
+                         conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, err_addr, spin_ns, L,
+                         eps, conv_l, ssm_l, D, I, R, N, K, G, RI, CS, JP, RP, BI[0], BI[1], BI[2], BO[0], BO[1],
+                         BO[2], NPIP, NPOP, HAS_CBIAS, S, t_ptr, TIMES, num_warps)),
             (_producer, (win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, meta, cnt_ptr, L, D, I, RI,
                          S, FLIGHT)),
         ], [1], [24])
@@ -533,8 +597,13 @@ class PersistentStep:
         self.has_cbias = w0.conv_b is not None
         self.conv, self.ssm = conv, ssm
         self.xc = torch.empty(self.I, dtype=self.dtype, device=dev)
-        self.z = torch.empty(self.I, dtype=self.dtype, device=dev)
-        self.y = torch.empty(self.I, dtype=self.dtype, device=dev)
+        self.z = torch.empty(self.I, dtype=torch.float32, device=dev)  # silu(z)
+        self.y = torch.empty(self.I, dtype=torch.float32, device=dev)  # the SSM step's output before the gate
+        # set by the kernel where a wait timed out; pinned host memory, which the kernel writes through its mapped
+        # address, so that the host reads it without a copy or a sync (failed())
+        self.err = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.spin_ns = SPIN_NS
+        self._grid = plan_.G  # the programs launched (a test launches fewer, to see the waits time out)
         self.acc = torch.zeros(plan_.G, self.jp, dtype=torch.float32, device=dev)  # x_proj's shares
         self.cnt = torch.zeros(self.L, N_CNT, dtype=torch.int32, device=dev)
 
@@ -562,15 +631,21 @@ class PersistentStep:
             return None
         return cls(blocks, conv, ssm, p)
 
+    def failed(self) -> bool:
+        """Whether a step that has finished timed out at a wait (its output is NaN): some of the kernel's programs
+        were not resident at once, e.g. under an MPS share of the SMs."""
+        return bool(self.err[0])
+
     def step(self, res: torch.Tensor, idx: torch.Tensor, times: torch.Tensor | None = None) -> None:
         """times: an int64 (L, G, 16) tensor that gets each program's %globaltimer at its stages (a probe, see
         scripts/sweep_gpu.py persistent_stages)."""
         p = self.plan
         self.cnt.zero_()
-        _step_kernel[(p.G,)](
+        _step_kernel[(self._grid,)](
             self.win_desc, self.wout_desc, self.wx_desc, res, self.tab, self.conv, self.ssm, idx, self.xc, self.z,
-            self.y, self.acc, self.cnt, self.L, self.eps, self.conv.stride(0), self.ssm.stride(0), D=self.D, I=self.I,
-            R=self.R, N=self.N, K=self.K, G=p.G, RI=p.RI, CS=p.CS, JP=self.jp, RP=self.rp,
+            self.y, self.acc, self.cnt, self.err.data_ptr(), self.spin_ns, self.L, self.eps, self.conv.stride(0),
+            self.ssm.stride(0), D=self.D, I=self.I, R=self.R, N=self.N, K=self.K, G=p.G, RI=p.RI, CS=p.CS,
+            JP=self.jp, RP=self.rp,
             NRGP=_np2(p.RI // p.BRI // 2), NPIP=_np2(self.D // p.PWI), NPOP=_np2(self.I // p.PWO),
             HAS_CBIAS=self.has_cbias, S=p.S, SLOT=p.slot // 2, FLIGHT=min(p.S - 1, max(1, FLIGHT_BYTES // p.slot)),
             t_ptr=self.acc if times is None else times, TIMES=times is not None,

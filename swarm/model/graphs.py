@@ -168,6 +168,11 @@ class GraphDecoder:
         self.captured = graphs
         if graphs:
             self._capture()
+            if self._persistent is not None and self._persistent.failed():  # its warm-up steps timed out
+                if step == "persistent":
+                    self._check_persistent()
+                self._persistent = None  # "auto": the four kernels a block instead
+                self._capture()
 
     # ------------------------------------------------------------------ slots and states
 
@@ -311,6 +316,7 @@ class GraphDecoder:
     @torch.no_grad()
     def step(self, slots: list[int], hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (B, 1, D) fp32 for sessions `slots` (B of them) -> (B, 1, D) fp32; their states advance a token."""
+        self._check_persistent()
         bsz = len(slots)
         bk = self._bucket("step", slots, hidden, (bsz, 1, self.cfg.hidden_size))
         self._h_in[bk][:bsz].copy_(hidden[:, 0])
@@ -328,6 +334,7 @@ class GraphDecoder:
         model the head's few launches from Python cost more than the blocks' whole graph."""
         if self.head is None:
             raise ValueError("step_logits needs a GraphDecoder built with head=")
+        self._check_persistent()
         bsz = len(slots)
         bk = self._bucket("step_logits", slots, ids, (bsz, 1))
         self._ids[bk][:bsz].copy_(ids)
@@ -336,6 +343,13 @@ class GraphDecoder:
         else:
             self._token(bk)
         return self._logits[bk][:bsz].clone()
+
+    def _check_persistent(self) -> None:
+        """Raise if a finished persistent step timed out at a wait (a flag in pinned memory: no sync, no copy)."""
+        if self._persistent is not None and self._persistent.failed():
+            raise BackendUnavailable(
+                f"GraphDecoder: the persistent decode step timed out: its {self._persistent.plan.G} programs were not "
+                "all resident at once (fewer SMs free than the GPU reports, e.g. an MPS share); use step='kernels'")
 
     def _bucket(self, what: str, slots: list[int], x: torch.Tensor, shape: tuple[int, ...]) -> int:
         """Check a step's sessions and input; returns their bucket, whose slot index now holds them."""

@@ -600,6 +600,38 @@ def test_persistent_step_agrees_with_the_four_kernels():
         graphs.PERSISTENT_MIN_D_MODEL = graphs_min
 
 
+@needs_cuda
+def test_persistent_step_times_out_instead_of_hanging():
+    """A persistent step whose programs are not all running (here one is never launched, as when an MPS share or
+    another kernel holds SMs) must not hang: its waits time out, the step ends with a NaN output, failed() says so
+    and the decoder's next step raises a one-line error."""
+    import time
+
+    from swarm.model.graphs import GraphDecoder
+    torch.manual_seed(13)
+    cfg = _config(hidden_size=512, intermediate_size=1024, time_step_rank=32, num_layers=3)
+    _, fast = _stacks(cfg, torch.bfloat16)
+    from swarm.kernels import gluon_step
+    if not gluon_step.available(torch.device("cuda")):
+        pytest.skip("the persistent step needs a Hopper GPU and Triton's Gluon")
+    dec = GraphDecoder(fast, max_slots=2, buckets=(1,), graphs=False, step="persistent")
+    ps = dec._persistent
+    slot = dec.alloc_slot()
+    h = torch.randn(1, 1, cfg.hidden_size, device="cuda")
+    assert torch.isfinite(dec.step([slot], h)).all()
+    torch.cuda.synchronize()
+    assert not ps.failed()
+    ps.spin_ns = 20_000_000  # 20 ms
+    ps._grid = ps.plan.G - 1
+    t0 = time.perf_counter()
+    out = dec.step([slot], h)
+    torch.cuda.synchronize()
+    assert time.perf_counter() - t0 < 10
+    assert ps.failed() and torch.isnan(out).all()
+    with pytest.raises(BackendUnavailable, match="timed out"):
+        dec.step([slot], h)
+
+
 # ------------------------------------------------------------------ logits vs transformers
 
 # small configs covering a tied head and an untied one with biases, another conv width, state size and expand
