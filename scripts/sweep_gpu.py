@@ -2,7 +2,8 @@
 
     PYTHONPATH=$PWD python3 scripts/sweep_gpu.py [launch_costs prefill_profile ssm_decode_sweep step_sweep
                                                   step_parts prefill_sweep chunk_sweep scan_sweep prefill_kernels
-                                                  read_ceiling conv_sweep prefill_gaps persistent_stages]
+                                                  read_ceiling conv_sweep prefill_gaps persistent_stages
+                                                  persistent_knobs]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -14,7 +15,7 @@ scan_sweep: the scan alone at 1024 tokens (L2-warm: context changes the order, s
 prefill_kernels: that prefill's kernels by time; read_ceiling: how fast a 52 MB weight can be read at all;
 conv_sweep: the prefill conv alone, its kernels and configs; prefill_gaps: where a graphed prefill idles;
 persistent_stages: where the persistent step's time goes (each program's %globaltimer at its stages), against the
-four kernels.
+four kernels; persistent_knobs: the persistent step's knobs (ring slot size, bytes in flight, consumer warps).
 """
 import cProfile
 import io
@@ -428,6 +429,28 @@ def persistent_stages(layers=16):
         for name, (d, sl) in decs.items():
             ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=10)
             print(f"round {r} step 16 blocks 2.8b b=1 {name:10s} {ms * 1e3 / layers:.1f} us/block", flush=True)
+
+
+def persistent_knobs(layers=16):
+    """The persistent step at 2.8b width for (slot KB, bytes in flight KB, consumer warps) variants, graphed,
+    interleaved rounds."""
+    from swarm.kernels import gluon_step
+    cfg, stack = _wide_stack(layers)
+    h = torch.randn(1, 1, cfg.hidden_size, device=dev)
+    decs = {}
+    for key in [(8, 24, 4), (8, 32, 4), (16, 32, 4), (16, 48, 4), (8, 24, 8), (16, 32, 8)]:
+        gluon_step.SLOT_BYTES, gluon_step.FLIGHT_BYTES = (key[0] << 10,), key[1] << 10
+        gluon_step.CONSUMER_WARPS = key[2]
+        try:
+            d = GraphDecoder(stack, max_slots=2, buckets=(1,), step="persistent")
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile or fit is reported, not fatal
+            print(f"slot KB, flight KB, warps {key}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        decs[key] = (d, [d.alloc_slot()])
+    for r in range(3):
+        for key, (d, sl) in decs.items():
+            ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=10)
+            print(f"round {r} slot KB, flight KB, warps {key}: {ms * 1e3 / layers:.1f} us/block", flush=True)
 
 
 if __name__ == "__main__":
