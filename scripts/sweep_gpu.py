@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD python3 scripts/sweep_gpu.py [launch_costs prefill_profile ssm_decode_sweep step_sweep
                                                   step_parts prefill_sweep chunk_sweep scan_sweep prefill_kernels
                                                   read_ceiling conv_sweep prefill_gaps persistent_stages
-                                                  persistent_knobs]
+                                                  persistent_knobs persistent_widths]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -15,7 +15,8 @@ scan_sweep: the scan alone at 1024 tokens (L2-warm: context changes the order, s
 prefill_kernels: that prefill's kernels by time; read_ceiling: how fast a 52 MB weight can be read at all;
 conv_sweep: the prefill conv alone, its kernels and configs; prefill_gaps: where a graphed prefill idles;
 persistent_stages: where the persistent step's time goes (each program's %globaltimer at its stages), against the
-four kernels; persistent_knobs: the persistent step's knobs (ring slot size, bytes in flight, consumer warps).
+four kernels; persistent_knobs: the persistent step's knobs (ring slot size, bytes in flight, consumer warps);
+persistent_widths: the persistent step against the four kernels at 790m's width.
 """
 import cProfile
 import io
@@ -451,6 +452,22 @@ def persistent_knobs(layers=16):
         for key, (d, sl) in decs.items():
             ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=10)
             print(f"round {r} slot KB, flight KB, warps {key}: {ms * 1e3 / layers:.1f} us/block", flush=True)
+
+
+def persistent_widths(layers=16):
+    """The b=1 graphed step, four kernels a block against the persistent one, at 790m's width (d_model 1536, the
+    other width below 2.8b's that the persistent kernel's plan fits), interleaved rounds."""
+    cfg = MambaConfig.from_dict(dict(MODELS["2.8b"], hidden_size=1536, num_hidden_layers=layers))
+    stack = BlockStack.from_tensors(cfg, 0, layers, wide_block_tensors(cfg, layers), device=dev, pack=True)
+    h = torch.randn(1, 1, cfg.hidden_size, device=dev)
+    decs = {}
+    for step in ("kernels", "persistent"):
+        d = GraphDecoder(stack, max_slots=2, buckets=(1,), step=step)
+        decs[step] = (d, [d.alloc_slot()])
+    for r in range(3):
+        for name, (d, sl) in decs.items():
+            ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=10)
+            print(f"round {r} step 16 blocks d_model 1536 b=1 {name:10s} {ms * 1e3 / layers:.1f} us/block", flush=True)
 
 
 if __name__ == "__main__":

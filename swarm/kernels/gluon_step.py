@@ -11,15 +11,24 @@ reads. Here one program an SM stays resident for every block and splits in two:
 
       A  RMSNorm of the residual; in_proj's x rows of the program's CH channels (static), with the conv step and
          the program's share of x_proj (its columns stream through the ring too); then z rows taken from a
-         queue, so that faster SMs stream more of them
-      B  x_proj's shares added up (every program reads all of them, in program order: deterministic), then the
-         SSM step of the program's channels (dt_proj, state update, D skip, gate) -> y
-      C  out_proj rows from a queue, added to the fp32 residual
+         queue, so that faster SMs stream more of them, stored as silu(z). The program counts in at A after its
+         first z row group: A says that its x_proj share is in
+      B  after its z rows, x_proj's shares added up (every program reads all of them, in program order:
+         deterministic), then the SSM step of the program's channels (dt_proj, state update, D skip) -> y before
+         the gate. Only x_proj needs the other programs here, and their shares are long in by then
+      C  the gate (y silu(z), rounded), then out_proj rows from a queue, added to the fp32 residual
+
+  Plain loads (the SSM step's rows, the next block's norm and conv rows, the residual rows that out_proj adds to)
+  are issued well ahead of their use and after the fences of the counters, which wait for every load in flight:
+  their latency (~1-2 us while the weights stream) would otherwise stop the consumers.
+
+A wait longer than SPIN_NS (some program never became resident) ends the step with a NaN output and a flag that
+the host reads (PersistentStep.failed; GraphDecoder raises), instead of a hang.
 
 Every value is rounded where the four-kernel step rounds it, so the two agree to the dtype's precision (sums run
 in another order). `PersistentStep.build` says whether a stack fits: Hopper, Gluon, bf16/fp16 weights, no in_proj
 or out_proj bias, and in_proj, x_proj and out_proj each packed in one tensor (BlockStack.from_tensors packs them
-on CUDA). docs/PERFORMANCE.md (ninth session) has the measurements behind the choices.
+on CUDA). docs/PERFORMANCE.md (ninth and tenth sessions) has the measurements behind the choices.
 """
 
 from __future__ import annotations

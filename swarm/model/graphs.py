@@ -24,8 +24,8 @@ from swarm.model.stack import PREFILL_CHUNK, BlockStack, Head
 
 SSM_STATE_EARLY = True  # ssm_decode reads the slot's state before its PDL wait (see _ssm)
 # step="auto" runs the batch-1 step as one persistent kernel (gluon_step) from this width on: measured faster at
-# 2.8b's (H100: 36.0-36.5 us a block against 39.4-40.1); narrower models keep the four-kernel step (130m does not
-# fit the kernel's plan; the widths between were not measured)
+# 2.8b's (H100: 34.0-34.5 us a block against 40.0-40.6); narrower models keep the four-kernel step (at 790m's width
+# the two tie, 20.0-21.0 against 19.8-20.6 us; 130m, 370m and 1.4b do not fit the kernel's plan)
 PERSISTENT_MIN_D_MODEL = 2560
 PREFILL_MIN_BUCKET = 16  # the smallest padded prefill piece (buckets 16, 32, ... prefill_chunk tokens)
 # GraphDecoder's automatic prefill pieces (auto_prefill_chunk): PREFILL_CHUNK_MAX tokens where a piece's activations
@@ -106,6 +106,9 @@ class GraphDecoder:
     `step`: how a batch-1 step runs: "kernels", the four kernels a block above; "persistent", one persistent kernel
     through all blocks (swarm.kernels.gluon_step: Hopper, Triton's Gluon, weights packed by BlockStack; an error
     where it does not apply); "auto", persistent where it applies from PERSISTENT_MIN_D_MODEL on, else kernels.
+    The persistent kernel needs all its programs (one an SM) resident at once: where they are not (an MPS share of
+    the SMs), its waits time out and the step raises BackendUnavailable; "auto" then falls back to the kernels if
+    its warm-up steps already timed out.
     """
 
     def __init__(self, stack: BlockStack, max_slots: int = 16, buckets: tuple[int, ...] = (1, 2, 4, 8),
