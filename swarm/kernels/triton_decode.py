@@ -169,7 +169,7 @@ def _norm_gemv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, cw_ptr
         y += tl.sum(w2.to(tl.float32) * _normed(x2, _v_piece(nw_ptr, P0 + P1, P2, D), rstd, wdt)[None, :], axis=1)
     if HAS_BIAS:
         y += bias
-    y = y.to(y_ptr.dtype.element_ty)
+    y = y.to(w_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the matmul's output
     if CONV:  # rows n < I are x: run them through the conv step (state shift, SiLU) and store xc in their place
         new = tl.where(kc == K - 1, y.to(tl.float32)[:, None], shifted.to(y.dtype).to(tl.float32))
         conv = tl.sum(new * cw.to(tl.float32), axis=1)
@@ -208,8 +208,10 @@ def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, N, sx_b, sw_n, sr_b, K: tl
 
 
 def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-              config: tuple[int, int] | None = None, conv: tuple | None = None) -> torch.Tensor:
-    """linear(rms_norm(x), weight, bias) in one pass: x (B, D) fp32 -> (B, N) in weight's dtype.
+              config: tuple[int, int] | None = None, conv: tuple | None = None,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """linear(rms_norm(x), weight, bias) in one pass: x (B, D) fp32 -> (B, N) in weight's dtype (or out_dtype:
+    the same values, rounded to weight's dtype first; fp32 logits without a conversion kernel after).
 
     Rounds as the eager block does: x to the weight dtype, the normalised row, then the scaled row.
     conv = (conv_state, conv_weight, conv_bias, idx): the first I = conv_weight.shape[0] outputs are in_proj's x
@@ -220,7 +222,7 @@ def norm_gemv(x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.T
     out_dim = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == dim
     block_n, warps = config or (GEMV_IN_CONFIG if x.is_cuda else INTERPRETER_GEMV_CONFIG)
-    y = torch.empty(bsz, out_dim, dtype=weight.dtype, device=x.device)
+    y = torch.empty(bsz, out_dim, dtype=out_dtype or weight.dtype, device=x.device)
     if conv is None:
         state, cw, cb, idx, n_conv, k = y, weight, None, None, 0, 1
         strides = (0, 0, 0, 0, 0)
@@ -252,6 +254,46 @@ def gemv_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             residual.stride(0), K=k, HAS_BIAS=bias is not None, BLOCK_N=block_n, P0=p0, P1=p1, P2=p2,
             num_warps=warps, pdl=_pdl(x.device), name="gemv_residual")
     return residual
+
+
+ARGMAX_BLOCK = 1024  # logits a program of argmax_rows' first pass takes (50280 for GPT-NeoX's vocabulary: 50)
+
+
+@triton.jit
+def _argmax_part_kernel(x_ptr, v_ptr, i_ptr, N, sx_b, P, BLOCK: tl.constexpr):
+    """The largest of a row's BLOCK values at program p's place and its first index (NaN counts as largest)."""
+    b, p = tl.program_id(0), tl.program_id(1)
+    n = p * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + b * sx_b + n, mask=n < N, other=float("-inf")).to(tl.float32)
+    v = tl.where(v != v, float("inf"), v)
+    m = tl.max(v, axis=0)
+    tl.store(v_ptr + b * P + p, m)
+    tl.store(i_ptr + b * P + p, tl.min(tl.where(v == m, n, N), axis=0))
+
+
+@triton.jit
+def _argmax_final_kernel(v_ptr, i_ptr, out_ptr, P, PB: tl.constexpr):
+    b = tl.program_id(0)
+    p = tl.arange(0, PB)
+    v = tl.load(v_ptr + b * P + p, mask=p < P, other=float("-inf"))
+    idx = tl.load(i_ptr + b * P + p, mask=p < P, other=0)
+    m = tl.max(v, axis=0)
+    tl.store(out_ptr + b, tl.min(tl.where((v == m) & (p < P), idx, 2147483647), axis=0).to(tl.int64))
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """The greedy pick: x (B, N) -> (B, 1) int64, the first index of each row's largest value (torch.argmax's
+    answer; a NaN counts as +inf). Two small launches, where torch's one-block reduction over a vocabulary's
+    50280 logits takes ~14 us on an H100."""
+    bsz, n = x.shape
+    assert x.stride(1) == 1
+    parts = triton.cdiv(n, ARGMAX_BLOCK)
+    v = torch.empty(bsz, parts, dtype=torch.float32, device=x.device)
+    i = torch.empty(bsz, parts, dtype=torch.int32, device=x.device)
+    out = torch.empty(bsz, 1, dtype=torch.int64, device=x.device)
+    _argmax_part_kernel[(bsz, parts)](x, v, i, n, x.stride(0), parts, BLOCK=ARGMAX_BLOCK, num_warps=4)
+    _argmax_final_kernel[(bsz,)](v, i, out, parts, PB=triton.next_power_of_2(parts), num_warps=1)
+    return out
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int] | None = None) -> torch.Tensor:

@@ -93,7 +93,8 @@ class GraphDecoder:
     dec = GraphDecoder(stack, max_slots=16, buckets=(1, 2, 4, 8))
     slot = dec.alloc_slot(); h = dec.prefill(slot, hidden); h = dec.step([slot, ...], hidden); dec.free_slot(slot)
     `graphs=False` runs the same step eagerly (debugging, or the Triton interpreter on CPU). With `head` (on the
-    stack's device), `step_logits(slots, ids)` replays embedding, blocks and head as one graph per bucket.
+    stack's device), `step_logits(slots, ids)` replays embedding, blocks and head as one graph per bucket, and
+    `step_greedy(slots, ids)` the same with the greedy pick (argmax) inside: the next tokens, no logits.
 
     Two choices shape a block's decode step; the defaults are what measured fastest on an H100 (docs/PERFORMANCE.md):
     - `xproj="cublas"`: conv step, x_proj by cuBLAS, then the SSM step reads its output; `"gemv"`: the same with a
@@ -164,6 +165,8 @@ class GraphDecoder:
         self._ids = {bk: torch.zeros(bk, 1, dtype=torch.int64, device=self.device) for bk in self.buckets}
         self._logits: dict[int, torch.Tensor] = {}  # a token graph's output, (Bk, vocab) fp32
         self._token_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._next: dict[int, torch.Tensor] = {}  # a greedy graph's output, (Bk, 1) int64
+        self._greedy_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._len = torch.zeros(1, dtype=torch.int32, device=self.device)  # a prefill piece's real length
         self._prefill_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -343,9 +346,23 @@ class GraphDecoder:
         self._ids[bk][:bsz].copy_(ids)
         if self._token_graphs:
             self._token_graphs[bk].replay()
-        else:
-            self._token(bk)
-        return self._logits[bk][:bsz].clone()
+            return self._logits[bk][:bsz].clone()
+        return self._token(bk)[:bsz]
+
+    @torch.no_grad()
+    def step_greedy(self, slots: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, 1) int64 for sessions `slots` -> the next tokens (B, 1) int64 on the device, each its logits'
+        argmax (step_logits(...).argmax(-1, keepdim=True)); their states advance. The pick is inside the replay."""
+        if self.head is None:
+            raise ValueError("step_greedy needs a GraphDecoder built with head=")
+        self._check_persistent()
+        bsz = len(slots)
+        bk = self._bucket("step_greedy", slots, ids, (bsz, 1))
+        self._ids[bk][:bsz].copy_(ids)
+        if self._greedy_graphs:
+            self._greedy_graphs[bk].replay()
+            return self._next[bk][:bsz].clone()
+        return self._d.argmax_rows(self._token(bk))[:bsz]
 
     def _check_persistent(self) -> None:
         """Raise if a finished persistent step timed out at a wait (a flag in pinned memory: no sync, no copy)."""
@@ -365,8 +382,8 @@ class GraphDecoder:
         self._idx[bk].copy_(self._index(bk, slots))
         return bk
 
-    def _token(self, bk: int) -> None:
-        """embedding -> blocks -> head for bucket bk's ids (what a token graph holds); logits in self._logits[bk].
+    def _token(self, bk: int) -> torch.Tensor:
+        """embedding -> blocks -> head for bucket bk's ids (what a token graph holds) -> logits (Bk, vocab) fp32.
 
         Up to gemv_batch rows the head is norm_gemv, final norm and LM head in one pass: the LM head is the largest
         matrix a token reads (257 MB for 2.8b), and the GEMV streams it at the read ceiling."""
@@ -375,9 +392,9 @@ class GraphDecoder:
         self._step_blocks(self._h_in[bk], self._idx[bk], self._h_out[bk])
         if bk <= self.gemv_batch:
             norm = head.norm_f
-            self._logits[bk] = self._d.norm_gemv(self._h_out[bk], norm.weight, norm.eps, head.lm_weight, None).float()
-        else:
-            self._logits[bk] = head.logits(self._h_out[bk].unsqueeze(1))[:, 0]
+            return self._d.norm_gemv(self._h_out[bk], norm.weight, norm.eps, head.lm_weight, None,
+                                     out_dtype=torch.float32)
+        return head.logits(self._h_out[bk].unsqueeze(1))[:, 0]
 
     def _index(self, bucket: int, slots: list[int]) -> torch.Tensor:
         """A device tensor of the slots padded with scratch; cached, since a batch's slots repeat every step."""
@@ -444,7 +461,7 @@ class GraphDecoder:
                 for _ in range(2):
                     self._step_blocks(self._h_in[bk], self._idx[bk], self._h_out[bk])
                     if self.head is not None:
-                        self._token(bk)
+                        self._d.argmax_rows(self._token(bk))
         torch.cuda.current_stream(self.device).wait_stream(side)
         for bk in reversed(self.buckets):
             g = torch.cuda.CUDAGraph()
@@ -454,6 +471,10 @@ class GraphDecoder:
             if self.head is not None:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
-                    self._token(bk)
+                    self._logits[bk] = self._token(bk)
                 self._token_graphs[bk] = g
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    self._next[bk] = self._d.argmax_rows(self._token(bk))
+                self._greedy_graphs[bk] = g
         torch.cuda.synchronize(self.device)

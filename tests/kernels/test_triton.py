@@ -345,8 +345,28 @@ def test_norm_gemv(b, d, n, bias, config, dtype):
                                       None if bb is None else bb.float())
     out = td.norm_gemv(x, nw, 1e-5, w, bb, config=config)
     assert out.dtype == dtype and out.shape == (b, n)
+    # fp32 out (the LM head's logits): the same values, rounded to the weight dtype first
+    assert torch.equal(td.norm_gemv(x, nw, 1e-5, w, bb, config=config, out_dtype=torch.float32), out.float())
     # the interpreter rounds to bf16 its own way (0.0104 seen at d = 2560 with other inputs): 1.5x there
     assert rel_err(out, want) < TOL[dtype] * (1.5 if DEVICE == "cpu" and dtype == torch.bfloat16 else 1)
+
+
+@pytest.mark.parametrize("b,n", [(1, 50280), (3, 1000), (2, 7), (1, 1024), (4, 2049)])
+def test_argmax_rows(b, n):
+    """The greedy pick as torch.argmax: the first index of the largest value, with ties across the first pass's
+    blocks and inside one, all-negative rows, a NaN (torch takes it as the largest)."""
+    torch.manual_seed(n)
+    x = _rand(b, n, scale=3.0) - 10
+    if n > 1:
+        top = x.max() + 1
+        x[0, n - 1] = top  # a tie: the later copy must lose
+        x[0, n // 3] = top
+        x[-1, 1:3] = top + 1
+    if b > 2:
+        x[1, n // 2] = float("nan")
+    got = td.argmax_rows(x)
+    assert got.dtype == torch.int64 and got.shape == (b, 1)
+    assert torch.equal(got.cpu(), x.cpu().argmax(-1, keepdim=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -630,6 +650,35 @@ def test_persistent_step_times_out_instead_of_hanging():
     assert ps.failed() and torch.isnan(out).all()
     with pytest.raises(BackendUnavailable, match="timed out"):
         dec.step([slot], h)
+
+
+@needs_cuda
+def test_step_greedy_is_the_argmax_of_step_logits():
+    """step_greedy (the greedy pick inside the token graph) against step_logits' argmax from the same states, one
+    session and two at once; states stay equal."""
+    from swarm.model import Head
+    from swarm.model.graphs import GraphDecoder
+    torch.manual_seed(14)
+    cfg = _config(vocab_size=3001, hidden_size=64, intermediate_size=128, time_step_rank=4)
+    tensors = {k: v.to(torch.bfloat16) for k, v in _random_tensors(cfg).items()}
+    _, fast = _stacks(cfg, torch.bfloat16)
+    head = Head.from_tensors(cfg, tensors, device="cuda")
+    dec = GraphDecoder(fast, max_slots=4, buckets=(1, 2), head=head)
+    a, b, c, d = (dec.alloc_slot() for _ in range(4))
+    emb = head.embed(torch.randint(0, cfg.vocab_size, (1, 9)))
+    for s in (a, b, c, d):
+        dec.prefill(s, emb)
+    ids = torch.randint(0, cfg.vocab_size, (2, 1), device="cuda")  # two sessions at once: a, c against b, d
+    want = dec.step_logits([a, c], ids).argmax(-1, keepdim=True)
+    got = dec.step_greedy([b, d], ids)
+    assert got.dtype == torch.int64 and got.shape == (2, 1) and torch.equal(got, want)
+    ids = got[:1]
+    for _ in range(6):  # one session
+        want = dec.step_logits([a], ids).argmax(-1, keepdim=True)
+        got = dec.step_greedy([b], ids)
+        assert torch.equal(got, want)
+        ids = got
+    assert torch.equal(dec.ssm[:, a], dec.ssm[:, b]) and torch.equal(dec.conv[:, a], dec.conv[:, b])
 
 
 # ------------------------------------------------------------------ logits vs transformers
