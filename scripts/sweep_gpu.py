@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD python3 scripts/sweep_gpu.py [launch_costs prefill_profile ssm_decode_sweep step_sweep
                                                   step_parts prefill_sweep chunk_sweep scan_sweep prefill_kernels
                                                   read_ceiling conv_sweep prefill_gaps persistent_stages
-                                                  persistent_knobs persistent_widths]
+                                                  persistent_knobs persistent_widths persistent_overhead]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -16,7 +16,8 @@ prefill_kernels: that prefill's kernels by time; read_ceiling: how fast a 52 MB 
 conv_sweep: the prefill conv alone, its kernels and configs; prefill_gaps: where a graphed prefill idles;
 persistent_stages: where the persistent step's time goes (each program's %globaltimer at its stages), against the
 four kernels; persistent_knobs: the persistent step's knobs (ring slot size, bytes in flight, consumer warps);
-persistent_widths: the persistent step against the four kernels at 790m's width.
+persistent_widths: the persistent step against the four kernels at 790m's width; persistent_overhead: its
+fixed cost a step (4, 16, 64 blocks).
 """
 import cProfile
 import io
@@ -468,6 +469,29 @@ def persistent_widths(layers=16):
         for name, (d, sl) in decs.items():
             ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=10)
             print(f"round {r} step 16 blocks d_model 1536 b=1 {name:10s} {ms * 1e3 / layers:.1f} us/block", flush=True)
+
+
+def persistent_overhead():
+    """The persistent step's cost a step beyond its blocks: graphed steps of 4, 16 and 64 blocks of 2.8b width
+    (GraphDecoder.step, and a graph of the bare kernel with its counters' zeroing), interleaved rounds; the
+    intercept of time against blocks is the fixed cost."""
+    runs = {}
+    for layers in (4, 16, 64):
+        cfg, stack = _wide_stack(layers)
+        d = GraphDecoder(stack, max_slots=2, buckets=(1,), step="persistent")
+        ps, res = d._persistent, torch.randn(1, cfg.hidden_size, device=dev)
+        idx = torch.zeros(1, dtype=torch.int64, device=dev)
+        g = torch.cuda.CUDAGraph()
+        ps.step(res, idx)
+        with torch.cuda.graph(g):
+            ps.step(res, idx)
+        runs[layers] = (d, [d.alloc_slot()], torch.randn(1, 1, cfg.hidden_size, device=dev), g)
+    for r in range(3):
+        for layers, (d, sl, h, g) in runs.items():
+            ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=10)
+            bare = cuda_ms(g.replay, iters=20, inner=10)
+            print(f"round {r} {layers:3d} blocks: GraphDecoder.step {ms * 1e3:8.1f} us, bare kernel graph "
+                  f"{bare * 1e3:8.1f} us", flush=True)
 
 
 if __name__ == "__main__":

@@ -456,7 +456,8 @@ def _random_tensors(cfg, seed=0):
 
 def _stacks(cfg, dtype):
     from swarm.model import BlockStack
-    tensors = {k: v.to(dtype) for k, v in _random_tensors(cfg).items()}
+    tensors = {k: v.to(dtype) for k, v in _random_tensors(cfg).items()
+               if cfg.use_conv_bias or not k.endswith("conv1d.bias")}
     want = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device="cpu", backend="reference")
     fast = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device=DEVICE, backend="reference")
     return want, fast
@@ -554,15 +555,18 @@ def _persistent_or_skip(dec):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_persistent_step_matches_block_stack(dtype):
+@pytest.mark.parametrize("dtype,conv_kernel,conv_bias", [(torch.bfloat16, 4, True), (torch.float16, 4, True),
+                                                          (torch.bfloat16, 3, False), (torch.bfloat16, 2, True)])
+def test_persistent_step_matches_block_stack(dtype, conv_kernel, conv_bias):
     """GraphDecoder(step="persistent"), the batch-1 step as one persistent Gluon kernel: prefills, steps of slots
     taken in turns (the kernel addresses the pools by slot), a batch of two between them (the four-kernel path), a
-    state moved between slots; outputs and states against the eager BlockStack in fp32 on the CPU."""
+    state moved between slots; outputs and states against the eager BlockStack in fp32 on the CPU. Conv widths
+    below the kernel's padded 4 taps, with and without the conv's bias."""
     from swarm.kernels import gluon_step
     from swarm.model.graphs import GraphDecoder
     torch.manual_seed(11)
-    cfg = _config(hidden_size=512, intermediate_size=1024, time_step_rank=32)  # a width the kernel's plan fits
+    cfg = _config(hidden_size=512, intermediate_size=1024, time_step_rank=32, conv_kernel=conv_kernel,
+                  use_conv_bias=conv_bias)  # a width the kernel's plan fits
     want, fast = _stacks(cfg, dtype)
     if not gluon_step.available(torch.device("cuda")):
         with pytest.raises(BackendUnavailable):
