@@ -323,12 +323,12 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _consumer(ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr,
-                  conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, err_addr, spin_ns, L, eps,
-                  conv_l, ssm_l, D: gl.constexpr, I: gl.constexpr, R: gl.constexpr, N: gl.constexpr, K: gl.constexpr,
-                  G: gl.constexpr, RI: gl.constexpr, CS: gl.constexpr, JP: gl.constexpr,
-                  RP: gl.constexpr, BRI: gl.constexpr, BPI: gl.constexpr, PWI: gl.constexpr,
+                  conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, err_addr, spin_ns, in_ptr,
+                  ids_ptr, L, eps, conv_l, ssm_l, D: gl.constexpr, I: gl.constexpr, R: gl.constexpr,
+                  N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, RI: gl.constexpr, CS: gl.constexpr,
+                  JP: gl.constexpr, RP: gl.constexpr, BRI: gl.constexpr, BPI: gl.constexpr, PWI: gl.constexpr,
                   BRO: gl.constexpr, BPO: gl.constexpr, PWO: gl.constexpr, NPIP: gl.constexpr, NPOP: gl.constexpr,
-                  HAS_CBIAS: gl.constexpr, S: gl.constexpr, t_ptr, TIMES: gl.constexpr,
+                  HAS_CBIAS: gl.constexpr, S: gl.constexpr, IN_MODE: gl.constexpr, t_ptr, TIMES: gl.constexpr,
                   num_warps: gl.constexpr):
         c = gl.program_id(0)
         WDT: gl.constexpr = ring.dtype
@@ -350,6 +350,10 @@ if _IMPORT_ERROR is None:
         pj = gl.arange(0, JP, layout=gl.SliceLayout(0, pl))
 
         slot = gl.load(idx_ptr)
+        if IN_MODE == 2:
+            in_row = in_ptr + gl.load(ids_ptr) * D
+        else:
+            in_row = in_ptr
         conv_s = conv_ptr + slot * (I * K)
         ssm_s = ssm_ptr + slot * (I * N)
         # the norm's and out_proj's input rows, as [pieces, piece]
@@ -400,7 +404,13 @@ if _IMPORT_ERROR is None:
             if j > 0:
                 dead = _spin(cnt_ptr + (j - 1) * CNT_STRIDE + 16, G, dead, spin_ns)
             _mark(tj, 1, TIMES)
-            x = gl.load(res_ptr + pi, mask=pi < D, other=0.0, cache_modifier=".cg").to(WDT).to(gl.float32)
+            if IN_MODE == 0:
+                x = gl.load(res_ptr + pi, mask=pi < D, other=0.0, cache_modifier=".cg")
+            elif j == 0:  # the step's input row (a hidden row, or the token's embedding)
+                x = gl.load(in_row + pi, mask=pi < D, other=0.0).to(gl.float32)
+            else:
+                x = gl.load(res_ptr + pi, mask=pi < D, other=0.0, cache_modifier=".cg")
+            x = x.to(WDT).to(gl.float32)
             rstd = gl.rsqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / D + eps)
             act_in.store(((x * rstd).to(WDT).to(gl.float32) * g).to(WDT))
             gl.thread_barrier()
@@ -503,7 +513,13 @@ if _IMPORT_ERROR is None:
             item = _peek(meta, ready, it, S, num_warps)
             while item >= 0:  # out_proj rows from the queue
                 rows = item * BRO + gl.arange(0, BRO, layout=gl.SliceLayout(1, gl.SliceLayout(2, wl_o)))
-                r = gl.load(res_ptr + rows, cache_modifier=".cg")  # loaded first: its latency passes in the GEMV
+                # loaded first: its latency passes in the GEMV
+                if IN_MODE == 0:
+                    r = gl.load(res_ptr + rows, cache_modifier=".cg")
+                elif j == 0:
+                    r = gl.load(in_row + rows).to(gl.float32)
+                else:
+                    r = gl.load(res_ptr + rows, cache_modifier=".cg")
                 yo = _row_group(ring_o, ready, empty, act_out, it, S, I // PWO // BPO, BRO, wl_o)
                 yo = yo.to(WDT).to(gl.float32)
                 it += I // PWO // BPO
@@ -519,12 +535,14 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _step_kernel(win_desc, wout_desc, wx_desc, res_ptr, tab_ptr, conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr,
-                     y_ptr, acc_ptr, cnt_ptr, err_addr, spin_ns, L, eps, conv_l, ssm_l, D: gl.constexpr,
+                     y_ptr, acc_ptr, cnt_ptr, err_addr, spin_ns, in_ptr, ids_ptr, L, eps, conv_l, ssm_l,
+                     D: gl.constexpr,
                      I: gl.constexpr, R: gl.constexpr,
                      N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, RI: gl.constexpr,
                      CS: gl.constexpr, JP: gl.constexpr, RP: gl.constexpr, NRGP: gl.constexpr, NPIP: gl.constexpr,
                      NPOP: gl.constexpr, HAS_CBIAS: gl.constexpr, S: gl.constexpr, SLOT: gl.constexpr,
-                     FLIGHT: gl.constexpr, t_ptr, TIMES: gl.constexpr, num_warps: gl.constexpr):
+                     FLIGHT: gl.constexpr, IN_MODE: gl.constexpr, t_ptr, TIMES: gl.constexpr,
+                     num_warps: gl.constexpr):
         WDT: gl.constexpr = win_desc.dtype
         # ring slots of SLOT elements; a stream whose box is smaller uses the first rows of a slot (a view as
         # [S] + box would put slot s at s box sizes, inside other slots)
@@ -549,9 +567,9 @@ if _IMPORT_ERROR is None:
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
             (_consumer, (ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr,
-                         conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, err_addr, spin_ns, L,
-                         eps, conv_l, ssm_l, D, I, R, N, K, G, RI, CS, JP, RP, BI[0], BI[1], BI[2], BO[0], BO[1],
-                         BO[2], NPIP, NPOP, HAS_CBIAS, S, t_ptr, TIMES, num_warps)),
+                         conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, err_addr, spin_ns,
+                         in_ptr, ids_ptr, L, eps, conv_l, ssm_l, D, I, R, N, K, G, RI, CS, JP, RP, BI[0], BI[1],
+                         BI[2], BO[0], BO[1], BO[2], NPIP, NPOP, HAS_CBIAS, S, IN_MODE, t_ptr, TIMES, num_warps)),
             (_producer, (win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, meta, cnt_ptr, L, D, I, RI,
                          S, FLIGHT)),
         ], [1], [24])
@@ -645,17 +663,31 @@ class PersistentStep:
         were not resident at once, e.g. under an MPS share of the SMs."""
         return bool(self.err[0])
 
-    def step(self, res: torch.Tensor, idx: torch.Tensor, times: torch.Tensor | None = None) -> None:
-        """times: an int64 (L, G, 16) tensor that gets each program's %globaltimer at its stages (a probe, see
+    def step(self, res: torch.Tensor, idx: torch.Tensor, times: torch.Tensor | None = None,
+             hidden: torch.Tensor | None = None, embed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """The input is res itself, or `hidden` ((1, D) fp32; res is then output only), or `embed` = (table, ids):
+        the embedding row of token ids[0] of a contiguous (vocab, D) table, in fp32 (what Head.embed returns), so
+        that a token graph needs no embedding, conversion or copy kernels before this one.
+
+        times: an int64 (L, G, 16) tensor that gets each program's %globaltimer at its stages (a probe, see
         scripts/sweep_gpu.py persistent_stages)."""
         p = self.plan
+        if embed is not None:
+            table, ids = embed
+            assert table.is_contiguous() and table.shape[1] == self.D and table.device == res.device
+            in_mode, in_t, ids_t = 2, table, ids
+        elif hidden is None or hidden.data_ptr() == res.data_ptr():
+            in_mode, in_t, ids_t = 0, res, idx
+        else:  # read in the first block, while its out_proj writes res: they must not overlap
+            assert hidden.is_contiguous() and hidden.numel() == self.D and hidden.dtype == torch.float32
+            in_mode, in_t, ids_t = 1, hidden, idx
         self.cnt.zero_()
         _step_kernel[(self._grid,)](
             self.win_desc, self.wout_desc, self.wx_desc, res, self.tab, self.conv, self.ssm, idx, self.xc, self.z,
-            self.y, self.acc, self.cnt, self.err.data_ptr(), self.spin_ns, self.L, self.eps, self.conv.stride(0),
-            self.ssm.stride(0), D=self.D, I=self.I, R=self.R, N=self.N, K=self.K, G=p.G, RI=p.RI, CS=p.CS,
-            JP=self.jp, RP=self.rp,
+            self.y, self.acc, self.cnt, self.err.data_ptr(), self.spin_ns, in_t, ids_t, self.L, self.eps,
+            self.conv.stride(0), self.ssm.stride(0), D=self.D, I=self.I, R=self.R, N=self.N, K=self.K, G=p.G,
+            RI=p.RI, CS=p.CS, JP=self.jp, RP=self.rp,
             NRGP=_np2(p.RI // p.BRI // 2), NPIP=_np2(self.D // p.PWI), NPOP=_np2(self.I // p.PWO),
             HAS_CBIAS=self.has_cbias, S=p.S, SLOT=p.slot // 2, FLIGHT=min(p.S - 1, max(1, FLIGHT_BYTES // p.slot)),
-            t_ptr=self.acc if times is None else times, TIMES=times is not None,
+            IN_MODE=in_mode, t_ptr=self.acc if times is None else times, TIMES=times is not None,
             num_warps=CONSUMER_WARPS)

@@ -388,8 +388,13 @@ class GraphDecoder:
         Up to gemv_batch rows the head is norm_gemv, final norm and LM head in one pass: the LM head is the largest
         matrix a token reads (257 MB for 2.8b), and the GEMV streams it at the read ceiling."""
         head = self.head
-        self._h_in[bk].copy_(head.embed(self._ids[bk])[:, 0])
-        self._step_blocks(self._h_in[bk], self._idx[bk], self._h_out[bk])
+        table = head.embeddings.weight
+        if bk == 1 and self._persistent is not None and table.is_contiguous() and table.device.type == "cuda":
+            # the persistent kernel reads the token's embedding row itself: no gather, conversion or copy kernels
+            self._persistent.step(self._h_out[bk], self._idx[bk], embed=(table, self._ids[bk]))
+        else:
+            self._h_in[bk].copy_(head.embed(self._ids[bk])[:, 0])
+            self._step_blocks(self._h_in[bk], self._idx[bk], self._h_out[bk])
         if bk <= self.gemv_batch:
             norm = head.norm_f
             return self._d.norm_gemv(self._h_out[bk], norm.weight, norm.eps, head.lm_weight, None,
@@ -411,8 +416,7 @@ class GraphDecoder:
         """One token through every block (what is captured): hidden (Bk, D) fp32, idx (Bk,) slots -> out (Bk, D)."""
         k, d = self._k, self._d
         if hidden.shape[0] == 1 and self._persistent is not None:
-            out.copy_(hidden)
-            self._persistent.step(out, idx)
+            self._persistent.step(out, idx, hidden=hidden)  # reads hidden in its first block: no copy before
             return out
         if hidden.shape[0] <= self.gemv_batch:  # the residual stream lives in `out` from the first block on
             out.copy_(hidden)
