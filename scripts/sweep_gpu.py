@@ -485,9 +485,10 @@ def persistent_overhead():
         ps.step(res, idx)
         with torch.cuda.graph(g):
             ps.step(res, idx)
-        runs[layers] = (d, [d.alloc_slot()], torch.randn(1, 1, cfg.hidden_size, device=dev), g)
+        # the graph holds res's and idx's addresses: they live as long as it
+        runs[layers] = (d, [d.alloc_slot()], torch.randn(1, 1, cfg.hidden_size, device=dev), g, res, idx)
     for r in range(3):
-        for layers, (d, sl, h, g) in runs.items():
+        for layers, (d, sl, h, g, _, _) in runs.items():
             ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=10)
             bare = cuda_ms(g.replay, iters=20, inner=10)
             print(f"round {r} {layers:3d} blocks: GraphDecoder.step {ms * 1e3:8.1f} us, bare kernel graph "

@@ -174,6 +174,12 @@ if _IMPORT_ERROR is None:
         gl.atomic_add(ptr, 1, sem="relaxed", scope="gpu")
 
     @gluon.jit
+    def _parity(cnt_ptr, L):
+        """Which half of the counters this step uses: [2L, N_CNT] then a word that says 0 or 1. The other half was
+        the previous step's; program 0 zeroes it for the next step, then flips the word at its end."""
+        return gl.load(cnt_ptr + 2 * L * CNT_STRIDE, cache_modifier=".cg")
+
+    @gluon.jit
     def _now():
         return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
                                          pack=1)
@@ -228,6 +234,7 @@ if _IMPORT_ERROR is None:
         # per block: the program's x rows (static: their conv step and x_proj share stay with the program), then
         # z rows and out_proj rows from queues, so that faster SMs stream more of them
         c = gl.program_id(0)
+        cnt_ptr = cnt_ptr + _parity(cnt_ptr, L) * (L * CNT_STRIDE)  # this step's half of the counters
         BRI: gl.constexpr = win_desc.block_type.shape[0]
         BPI: gl.constexpr = win_desc.block_type.shape[1]
         PWI: gl.constexpr = win_desc.block_type.shape[2]
@@ -349,6 +356,14 @@ if _IMPORT_ERROR is None:
         pg16 = gl.arange(0, 16, layout=gl.SliceLayout(1, pl))
         pj = gl.arange(0, JP, layout=gl.SliceLayout(0, pl))
 
+        par = _parity(cnt_ptr, L)
+        cnt0 = cnt_ptr
+        cnt_ptr = cnt_ptr + par * (L * CNT_STRIDE)
+        if c == 0:  # the previous step's half, zeroed for the next step (all programs of that step are done)
+            zl: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+            zo = gl.arange(0, 32 * num_warps, layout=zl)
+            for k in range(0, L * CNT_STRIDE, 32 * num_warps):
+                gl.store(cnt0 + (1 - par) * (L * CNT_STRIDE) + k + zo, gl.zeros_like(zo), mask=k + zo < L * CNT_STRIDE)
         slot = gl.load(idx_ptr)
         if IN_MODE == 2:
             in_row = in_ptr + gl.load(ids_ptr) * D
@@ -529,6 +544,9 @@ if _IMPORT_ERROR is None:
             it += 1
             _mark(tj, 7, TIMES)
             _arrive(cnt_ptr + j * CNT_STRIDE + 16)
+        if c == 0:  # every program has read the parity: they all counted in at C of block L - 2 (L >= 2), or the
+            # host zeroes the counters before each step (L = 1)
+            gl.store(cnt0 + 2 * L * CNT_STRIDE, 1 - par)
         if dead != 0:  # a wait timed out: the output is NaN and the host is told (PersistentStep.failed)
             gl.store(res_ptr + pi, gl.full(pi.shape, float("nan"), gl.float32, layout=rl_i), mask=pi < D)
             gl.store(err_addr.to(gl.pointer_type(gl.int32)), 1)
@@ -632,7 +650,9 @@ class PersistentStep:
         self.spin_ns = SPIN_NS
         self._grid = plan_.G  # the programs launched (a test launches fewer, to see the waits time out)
         self.acc = torch.zeros(plan_.G, self.jp, dtype=torch.float32, device=dev)  # x_proj's shares
-        self.cnt = torch.zeros(self.L, N_CNT, dtype=torch.int32, device=dev)
+        # two halves of counters (a step's and the previous one's) and the word that says which is whose: the kernel
+        # zeroes them itself (no fill kernel a step) from two blocks on
+        self.cnt = torch.zeros(2 * self.L + 1, N_CNT, dtype=torch.int32, device=dev)
 
     @classmethod
     def build(cls, blocks: list, conv: torch.Tensor, ssm: torch.Tensor,
@@ -681,7 +701,8 @@ class PersistentStep:
         else:  # read in the first block, while its out_proj writes res: they must not overlap
             assert hidden.is_contiguous() and hidden.numel() == self.D and hidden.dtype == torch.float32
             in_mode, in_t, ids_t = 1, hidden, idx
-        self.cnt.zero_()
+        if self.L < 2:  # no wait tells program 0 that every program has read the parity word
+            self.cnt.zero_()
         _step_kernel[(self._grid,)](
             self.win_desc, self.wout_desc, self.wx_desc, res, self.tab, self.conv, self.ssm, idx, self.xc, self.z,
             self.y, self.acc, self.cnt, self.err.data_ptr(), self.spin_ns, in_t, ids_t, self.L, self.eps,

@@ -154,6 +154,7 @@ class GraphDecoder:
         self._scratch = scratch
         # static buffers a replay reads and writes: copy into them, never rebind them
         self._idx = {bk: torch.full((bk,), scratch, dtype=torch.int64, device=self.device) for bk in self.buckets}
+        self._idx_now: dict[int, list[int]] = {}  # the slots each bucket's index holds
         self._h_in = {bk: torch.zeros(bk, cfg.hidden_size, device=self.device) for bk in self.buckets}
         self._h_out = {bk: torch.zeros(bk, cfg.hidden_size, device=self.device) for bk in self.buckets}
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
@@ -379,7 +380,9 @@ class GraphDecoder:
             raise ValueError(f"{what} takes an input of shape {shape}, got {tuple(x.shape)}")
         self._check_slots(slots)
         bk = next(b for b in self.buckets if b >= len(slots))
-        self._idx[bk].copy_(self._index(bk, slots))
+        if self._idx_now.get(bk) != slots:  # a decode loop steps the same sessions: no copy then
+            self._idx[bk].copy_(self._index(bk, slots))
+            self._idx_now[bk] = list(slots)
         return bk
 
     def _token(self, bk: int) -> torch.Tensor:
