@@ -391,8 +391,8 @@ class GraphDecoder:
         Up to gemv_batch rows the head is norm_gemv, final norm and LM head in one pass: the LM head is the largest
         matrix a token reads (257 MB for 2.8b), and the GEMV streams it at the read ceiling."""
         head = self.head
-        table = head.embeddings.weight
-        if bk == 1 and self._persistent is not None and table.is_contiguous() and table.device.type == "cuda":
+        table, out = head.embeddings.weight, self._h_out[bk]
+        if bk == 1 and self._persistent is not None and table.is_contiguous() and table.device == out.device:
             # the persistent kernel reads the token's embedding row itself: no gather, conversion or copy kernels
             self._persistent.step(self._h_out[bk], self._idx[bk], embed=(table, self._ids[bk]))
         else:
