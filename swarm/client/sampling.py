@@ -43,8 +43,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """logits: (vocab,) fp32 for the last position; history: tokens so far (for the repetition penalty)."""
-        logits = logits.float().cpu()
         p = self.p
+        if p.temperature == 0 and (p.repetition_penalty == 1.0 or not history):
+            return int(torch.argmax(logits))  # where the logits are: one number to the host, not the vocabulary
+        logits = logits.float().cpu()
         if p.repetition_penalty != 1.0 and history:
             idx = torch.tensor(sorted(set(history)), dtype=torch.long)
             idx = idx[idx < logits.numel()]
