@@ -339,12 +339,7 @@ class GraphDecoder:
 
         The embedding, every block and the head (final norm, LM head) run as one replay: at batch 1 on a small
         model the head's few launches from Python cost more than the blocks' whole graph."""
-        if self.head is None:
-            raise ValueError("step_logits needs a GraphDecoder built with head=")
-        self._check_persistent()
-        bsz = len(slots)
-        bk = self._bucket("step_logits", slots, ids, (bsz, 1))
-        self._ids[bk][:bsz].copy_(ids)
+        bsz, bk = self._token_input("step_logits", slots, ids)
         if self._token_graphs:
             self._token_graphs[bk].replay()
             return self._logits[bk][:bsz].clone()
@@ -354,16 +349,21 @@ class GraphDecoder:
     def step_greedy(self, slots: list[int], ids: torch.Tensor) -> torch.Tensor:
         """ids (B, 1) int64 for sessions `slots` -> the next tokens (B, 1) int64 on the device, each its logits'
         argmax (step_logits(...).argmax(-1, keepdim=True)); their states advance. The pick is inside the replay."""
-        if self.head is None:
-            raise ValueError("step_greedy needs a GraphDecoder built with head=")
-        self._check_persistent()
-        bsz = len(slots)
-        bk = self._bucket("step_greedy", slots, ids, (bsz, 1))
-        self._ids[bk][:bsz].copy_(ids)
+        bsz, bk = self._token_input("step_greedy", slots, ids)
         if self._greedy_graphs:
             self._greedy_graphs[bk].replay()
             return self._next[bk][:bsz].clone()
         return self._d.argmax_rows(self._token(bk))[:bsz]
+
+    def _token_input(self, what: str, slots: list[int], ids: torch.Tensor) -> tuple[int, int]:
+        """Check a token step's sessions and ids and copy the ids into their bucket's buffer -> (B, bucket)."""
+        if self.head is None:
+            raise ValueError(f"{what} needs a GraphDecoder built with head=")
+        self._check_persistent()
+        bsz = len(slots)
+        bk = self._bucket(what, slots, ids, (bsz, 1))
+        self._ids[bk][:bsz].copy_(ids)
+        return bsz, bk
 
     def _check_persistent(self) -> None:
         """Raise if a finished persistent step timed out at a wait (a flag in pinned memory: no sync, no copy)."""
