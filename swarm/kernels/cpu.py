@@ -56,7 +56,7 @@ _I32, _FLT = ir.IntType(32), ir.FloatType()
 
 @intrinsic
 def _pow2(typingctx, k):
-    """2**k for a float32 k holding an integer in [-126, 127], built in the exponent field."""
+    """2**k for a float32 k holding an integer in [-126, 127], built in the exponent field (k = -127 gives 0)."""
     if k != types.float32:
         return None
 
@@ -119,6 +119,24 @@ def _exp(x):
     return x if x != x else y
 
 
+_DECAY_MIN = _f(-88.0)  # the scan's exp: its 2**k is 2**-127, an all-zero bit pattern, from here down
+
+
+@njit(float32(float32), **_POLY)
+def _exp_decay(x):
+    """expf for x <= 0 (the scan's dt * A: dt = softplus >= 0, A = -exp(A_log) <= 0); NaN in, NaN out.
+
+    _exp less its overflow clamp and its underflow test, the scan's hottest loop being mostly this: below -88 the
+    scale 2**k is 2**-127, whose bit pattern is zero, so the result is exactly 0 with no test; between -88 and
+    -87.3 it is a denormal (as torch's) or 0."""
+    xc = max(x, _DECAY_MIN)
+    k = np.floor(xc * _LOG2E + _HALF)
+    r = xc - k * _LN2_HI - k * _LN2_LO
+    p = (((((_E0 * r + _E1) * r + _E2) * r + _E3) * r + _E4) * r + _E5) * (r * r) + r + _ONE
+    y = p * _pow2(k)
+    return x if x != x else y
+
+
 @njit(float32(float32), **_POLY)
 def _log1p(x):
     """log1p for x >= 0 (NaN propagates): log(1 + x) plus the rounding error of 1 + x."""
@@ -150,7 +168,9 @@ def _silu(x):
 
 @njit(types.void(_C3, _C3, _C2, _C1, _C3, int64, int64), **_EXACT)
 def _conv_jobs(x, state, w, bias, y, lo, hi):
-    """Jobs lo..hi of the (batch, channel block) grid. x, y: (B, T, I); state: (B, I, K); w: (I, K)."""
+    """Jobs lo..hi of the (batch, channel block) grid. x, y: (B, T, I); state: (B, I, K); w: (I, K).
+
+    Row slices, not x[b, t, c0 + cc], for the reason _scan_jobs gives."""
     t_len, n_ch = x.shape[1], x.shape[2]
     k_w = w.shape[1]
     blocks = (n_ch + _CW - 1) // _CW
@@ -161,23 +181,27 @@ def _conv_jobs(x, state, w, bias, y, lo, hi):
         b = job // blocks
         c0 = (job - b * blocks) * _CW
         cw = min(_CW, n_ch - c0)
+        c1 = c0 + cw
         for k in range(k_w):
             for cc in range(cw):
                 win[k, cc] = state[b, c0 + cc, k]
                 wt[k, cc] = w[c0 + cc, k]
+        br = bias[c0:c1]
         for t in range(t_len):
             for cc in range(cw):
-                acc[cc] = bias[c0 + cc]
+                acc[cc] = br[cc]
             for k in range(k_w):
                 j = t + k  # input index into [state[1:], x]
                 if j < k_w - 1:
                     for cc in range(cw):
                         acc[cc] += wt[k, cc] * win[1 + j, cc]
                 else:
+                    xr = x[b, j - (k_w - 1), c0:c1]
                     for cc in range(cw):
-                        acc[cc] += wt[k, cc] * x[b, j - (k_w - 1), c0 + cc]
+                        acc[cc] += wt[k, cc] * xr[cc]
+            yr = y[b, t, c0:c1]
             for cc in range(cw):
-                y[b, t, c0 + cc] = _silu(acc[cc])
+                yr[cc] = _silu(acc[cc])
         for k in range(k_w):  # new state: the last K of [state[1:], x]
             j = t_len - 1 + k
             for cc in range(cw):
@@ -237,35 +261,42 @@ def conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
 
 @njit(types.void(_C3, _C3, _C2, _A3, _A3, _C1, _C3, _C1, _C3, _C3, int64, int64), **_EXACT)
 def _scan_jobs(u, delta, a, bm, cm, d_skip, z, dt_bias, state, y, lo, hi):
-    """Jobs lo..hi of the (batch, channel block) grid. u, delta, z, y: (B, T, I); bm, cm: (B, T, N)."""
+    """Jobs lo..hi of the (batch, channel block) grid. u, delta, z, y: (B, T, I); bm, cm: (B, T, N).
+
+    The loops index row slices (ur[cc], not u[b, t, c0 + cc]): an index that numba cannot prove non-negative gets
+    a wraparound select, and LLVM then loads lane by lane."""
     t_len, n_ch = u.shape[1], u.shape[2]
     n_st = a.shape[1]
     blocks = (n_ch + _CW - 1) // _CW
-    # one scratch array, so LLVM sees that its rows do not alias: h (N rows), A (N rows), dt, u, y
+    # one scratch array, so LLVM sees that its rows do not alias: h (N rows), A (N rows), dt, dt * u, y
     w = np.empty((2 * n_st + 3, _CW), np.float32)
-    r_dt, r_u, r_y = 2 * n_st, 2 * n_st + 1, 2 * n_st + 2
+    r_dt, r_du, r_y = 2 * n_st, 2 * n_st + 1, 2 * n_st + 2
     for job in range(lo, hi):
         b = job // blocks
         c0 = (job - b * blocks) * _CW
         cw = min(_CW, n_ch - c0)
+        c1 = c0 + cw
         for n in range(n_st):
             for cc in range(cw):
                 w[n, cc] = state[b, c0 + cc, n]
                 w[n_st + n, cc] = a[c0 + cc, n]
+        dbias, dskip = dt_bias[c0:c1], d_skip[c0:c1]
         for t in range(t_len):
+            ur, dr = u[b, t, c0:c1], delta[b, t, c0:c1]
             for cc in range(cw):
-                w[r_dt, cc] = _softplus(delta[b, t, c0 + cc] + dt_bias[c0 + cc])
-                w[r_u, cc] = u[b, t, c0 + cc]
+                dt = _softplus(dr[cc] + dbias[cc])
+                w[r_dt, cc] = dt
+                w[r_du, cc] = dt * ur[cc]
                 w[r_y, cc] = _ZERO
             for n in range(n_st):
                 bn, cn = bm[b, t, n], cm[b, t, n]
                 for cc in range(cw):
-                    dt = w[r_dt, cc]
-                    h = _exp(dt * w[n_st + n, cc]) * w[n, cc] + dt * bn * w[r_u, cc]
+                    h = _exp_decay(w[r_dt, cc] * w[n_st + n, cc]) * w[n, cc] + w[r_du, cc] * bn
                     w[n, cc] = h
                     w[r_y, cc] += h * cn
+            yr, zr = y[b, t, c0:c1], z[b, t, c0:c1]
             for cc in range(cw):
-                y[b, t, c0 + cc] = (w[r_y, cc] + w[r_u, cc] * d_skip[c0 + cc]) * _silu(z[b, t, c0 + cc])
+                yr[cc] = (w[r_y, cc] + ur[cc] * dskip[cc]) * _silu(zr[cc])
         for n in range(n_st):
             for cc in range(cw):
                 state[b, c0 + cc, n] = w[n, cc]
@@ -282,7 +313,7 @@ def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor
          D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
     """Selective scan from `ssm_state` (see selective_scan_ref for the maths).
 
-    u, delta, z: (B, I, T) any strides; A: (I, N) fp32; Bm, Cm: (B, T, N); D, delta_bias: (I,) fp32;
+    u, delta, z: (B, I, T) any strides; A: (I, N) fp32, <= 0 (the model's -exp(A_log)); Bm, Cm: (B, T, N); D, delta_bias: (I,) fp32;
     ssm_state: (B, I, N) fp32, updated in place. Returns y: (B, I, T) fp32, a transposed view of a (B, T, I)
     buffer (what out_proj wants next).
     """

@@ -87,6 +87,23 @@ def test_scan_in_chunks_equals_one_pass():
     torch.testing.assert_close(st_steps, st_one, rtol=0, atol=0)
 
 
+def test_scan_decay_extremes():
+    """exp(dt * A) over its whole range: decays that underflow to denormals and to 0 (A down to -inf), and ones
+    that barely decay; the kernel's exp skips the underflow test (its 2**k is exactly 0 below -88)."""
+    u, delta, A, bm, cm, D, z, dt_bias, state = scan_inputs((2, 70, 6, 16), torch.float32, 11)
+    g = gen(12)
+    A = -torch.exp(torch.empty(70, 16).uniform_(-14, 10, generator=g))  # -8e-7 .. -2.2e4
+    A[3, :4] = torch.tensor([-float("inf"), -88.5, -87.5, -87.0])
+    dt_bias.fill_(0.0)
+    delta[:, :, 3] = 0.5413  # dt = softplus(0.5413) ~ 1, so row 3 decays by exp(A) itself
+    st_ref, st_cpu = state.clone(), state.clone()
+    y_ref = reference.selective_scan_ref(u, delta, A, bm, cm, D, z, dt_bias, st_ref)
+    y_cpu = cpu.scan(u, delta, A, bm, cm, D, z, dt_bias, st_cpu)
+    assert not y_cpu.isnan().any() and not st_cpu.isnan().any()
+    torch.testing.assert_close(y_cpu, y_ref, **FP32)
+    torch.testing.assert_close(st_cpu, st_ref, **FP32)
+
+
 def test_scan_propagates_nan():
     u, delta, A, bm, cm, D, z, dt_bias, state = scan_inputs((1, 8, 3, 4), torch.float32, 3)
     delta[0, 2, 1] = float("nan")
