@@ -95,6 +95,14 @@ class MambaBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, state: LayerState, kern: Backend) -> torch.Tensor:
         """hidden: (B, T, d_model) fp32 -> (B, T, d_model) fp32; `state` advances by T tokens."""
+        m = self.mixer
+        if kern.block_step is not None and hidden.shape[1] == 1 and m.in_proj.bias is None and m.out_proj.bias is None:
+            p = m.prepared
+            out = kern.block_step(hidden, self.norm.weight, self.norm.eps, m.in_proj.weight, p["conv_w"], p["conv_b"],
+                                  m.x_proj.weight, m.dt_proj.weight, p["dt_bias"], p["A"], p["D"], m.out_proj.weight,
+                                  state.conv, state.ssm)
+            if out is not None:
+                return out
         wdtype = self.norm.weight.dtype
         h = kern.rms_norm(hidden.to(wdtype), self.norm.weight, self.norm.eps)
         out = self.mixer(h, state, kern)

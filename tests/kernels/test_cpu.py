@@ -187,3 +187,52 @@ def test_model_on_cpu_backend_matches_reference():
         torch.testing.assert_close(a.conv, b.conv, **FP32)
         torch.testing.assert_close(a.ssm, b.ssm, **FP32)
     assert isinstance(s_fast[0], LayerState)
+
+
+@pytest.mark.parametrize("cfg_kw, batch", [
+    (dict(state_size=16, intermediate_size=130, conv_kernel=4), 1),  # 130 channels: a last pass of 2 (< _SB)
+    (dict(state_size=16, intermediate_size=130, conv_kernel=4), 8),
+    (dict(state_size=5, intermediate_size=67, conv_kernel=3), 3),  # odd N, and a conv without bias below
+])
+def test_block_step_matches_separate_kernels(cfg_kw, batch):
+    """The fused decode token (one call a block) against the same block on the separate CPU kernels: hidden
+    states and both states after several tokens, with non-contiguous state tensors (updated through)."""
+    import dataclasses
+
+    cfg = MambaConfig(vocab_size=64, hidden_size=40, num_layers=2, time_step_rank=4, **cfg_kw)
+    tensors = random_tensors(cfg, 5)
+    if cfg.conv_kernel == 3:
+        tensors = {k: v for k, v in tensors.items() if not k.endswith("conv1d.bias")}
+        cfg = dataclasses.replace(cfg, use_conv_bias=False)
+    stack = BlockStack.from_tensors(cfg, 0, 2, tensors, backend="cpu")
+    assert stack.kern.block_step is cpu.block_step
+    separate = dataclasses.replace(stack.kern, block_step=None)
+    big = [LayerState(torch.zeros(batch, cfg.intermediate_size, 2 * cfg.conv_kernel),
+                      torch.zeros(batch, cfg.intermediate_size, 2 * cfg.state_size)) for _ in range(2)]
+    fused_st = [LayerState(b.conv[..., ::2], b.ssm[..., ::2]) for b in big]  # strided views
+    sep_st = stack.new_states(batch)
+    x = torch.randn(batch, 6, cfg.hidden_size, generator=gen(6))
+    with torch.inference_mode():
+        for t in range(6):
+            h_f = h_s = x[:, t:t + 1]
+            for blk, sf, ss in zip(stack.blocks, fused_st, sep_st):
+                h_f, h_s = blk(h_f, sf, stack.kern), blk(h_s, ss, separate)
+            torch.testing.assert_close(h_f, h_s, **FP32)
+    for b, ss in zip(big, sep_st):
+        torch.testing.assert_close(b.conv[..., ::2], ss.conv, **FP32)
+        torch.testing.assert_close(b.ssm[..., ::2], ss.ssm, **FP32)
+        assert b.ssm.abs().sum() > 0
+
+
+def test_block_step_declines_what_it_does_not_cover():
+    """More than one token, more rows than its GEMV takes, or bf16 weights: None, and the block takes the kernels."""
+    m = TINY
+    i, n, k, r, d = m.intermediate_size, m.state_size, m.conv_kernel, m.time_step_rank, m.hidden_size
+    w = dict(norm_w=torch.ones(d), eps=1e-5, in_w=torch.randn(2 * i, d), conv_w=torch.randn(i, k), conv_b=None,
+             x_w=torch.randn(r + 2 * n, i), dt_w=torch.randn(i, r), dt_bias=torch.zeros(i), A=-torch.rand(i, n),
+             D=torch.ones(i), out_w=torch.randn(d, i))
+    st = lambda b: dict(conv_state=torch.zeros(b, i, k), ssm_state=torch.zeros(b, i, n))  # noqa: E731
+    assert cpu.block_step(torch.randn(1, 1, d), **w, **st(1)) is not None
+    assert cpu.block_step(torch.randn(1, 2, d), **w, **st(1)) is None
+    assert cpu.block_step(torch.randn(9, 1, d), **w, **st(9)) is None
+    assert cpu.block_step(torch.randn(1, 1, d), **dict(w, in_w=w["in_w"].bfloat16()), **st(1)) is None
