@@ -1,7 +1,9 @@
 """CPU speed of swarm's model (BlockStack + Head) next to transformers' MambaForCausalLM on the same random weights.
 
-mamba-130m shapes, fp32, batch 1: greedy decode tokens/s and a 512-token prefill (states plus last-token logits).
-Run: python scripts/bench_cpu.py [--rounds 3] [--steps 32] [--prefill 512] [--threads 2] [--no-reference]
+mamba-130m shapes, fp32 (or --dtype bfloat16: both models on the same bf16 weights), batch 1: greedy decode
+tokens/s and a 512-token prefill (states plus last-token logits).
+Run: python scripts/bench_cpu.py [--rounds 3] [--steps 32] [--prefill 512] [--threads 2] [--dtype float32]
+     [--no-reference]
 """
 
 from __future__ import annotations
@@ -93,12 +95,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (numba uses every core)")
     ap.add_argument("--layers", type=int, default=24, help="blocks (24 is mamba-130m)")
     ap.add_argument("--no-reference", action="store_true", help="skip our model on the plain-torch kernels")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the weights' dtype")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from swarm.kernels import cpu
     cpu.warmup()
     hf_cfg, model = hf_model(args.layers)
+    model.to(getattr(torch, args.dtype))
     cfg = MambaConfig.from_dict(hf_cfg.to_dict())
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
     runners = {"swarm (cpu)": Ours(cfg, tensors, "cpu")}
@@ -127,9 +131,9 @@ def main() -> None:
             dec[name] += r.decode(prompt, args.steps, args.warmup)
             pre[name] += timed(lambda: r.prefill(long_prompt), 1)
     others = (busy_elsewhere() - busy0) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
-    print(f"\nmamba-130m shapes, fp32, batch 1, torch threads {torch.get_num_threads()}; decode: {args.rounds} x "
-          f"{args.steps} steps (median, best); prefill: {args.prefill} tokens, states + last logits (best, median of "
-          f"{args.rounds}); other processes used {others:.0%} of the cores meanwhile")
+    print(f"\nmamba-130m shapes, {args.dtype} weights, batch 1, torch threads {torch.get_num_threads()}; decode: "
+          f"{args.rounds} x {args.steps} steps (median, best); prefill: {args.prefill} tokens, states + last logits "
+          f"(best, median of {args.rounds}); other processes used {others:.0%} of the cores meanwhile")
     print_table(dec, pre, args.prefill)
 
 

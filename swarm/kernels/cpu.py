@@ -44,6 +44,7 @@ _A3 = float32[:, :, :]
 _C3 = float32[:, :, ::1]
 _C2 = float32[:, ::1]
 _C1 = float32[::1]
+_U2 = types.uint16[:, ::1]  # bf16 weights, as their bit patterns
 
 # ------------------------------------------------------------------------------------- vectorisable exp and log1p
 # libm's expf/log1pf are opaque calls that keep a loop scalar; these are Cephes' polynomials (max relative error
@@ -93,6 +94,18 @@ def _exponent(typingctx, u):
         return builder.sitofp(e, _FLT)
 
     return types.float32(types.float32), codegen
+
+
+@intrinsic
+def _bf16(typingctx, u):
+    """The float32 of a bf16 bit pattern (uint16): its bits are the top half of the float's, so this is exact."""
+    if u != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16)), _FLT)
+
+    return types.float32(types.uint16), codegen
 
 
 _f = np.float32
@@ -313,8 +326,8 @@ def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor
          D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
     """Selective scan from `ssm_state` (see selective_scan_ref for the maths).
 
-    u, delta, z: (B, I, T) any strides; A: (I, N) fp32, <= 0 (the model's -exp(A_log)); Bm, Cm: (B, T, N); D, delta_bias: (I,) fp32;
-    ssm_state: (B, I, N) fp32, updated in place. Returns y: (B, I, T) fp32, a transposed view of a (B, T, I)
+    u, delta, z: (B, I, T) any strides; A: (I, N) fp32, <= 0 (the model's -exp(A_log)); Bm, Cm: (B, T, N);
+    D, delta_bias: (I,) fp32; ssm_state: (B, I, N) fp32, updated in place. Returns y: (B, I, T) fp32, a transposed view of a (B, T, I)
     buffer (what out_proj wants next).
     """
     bsz, ch, t_len = u.shape
@@ -398,29 +411,73 @@ def _chunk(weight: torch.Tensor) -> int:
     return 64 if weight.shape[0] >= 4096 else 8
 
 
+@njit(types.void(_C2, _U2, _C2, int64, int64), **_DOT)
+def _gemv_rows_bf16(x, w, y, lo, hi):
+    """_gemv_rows over bf16 weights: half the bytes streamed, each widened exactly in the loop."""
+    n_rows, n_in = x.shape
+    for o in range(lo, hi):
+        for r in range(n_rows):
+            acc = _ZERO
+            for j in range(n_in):
+                acc += x[r, j] * _bf16(w[o, j])
+            y[r, o] = acc
+
+
+@njit(types.void(_C2, _U2, _C2, int64), parallel=True, **_DOT)
+def _gemv_par_bf16(x, w, y, chunk):
+    n_out = w.shape[0]
+    for ci in prange((n_out + chunk - 1) // chunk):
+        _gemv_rows_bf16(x, w, y, ci * chunk, min(n_out, (ci + 1) * chunk))
+
+
+_BF16 = torch.bfloat16
+_HALF_TYPES = (torch.bfloat16, torch.float16)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through the GEMV above for a few fp32 rows. x: (..., In); weight: (Out, In) -> (..., Out)."""
+    """F.linear (same output dtype), faster: x: (..., In); weight: (Out, In) -> (..., Out).
+
+    - up to _GEMV_ROWS rows of fp32 or bf16 weights: the GEMVs above (fp32 sums; a bf16 result is rounded once,
+      as F.linear rounds it);
+    - more rows of bf16 or fp16: widened to fp32 for MKL's GEMM, then rounded. This CPU has no bf16 arithmetic, and
+      torch's bf16 GEMM here is ~7x slower than widening (121 against 18 ms for 512 x 768 x 3072);
+    - anything else: F.linear.
+    """
     n_in = x.shape[-1]
     rows = x.numel() // n_in if n_in else 0
-    if rows > _GEMV_ROWS or rows == 0 or x.dtype != _F32 or weight.dtype != _F32 or not weight.is_contiguous():
+    wdt = weight.dtype
+    if rows == 0 or x.dtype != wdt:
         return F.linear(x, weight, bias)
-    x2 = x.numpy().reshape(rows, n_in)
+    if rows > _GEMV_ROWS or (wdt != _F32 and wdt != _BF16) or not weight.is_contiguous():
+        if wdt not in _HALF_TYPES:
+            return F.linear(x, weight, bias)
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(wdt)
+    x2 = _np32(x).reshape(rows, n_in)
     if not x2.flags.c_contiguous:
         x2 = np.ascontiguousarray(x2)
     y = np.empty((rows, weight.shape[0]), np.float32)
-    if weight.numel() < _SERIAL_GEMV:
+    if wdt == _BF16:
+        w16 = weight.view(torch.uint16).numpy()
+        if weight.numel() < _SERIAL_GEMV:
+            _gemv_rows_bf16(x2, w16, y, 0, weight.shape[0])
+        else:
+            _gemv_par_bf16(x2, w16, y, _chunk(weight))
+    elif weight.numel() < _SERIAL_GEMV:
         _gemv_rows(x2, weight.numpy(), y, 0, weight.shape[0])
     else:
         _gemv_par(x2, weight.numpy(), y, _chunk(weight))
     out = torch.from_numpy(y.reshape(*x.shape[:-1], weight.shape[0]))
-    return out if bias is None else out.add_(bias)
+    if bias is not None:
+        out.add_(bias.float())
+    return out if wdt == _F32 else out.to(wdt)
 
 
 # ------------------------------------------------------------------------------------------- one block's decode step
 # A decode token through the separate kernels costs 7 kernel calls and ~15 small torch ops a block (~120 us of
-# Python on this machine, against ~530 us to stream a 130m block's weights). block_step runs a block's whole token in one call:
-# four parallel regions (in_proj, x_proj, dt_proj with the SSM step, out_proj with the residual add), the norm and
-# the conv between them serially. Each stage is the arithmetic of the kernel above it, in the same order.
+# Python on this machine, against ~530 us to stream a 130m block's weights). block_step runs a block's whole token
+# in one call: four parallel regions (in_proj, x_proj, dt_proj with the SSM step, out_proj with the residual add),
+# the norm and the conv between them serially. Each stage is the arithmetic of the kernel above it, in the same
+# order.
 
 @njit(float32(float32[::1], float32[::1]), **_DOT)
 def _dot(a, b):
@@ -613,6 +670,8 @@ def warmup() -> None:
         rms_norm(torch.randn(t_len, i), torch.ones(i), 1e-5)
     linear(torch.randn(1, i), torch.randn(64, i))
     linear(torch.randn(1, i), torch.randn(_SERIAL_GEMV // i, i))
+    for n_out in (64, _SERIAL_GEMV // i):
+        linear(torch.randn(1, i, dtype=_BF16), torch.randn(n_out, i, dtype=_BF16))
     d, r = 64, 8
     block_step(torch.randn(b, 1, d), torch.ones(d), 1e-5, torch.randn(2 * i, d), torch.randn(i, k), None,
                torch.randn(r + 2 * n, i), torch.randn(i, r), torch.zeros(i), -torch.rand(i, n), torch.ones(i),

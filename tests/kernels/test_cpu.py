@@ -146,6 +146,24 @@ def test_linear_matches_torch(rows, n_out):
     torch.testing.assert_close(cpu.linear(x, w, bias), F.linear(x, w, bias), **FP32)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])  # the bf16 GEMV, and the widened GEMM past _GEMV_ROWS
+@pytest.mark.parametrize("n_out", [131, 1200])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_linear_matches_torch(rows, n_out, dtype):
+    """Half-precision weights: the output dtype is F.linear's and the values are fp32 sums rounded once, so they
+    are within one rounding of torch's own (which also sums in fp32)."""
+    g = gen(rows + n_out)
+    x = torch.randn(2, rows, 497, generator=g).to(dtype)[:1]
+    w = (torch.randn(n_out, 497, generator=g) / 10).to(dtype)
+    bias = torch.randn(n_out, generator=g).to(dtype)
+    for b in (None, bias):
+        got = cpu.linear(x, w, b)
+        assert got.dtype == dtype and got.shape == (1, rows, n_out)
+        exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+        torch.testing.assert_close(got.double(), exact, rtol=8e-3, atol=8e-3)  # one bf16 rounding: 2**-8
+        torch.testing.assert_close(got, F.linear(x, w, b), **BF16)
+
+
 TINY = MambaConfig(vocab_size=64, hidden_size=48, state_size=8, num_layers=3, intermediate_size=96, conv_kernel=4,
                    time_step_rank=3)
 
