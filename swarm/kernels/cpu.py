@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from llvmlite import ir
 from numba import float32, int64, njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from swarm.kernels import Backend
 
@@ -106,6 +106,51 @@ def _bf16(typingctx, u):
         return builder.bitcast(builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16)), _FLT)
 
     return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _bf16_round_bits(typingctx, x):
+    """x rounded to the nearest bf16 (ties to even), as a float32; not for NaN (the caller keeps those)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], _I32)
+        lsb = builder.and_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
+        up = builder.add(builder.add(bits, ir.Constant(_I32, 0x7FFF)), lsb)
+        return builder.bitcast(builder.and_(up, ir.Constant(_I32, -65536)), _FLT)
+
+    return types.float32(types.float32), codegen
+
+
+@njit(float32(float32), **_EXACT)
+def _round_bf16(v):
+    return v if v != v else _bf16_round_bits(v)
+
+
+def _wv(w_elem):
+    """A weight element as float32: itself, or a bf16 bit pattern widened (exact)."""
+
+
+@overload(_wv)
+def _wv_impl(w_elem):
+    if w_elem == types.float32:
+        return lambda w_elem: w_elem
+    if w_elem == types.uint16:
+        return lambda w_elem: _bf16(w_elem)
+
+
+def _like(v, w):
+    """v rounded as a result in w's dtype is: fp32 weights keep it, bf16 weights round it to bf16 (as the separate
+    kernels' outputs are), NaN kept."""
+
+
+@overload(_like)
+def _like_impl(v, w):
+    if w.dtype == types.float32:
+        return lambda v, w: v
+    if w.dtype == types.uint16:
+        return lambda v, w: _round_bf16(v)
 
 
 _f = np.float32
@@ -383,23 +428,23 @@ _GEMV_ROWS = 8  # up to this many token rows the GEMV below (one pass over the w
 _SERIAL_GEMV = 1 << 16  # smaller weights stream fast enough from one core
 
 
-@njit(types.void(_C2, _C2, _C2, int64, int64), **_DOT)
+@njit([types.void(_C2, _C2, _C2, int64, int64), types.void(_C2, _U2, _C2, int64, int64)], **_DOT)
 def _gemv_rows(x, w, y, lo, hi):
-    """Outputs lo..hi of y = x @ w.T for a few rows x. x: (R, In), w: (Out, In), y: (R, Out).
+    """Outputs lo..hi of y = x @ w.T for a few rows x. x: (R, In), w: (Out, In) fp32 or bf16 bits, y: (R, Out).
 
     Decoding is memory-bound: this streams each weight row once for all R rows, at about twice the bandwidth
-    MKL's sgemv reaches on this AMD machine.
+    MKL's sgemv reaches on this AMD machine; bf16 weights stream half the bytes, widened in the loop (exact).
     """
     n_rows, n_in = x.shape
     for o in range(lo, hi):
         for r in range(n_rows):
             acc = _ZERO
             for j in range(n_in):
-                acc += x[r, j] * w[o, j]
+                acc += x[r, j] * _wv(w[o, j])
             y[r, o] = acc
 
 
-@njit(types.void(_C2, _C2, _C2, int64), parallel=True, **_DOT)
+@njit([types.void(_C2, _C2, _C2, int64), types.void(_C2, _U2, _C2, int64)], parallel=True, **_DOT)
 def _gemv_par(x, w, y, chunk):
     n_out = w.shape[0]
     for ci in prange((n_out + chunk - 1) // chunk):
@@ -411,27 +456,14 @@ def _chunk(weight: torch.Tensor) -> int:
     return 64 if weight.shape[0] >= 4096 else 8
 
 
-@njit(types.void(_C2, _U2, _C2, int64, int64), **_DOT)
-def _gemv_rows_bf16(x, w, y, lo, hi):
-    """_gemv_rows over bf16 weights: half the bytes streamed, each widened exactly in the loop."""
-    n_rows, n_in = x.shape
-    for o in range(lo, hi):
-        for r in range(n_rows):
-            acc = _ZERO
-            for j in range(n_in):
-                acc += x[r, j] * _bf16(w[o, j])
-            y[r, o] = acc
-
-
-@njit(types.void(_C2, _U2, _C2, int64), parallel=True, **_DOT)
-def _gemv_par_bf16(x, w, y, chunk):
-    n_out = w.shape[0]
-    for ci in prange((n_out + chunk - 1) // chunk):
-        _gemv_rows_bf16(x, w, y, ci * chunk, min(n_out, (ci + 1) * chunk))
-
-
 _BF16 = torch.bfloat16
 _HALF_TYPES = (torch.bfloat16, torch.float16)
+
+
+def _wnp(weight: torch.Tensor) -> np.ndarray:
+    """An fp32 or bf16 weight as the numpy array the kernels take: itself, or its bf16 bit patterns (uint16)."""
+    w = weight.detach()
+    return w.view(torch.uint16).numpy() if w.dtype == _BF16 else w.numpy()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -456,16 +488,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not x2.flags.c_contiguous:
         x2 = np.ascontiguousarray(x2)
     y = np.empty((rows, weight.shape[0]), np.float32)
-    if wdt == _BF16:
-        w16 = weight.view(torch.uint16).numpy()
-        if weight.numel() < _SERIAL_GEMV:
-            _gemv_rows_bf16(x2, w16, y, 0, weight.shape[0])
-        else:
-            _gemv_par_bf16(x2, w16, y, _chunk(weight))
-    elif weight.numel() < _SERIAL_GEMV:
-        _gemv_rows(x2, weight.numpy(), y, 0, weight.shape[0])
+    w = _wnp(weight)
+    if weight.numel() < _SERIAL_GEMV:
+        _gemv_rows(x2, w, y, 0, weight.shape[0])
     else:
-        _gemv_par(x2, weight.numpy(), y, _chunk(weight))
+        _gemv_par(x2, w, y, _chunk(weight))
     out = torch.from_numpy(y.reshape(*x.shape[:-1], weight.shape[0]))
     if bias is not None:
         out.add_(bias.float())
@@ -479,34 +506,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # the norm and the conv between them serially. Each stage is the arithmetic of the kernel above it, in the same
 # order.
 
-@njit(float32(float32[::1], float32[::1]), **_DOT)
-def _dot(a, b):
+@njit([float32(float32[::1], float32[::1]), float32(float32[::1], types.uint16[::1])], **_DOT)
+def _dot(a, w):
     acc = _ZERO
     for j in range(a.shape[0]):
-        acc += a[j] * b[j]
+        acc += a[j] * _wv(w[j])
     return acc
 
 
-@njit(types.void(_C2, _C2, _C2, int64, int64), **_DOT)
+@njit([types.void(_C2, _C2, _C2, int64, int64), types.void(_C2, _U2, _C2, int64, int64)], **_DOT)
 def _gemv_add_rows(x, w, y, lo, hi):
-    """y[:, lo:hi] += x @ w[lo:hi].T (out_proj into the residual: the sum, then one add, as hidden + out)."""
+    """y[:, lo:hi] += x @ w[lo:hi].T (out_proj into the residual: the sum, rounded as out_proj's output, then one
+    add, as hidden + out)."""
     n_rows, n_in = x.shape
     for o in range(lo, hi):
         for r in range(n_rows):
             acc = _ZERO
             for j in range(n_in):
-                acc += x[r, j] * w[o, j]
-            y[r, o] += acc
+                acc += x[r, j] * _wv(w[o, j])
+            y[r, o] += _like(acc, w)
 
 
 _SB = 4  # channels a pass of the decode step's state update: 4 * N = 64 lanes, two of LLVM's 32-wide vector loops
 
 
-@njit(types.void(_C2, _C2, _C2, _C1, _C2, _C1, _C1, _C2, _C2, int64, int64), **_EXACT)
+@njit([types.void(_C2, _C2, _C2, _C1, w_t, _C1, _C1, _C2, _C2, int64, int64) for w_t in (_C2, _U2)], **_EXACT)
 def _ssm_step_channels(xz, xc, dbc, dt_bias, w_dt, a, d_skip, y, state, lo, hi):
     """Channels lo..hi of the SSM step for every row: delta (dt_proj and its bias, softplus), the state update,
     y = C.h + D x, gated by silu(z). xz: (B, 2I) in_proj's output (z is its second half); xc: (B, I) the conv's;
     dbc: (B, R + 2N) x_proj's; a: A flat, (I * N,); state: (B, I * N), A's and the state's own (I, N) layouts.
+    delta and y are rounded as dt_proj's and the scan's outputs are for w_dt's dtype (see _like).
 
     The update runs over _SB channels' N states as one flat row (a loop over one channel's 16 stays scalar), with
     dt, dt * x, B and C laid out along it."""
@@ -526,7 +555,7 @@ def _ssm_step_channels(xz, xc, dbc, dt_bias, w_dt, a, d_skip, y, state, lo, hi):
             cb = min(_SB, hi - c0)
             m = cb * n_st
             for k in range(cb):
-                dt = _softplus(_dot(dtr, w_dt[c0 + k]) + dt_bias[c0 + k])
+                dt = _softplus(_like(_dot(dtr, w_dt[c0 + k]), w_dt) + dt_bias[c0 + k])
                 du = dt * xc[r, c0 + k]
                 for n in range(n_st):
                     dtx[k * n_st + n] = dt
@@ -541,7 +570,7 @@ def _ssm_step_channels(xz, xc, dbc, dt_bias, w_dt, a, d_skip, y, state, lo, hi):
                 acc = _ZERO
                 for n in range(n_st):
                     acc += dux[k * n_st + n]
-                y[r, c] = (acc + xc[r, c] * d_skip[c]) * _silu(xz[r, n_ch + c])
+                y[r, c] = _like((acc + xc[r, c] * d_skip[c]) * _silu(xz[r, n_ch + c]), w_dt)
 
 
 @njit(types.void(_C2, _C2, _C3, _C2, _C1), **_EXACT)
@@ -565,25 +594,44 @@ def _conv_rows(xz, xc, state, w, bias):
             yr[c] = _silu(yr[c])
 
 
-@njit(types.void(_C2, _C1, float32, _C2, _C3, _C2, _C1, _C2, _C1, _C2, _C1, _C1, _C2, _C2, int64, int64, int64),
-      parallel=True, **_EXACT)
+@njit([types.void(_C2, w_t) for w_t in (_C2, _U2)], **_EXACT)
+def _round_rows(x, w):
+    """x, in place, rounded as an output in w's dtype (see _like): nothing to do for fp32 weights."""
+    for r in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            x[r, j] = _like(x[r, j], w)
+
+
+@njit([types.void(_C2, _C1, float32, w_t, _C3, _C2, _C1, w_t, _C1, w_t, _C1, _C1, _C2, w_t, int64, int64, int64)
+       for w_t in (_C2, _U2)], parallel=True, **_EXACT)
 def _block_step(res, norm_w, eps, in_w, conv_state, conv_w, conv_b, x_w, dt_bias, dt_w, a, d_skip, state, out_w,
                 in_chunk, x_chunk, out_chunk):
     """A block's decode token for rows res (B, D), in place: one call, so one dispatch from Python (each costs
-    ~10 us with this many arrays); the four prange loops are its parallel regions. a: (I * N,); state: (B, I * N)."""
+    ~10 us with this many arrays); the four prange loops are its parallel regions. a: (I * N,); state: (B, I * N).
+
+    The projections' weights are fp32 or bf16 bits, all alike; with bf16 each stage's output is rounded to bf16
+    where the separate kernels' is (they return the weights' dtype), so the two paths agree to fp32 rounding."""
     n_rows, n_ch = res.shape[0], conv_w.shape[0]
+    h_in = np.empty_like(res)
+    for r in range(n_rows):
+        for j in range(res.shape[1]):
+            h_in[r, j] = _like(res[r, j], in_w)  # the norm reads hidden in the weights' dtype
     h = np.empty_like(res)
-    _rms_rows(res, norm_w, eps, h, 0, n_rows)
+    _rms_rows(h_in, norm_w, eps, h, 0, n_rows)
+    _round_rows(h, in_w)
     xz = np.empty((n_rows, 2 * n_ch), np.float32)
     n_out = in_w.shape[0]
     for ci in prange((n_out + in_chunk - 1) // in_chunk):
         _gemv_rows(h, in_w, xz, ci * in_chunk, min(n_out, (ci + 1) * in_chunk))
+    _round_rows(xz, in_w)
     xc = np.empty((n_rows, n_ch), np.float32)
     _conv_rows(xz, xc, conv_state, conv_w, conv_b)
+    _round_rows(xc, in_w)
     dbc = np.empty((n_rows, x_w.shape[0]), np.float32)
     n_out = x_w.shape[0]
     for ci in prange((n_out + x_chunk - 1) // x_chunk):
         _gemv_rows(xc, x_w, dbc, ci * x_chunk, min(n_out, (ci + 1) * x_chunk))
+    _round_rows(dbc, in_w)
     y = np.empty((n_rows, n_ch), np.float32)
     for ci in prange((n_ch + _CW - 1) // _CW):
         _ssm_step_channels(xz, xc, dbc, dt_bias, dt_w, a, d_skip, y, state, ci * _CW, min(n_ch, (ci + 1) * _CW))
@@ -598,20 +646,23 @@ def block_step(hidden: torch.Tensor, norm_w: torch.Tensor, eps: float, in_w: tor
                ssm_state: torch.Tensor) -> torch.Tensor | None:
     """One block's decode token: hidden (B, 1, D) fp32 -> hidden + mixer(norm(hidden)), states updated in place.
 
-    As MambaBlock.forward on the separate kernels, for fp32 contiguous weights without projection biases, an fp32
-    hidden and up to _GEMV_ROWS rows; None where that does not hold (the caller then takes the separate kernels).
+    As MambaBlock.forward on the separate kernels, for contiguous fp32 or bf16 projections (all alike) without
+    biases, an fp32 hidden and up to _GEMV_ROWS rows; None where that does not hold (the caller then takes the
+    separate kernels).
     """
     bsz, t_len, d_model = hidden.shape
-    if t_len != 1 or not 0 < bsz <= _GEMV_ROWS or any(w.dtype != _F32 or not w.is_contiguous()
-                                                       for w in (hidden, norm_w, in_w, conv_w, x_w, dt_w, out_w)):
+    big = (in_w, x_w, dt_w, out_w)
+    wdt = in_w.dtype
+    if t_len != 1 or not 0 < bsz <= _GEMV_ROWS or hidden.dtype != _F32 or wdt not in (_F32, _BF16) \
+            or any(w.dtype != wdt or not w.is_contiguous() for w in big):
         return None
     res = hidden.detach().reshape(bsz, d_model).numpy().copy()  # the new hidden: out_proj adds into it
     cst, cst_back = _state(conv_state)
     sst, sst_back = _state(ssm_state)
-    _block_step(res, norm_w.detach().numpy(), np.float32(eps), in_w.detach().numpy(), cst, conv_w.detach().numpy(),
-                _zeros(conv_w.shape[0]) if conv_b is None else _c32(conv_b), x_w.detach().numpy(), _c32(dt_bias),
-                dt_w.detach().numpy(), _c32(A).reshape(-1), _c32(D), sst.reshape(bsz, -1), out_w.detach().numpy(),
-                _chunk(in_w), _chunk(x_w), _chunk(out_w))
+    _block_step(res, _c32(norm_w), np.float32(eps), _wnp(in_w), cst, _c32(conv_w),
+                _zeros(conv_w.shape[0]) if conv_b is None else _c32(conv_b), _wnp(x_w), _c32(dt_bias), _wnp(dt_w),
+                _c32(A).reshape(-1), _c32(D), sst.reshape(bsz, -1), _wnp(out_w), _chunk(in_w), _chunk(x_w),
+                _chunk(out_w))
     if cst_back:
         conv_state.copy_(torch.from_numpy(cst))
     if sst_back:
@@ -625,6 +676,7 @@ def block_step(hidden: torch.Tensor, norm_w: torch.Tensor, eps: float, in_w: tor
 
 def _np32(t: torch.Tensor) -> np.ndarray:
     """An fp32 numpy view of `t` (any strides; a widened copy if `t` is not fp32)."""
+    t = t.detach()
     return (t if t.dtype == _F32 else t.float()).numpy()
 
 
