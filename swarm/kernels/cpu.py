@@ -372,8 +372,8 @@ def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor
     """Selective scan from `ssm_state` (see selective_scan_ref for the maths).
 
     u, delta, z: (B, I, T) any strides; A: (I, N) fp32, <= 0 (the model's -exp(A_log)); Bm, Cm: (B, T, N);
-    D, delta_bias: (I,) fp32; ssm_state: (B, I, N) fp32, updated in place. Returns y: (B, I, T) fp32, a transposed view of a (B, T, I)
-    buffer (what out_proj wants next).
+    D, delta_bias: (I,) fp32; ssm_state: (B, I, N) fp32, updated in place. Returns y: (B, I, T) fp32, a
+    transposed view of a (B, T, I) buffer (what out_proj wants next).
     """
     bsz, ch, t_len = u.shape
     st, st_back = _state(ssm_state)
