@@ -542,35 +542,45 @@ def _ssm_step_channels(xz, xc, dbc, dt_bias, w_dt, a, d_skip, y, state, lo, hi):
     n_rows, n_ch = xc.shape
     r_dt = w_dt.shape[1]
     n_st = (dbc.shape[1] - r_dt) // 2
-    nb = _SB * n_st
+    nb, nc = _SB * n_st, hi - lo
     dtx, dux, bmx, cmx = np.empty(nb, np.float32), np.empty(nb, np.float32), np.empty(nb, np.float32), \
         np.empty(nb, np.float32)
+    dts, dus, acc = np.empty(nc, np.float32), np.empty(nc, np.float32), np.empty(nc, np.float32)
+    br, ds = dt_bias[lo:hi], d_skip[lo:hi]
     for r in range(n_rows):
         dtr, bm, cm = dbc[r, :r_dt], dbc[r, r_dt:r_dt + n_st], dbc[r, r_dt + n_st:r_dt + 2 * n_st]
+        xr, zr, yr = xc[r, lo:hi], xz[r, n_ch + lo:n_ch + hi], y[r, lo:hi]
         for k in range(_SB):
             for n in range(n_st):
                 bmx[k * n_st + n] = bm[n]
                 cmx[k * n_st + n] = cm[n]
-        for c0 in range(lo, hi, _SB):
-            cb = min(_SB, hi - c0)
+        for k in range(nc):
+            dts[k] = _like(_dot(dtr, w_dt[lo + k]), w_dt)
+        for k in range(nc):  # softplus and the gate across channels, where they vectorise
+            dt = _softplus(dts[k] + br[k])
+            dts[k] = dt
+            dus[k] = dt * xr[k]
+        for k0 in range(0, nc, _SB):
+            cb = min(_SB, nc - k0)
             m = cb * n_st
             for k in range(cb):
-                dt = _softplus(_like(_dot(dtr, w_dt[c0 + k]), w_dt) + dt_bias[c0 + k])
-                du = dt * xc[r, c0 + k]
+                dt, du = dts[k0 + k], dus[k0 + k]
                 for n in range(n_st):
                     dtx[k * n_st + n] = dt
                     dux[k * n_st + n] = du
-            h, ar = state[r, c0 * n_st:c0 * n_st + m], a[c0 * n_st:c0 * n_st + m]
+            off = (lo + k0) * n_st
+            h, ar = state[r, off:off + m], a[off:off + m]
             for j in range(m):
                 hj = _exp_decay(dtx[j] * ar[j]) * h[j] + dux[j] * bmx[j]
                 h[j] = hj
                 dux[j] = hj * cmx[j]  # dux is free again: it holds the products that C.h sums
             for k in range(cb):
-                c = c0 + k
-                acc = _ZERO
+                sm = _ZERO
                 for n in range(n_st):
-                    acc += dux[k * n_st + n]
-                y[r, c] = _like((acc + xc[r, c] * d_skip[c]) * _silu(xz[r, n_ch + c]), w_dt)
+                    sm += dux[k * n_st + n]
+                acc[k0 + k] = sm
+        for k in range(nc):
+            yr[k] = _like((acc[k] + xr[k] * ds[k]) * _silu(zr[k]), w_dt)
 
 
 @njit(types.void(_C2, _C2, _C3, _C2, _C1), **_EXACT)
