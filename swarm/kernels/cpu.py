@@ -666,6 +666,10 @@ def block_step(hidden: torch.Tensor, norm_w: torch.Tensor, eps: float, in_w: tor
     if t_len != 1 or not 0 < bsz <= _GEMV_ROWS or hidden.dtype != _F32 or wdt not in (_F32, _BF16) \
             or any(w.dtype != wdt or not w.is_contiguous() for w in big):
         return None
+    n_ch = conv_w.shape[0]
+    if conv_state.shape != (bsz, n_ch, conv_w.shape[1]) or ssm_state.shape != (bsz, n_ch, A.shape[1]):
+        raise ValueError(f"block_step: states {tuple(conv_state.shape)} and {tuple(ssm_state.shape)} do not fit "
+                         f"{bsz} rows of {n_ch} channels (conv {conv_w.shape[1]}, state {A.shape[1]})")
     res = hidden.detach().reshape(bsz, d_model).numpy().copy()  # the new hidden: out_proj adds into it
     cst, cst_back = _state(conv_state)
     sst, sst_back = _state(ssm_state)

@@ -258,3 +258,20 @@ def test_block_step_declines_what_it_does_not_cover():
     assert cpu.block_step(torch.randn(1, 2, d), **w, **st(1)) is None
     assert cpu.block_step(torch.randn(9, 1, d), **w, **st(9)) is None
     assert cpu.block_step(torch.randn(1, 1, d), **dict(w, in_w=w["in_w"].bfloat16()), **st(1)) is None
+    with pytest.raises(ValueError, match="do not fit 1 rows"):  # states of another batch: an error, not garbage
+        cpu.block_step(torch.randn(1, 1, d), **w, **st(2))
+
+
+def test_bf16_rounding_matches_torch():
+    """The fused step's rounding to bf16 (ties to even, NaN and infinities kept) against torch's own conversion."""
+    g = gen(21)
+    x = torch.randn(4000, generator=g) * torch.exp2(torch.randint(-130, 128, (4000,), generator=g).float())
+    halfway = (torch.randint(0, 2**15, (500,), generator=g, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.3895314e38, -3.3895314e38,
+                            1e-45, 1.1754942e-38, 1.0, 1.00390625, 1.01171875])
+    x = torch.cat([x, halfway, halfway.nextafter(torch.zeros(1)), special])
+    got = torch.tensor([float(cpu._round_bf16(v)) for v in x.numpy()])
+    want = x.bfloat16().float()
+    assert torch.equal(got.isnan(), want.isnan())
+    ok = ~want.isnan()
+    assert torch.equal(got[ok].view(torch.int32), want[ok].view(torch.int32))
