@@ -5,9 +5,9 @@ A backend provides:
     scan(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state) -> y   # see reference.selective_scan_ref
     rms_norm(x, weight, eps) -> y
     linear(x, weight, bias=None) -> y                  # F.linear's contract; F.linear unless the backend has better
-    block_step(hidden, norm_w, eps, in_w, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, out_w, conv_state, ssm_state)
-        -> new hidden or None                          # optional: a block's whole decode token in one call, where
-                                                       # the backend can (None: take the kernels above)
+  optional, together: a block's whole decode token in one call, where the backend can (None: the kernels above)
+    block_weights(norm_w, eps, in_w, in_b, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, out_w, out_b) -> weights or None
+    block_step(hidden, weights, conv_state, ssm_state) -> new hidden or None
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Backend:
     scan: Callable[..., torch.Tensor]
     rms_norm: Callable[..., torch.Tensor]
     linear: Callable[..., torch.Tensor] = F.linear
+    block_weights: Callable[..., object] | None = None
     block_step: Callable[..., torch.Tensor | None] | None = None
 
 

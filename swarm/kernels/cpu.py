@@ -650,33 +650,42 @@ def _block_step(res, norm_w, eps, in_w, conv_state, conv_w, conv_b, x_w, dt_bias
         _gemv_add_rows(y, out_w, res, ci * out_chunk, min(n_out, (ci + 1) * out_chunk))
 
 
-def block_step(hidden: torch.Tensor, norm_w: torch.Tensor, eps: float, in_w: torch.Tensor, conv_w: torch.Tensor,
-               conv_b: torch.Tensor | None, x_w: torch.Tensor, dt_w: torch.Tensor, dt_bias: torch.Tensor,
-               A: torch.Tensor, D: torch.Tensor, out_w: torch.Tensor, conv_state: torch.Tensor,
-               ssm_state: torch.Tensor) -> torch.Tensor | None:
-    """One block's decode token: hidden (B, 1, D) fp32 -> hidden + mixer(norm(hidden)), states updated in place.
-
-    As MambaBlock.forward on the separate kernels, for contiguous fp32 or bf16 projections (all alike) without
-    biases, an fp32 hidden and up to _GEMV_ROWS rows; None where that does not hold (the caller then takes the
-    separate kernels).
-    """
-    bsz, t_len, d_model = hidden.shape
+def block_weights(norm_w: torch.Tensor, eps: float, in_w: torch.Tensor, in_b: torch.Tensor | None,
+                  conv_w: torch.Tensor, conv_b: torch.Tensor | None, x_w: torch.Tensor, dt_w: torch.Tensor,
+                  dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, out_w: torch.Tensor,
+                  out_b: torch.Tensor | None) -> tuple | None:
+    """A block's weights as block_step takes them, made once (numpy views, bf16 as bit patterns, small vectors
+    widened): preparing them costs ~70 us, which a token would otherwise pay in every block. None where block_step
+    does not apply: projection biases, or projections not all contiguous fp32 or all bf16."""
     big = (in_w, x_w, dt_w, out_w)
     wdt = in_w.dtype
-    if t_len != 1 or not 0 < bsz <= _GEMV_ROWS or hidden.dtype != _F32 or wdt not in (_F32, _BF16) \
+    if in_b is not None or out_b is not None or wdt not in (_F32, _BF16) \
             or any(w.dtype != wdt or not w.is_contiguous() for w in big):
         return None
     n_ch = conv_w.shape[0]
-    if conv_state.shape != (bsz, n_ch, conv_w.shape[1]) or ssm_state.shape != (bsz, n_ch, A.shape[1]):
+    return (_c32(norm_w), np.float32(eps), _wnp(in_w), _c32(conv_w), _zeros(n_ch) if conv_b is None else _c32(conv_b),
+            _wnp(x_w), _c32(dt_bias), _wnp(dt_w), _c32(A).reshape(-1), _c32(D), _wnp(out_w), _chunk(in_w),
+            _chunk(x_w), _chunk(out_w))
+
+
+def block_step(hidden: torch.Tensor, weights: tuple, conv_state: torch.Tensor,
+               ssm_state: torch.Tensor) -> torch.Tensor | None:
+    """One block's decode token: hidden (B, 1, D) fp32 -> hidden + mixer(norm(hidden)), states updated in place;
+    `weights` from block_weights. As MambaBlock.forward on the separate kernels, for an fp32 hidden and up to
+    _GEMV_ROWS rows; None otherwise (the caller then takes the separate kernels)."""
+    bsz, t_len, d_model = hidden.shape
+    if t_len != 1 or not 0 < bsz <= _GEMV_ROWS or hidden.dtype != _F32:
+        return None
+    norm_w, eps, in_w, conv_w, conv_b, x_w, dt_bias, dt_w, a, d_skip, out_w, c_in, c_x, c_out = weights
+    n_ch, k_w, n_st = conv_w.shape[0], conv_w.shape[1], a.shape[0] // conv_w.shape[0]
+    if conv_state.shape != (bsz, n_ch, k_w) or ssm_state.shape != (bsz, n_ch, n_st):
         raise ValueError(f"block_step: states {tuple(conv_state.shape)} and {tuple(ssm_state.shape)} do not fit "
-                         f"{bsz} rows of {n_ch} channels (conv {conv_w.shape[1]}, state {A.shape[1]})")
+                         f"{bsz} rows of {n_ch} channels (conv {k_w}, state {n_st})")
     res = hidden.detach().reshape(bsz, d_model).numpy().copy()  # the new hidden: out_proj adds into it
     cst, cst_back = _state(conv_state)
     sst, sst_back = _state(ssm_state)
-    _block_step(res, _c32(norm_w), np.float32(eps), _wnp(in_w), cst, _c32(conv_w),
-                _zeros(conv_w.shape[0]) if conv_b is None else _c32(conv_b), _wnp(x_w), _c32(dt_bias), _wnp(dt_w),
-                _c32(A).reshape(-1), _c32(D), sst.reshape(bsz, -1), _wnp(out_w), _chunk(in_w), _chunk(x_w),
-                _chunk(out_w))
+    _block_step(res, norm_w, eps, in_w, cst, conv_w, conv_b, x_w, dt_bias, dt_w, a, d_skip, sst.reshape(bsz, -1),
+                out_w, c_in, c_x, c_out)
     if cst_back:
         conv_state.copy_(torch.from_numpy(cst))
     if sst_back:
@@ -739,9 +748,10 @@ def warmup() -> None:
     for n_out in (64, _SERIAL_GEMV // i):
         linear(torch.randn(1, i, dtype=_BF16), torch.randn(n_out, i, dtype=_BF16))
     d, r = 64, 8
-    block_step(torch.randn(b, 1, d), torch.ones(d), 1e-5, torch.randn(2 * i, d), torch.randn(i, k), None,
-               torch.randn(r + 2 * n, i), torch.randn(i, r), torch.zeros(i), -torch.rand(i, n), torch.ones(i),
-               torch.randn(d, i), torch.zeros(b, i, k), torch.zeros(b, i, n))
+    w = block_weights(torch.ones(d), 1e-5, torch.randn(2 * i, d), None, torch.randn(i, k), None,
+                      torch.randn(r + 2 * n, i), torch.randn(i, r), torch.zeros(i), -torch.rand(i, n), torch.ones(i),
+                      torch.randn(d, i), None)
+    block_step(torch.randn(b, 1, d), w, torch.zeros(b, i, k), torch.zeros(b, i, n))
 
 
-BACKEND = Backend("cpu", conv1d, scan, rms_norm, linear, block_step)
+BACKEND = Backend("cpu", conv1d, scan, rms_norm, linear, block_weights, block_step)

@@ -49,9 +49,11 @@ class Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(i))
         self.out_proj = nn.Linear(i, cfg.hidden_size, bias=cfg.use_bias)
         self._prepared: dict[str, torch.Tensor] | None = None
+        self._step: tuple[str, object] | None = None  # (backend name, its block_weights), see MambaBlock
 
     def prepare(self) -> None:
         """Precompute what does not change between calls (A = -exp(A_log), fp32 D and dt bias, flat conv weight)."""
+        self._step = None
         self._prepared = {
             "A": -torch.exp(self.A_log.detach().float()),  # (I, N)
             "D": self.D.detach().float(),
@@ -95,18 +97,27 @@ class MambaBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, state: LayerState, kern: Backend) -> torch.Tensor:
         """hidden: (B, T, d_model) fp32 -> (B, T, d_model) fp32; `state` advances by T tokens."""
-        m = self.mixer
-        if kern.block_step is not None and hidden.shape[1] == 1 and m.in_proj.bias is None and m.out_proj.bias is None:
-            p = m.prepared
-            out = kern.block_step(hidden, self.norm.weight, self.norm.eps, m.in_proj.weight, p["conv_w"], p["conv_b"],
-                                  m.x_proj.weight, m.dt_proj.weight, p["dt_bias"], p["A"], p["D"], m.out_proj.weight,
-                                  state.conv, state.ssm)
+        if kern.block_step is not None and hidden.shape[1] == 1:
+            weights = self.step_weights(kern)
+            out = None if weights is None else kern.block_step(hidden, weights, state.conv, state.ssm)
             if out is not None:
                 return out
         wdtype = self.norm.weight.dtype
         h = kern.rms_norm(hidden.to(wdtype), self.norm.weight, self.norm.eps)
         out = self.mixer(h, state, kern)
         return hidden.float() + out.float()
+
+
+    def step_weights(self, kern: Backend) -> object:
+        """`kern`'s block_weights for this block, made on first use and kept with the mixer's prepared tensors
+        (Mixer.prepare drops them)."""
+        m = self.mixer
+        if m._step is None or m._step[0] != kern.name:
+            p = m.prepared
+            m._step = (kern.name, kern.block_weights(
+                self.norm.weight, self.norm.eps, m.in_proj.weight, m.in_proj.bias, p["conv_w"], p["conv_b"],
+                m.x_proj.weight, m.dt_proj.weight, p["dt_bias"], p["A"], p["D"], m.out_proj.weight, m.out_proj.bias))
+        return m._step[1]
 
 
 class RMSNorm(nn.Module):

@@ -267,19 +267,22 @@ def test_block_step_matches_separate_kernels(cfg_kw, batch, dtype):
 
 
 def test_block_step_declines_what_it_does_not_cover():
-    """More than one token, more rows than its GEMV takes, or bf16 weights: None, and the block takes the kernels."""
+    """Projection biases or mixed dtypes (block_weights), more than one token or more rows than its GEMV takes
+    (block_step): None, and the block takes the kernels. States of another batch: an error, not garbage."""
     m = TINY
     i, n, k, r, d = m.intermediate_size, m.state_size, m.conv_kernel, m.time_step_rank, m.hidden_size
-    w = dict(norm_w=torch.ones(d), eps=1e-5, in_w=torch.randn(2 * i, d), conv_w=torch.randn(i, k), conv_b=None,
-             x_w=torch.randn(r + 2 * n, i), dt_w=torch.randn(i, r), dt_bias=torch.zeros(i), A=-torch.rand(i, n),
-             D=torch.ones(i), out_w=torch.randn(d, i))
-    st = lambda b: dict(conv_state=torch.zeros(b, i, k), ssm_state=torch.zeros(b, i, n))  # noqa: E731
-    assert cpu.block_step(torch.randn(1, 1, d), **w, **st(1)) is not None
-    assert cpu.block_step(torch.randn(1, 2, d), **w, **st(1)) is None
-    assert cpu.block_step(torch.randn(9, 1, d), **w, **st(9)) is None
-    assert cpu.block_step(torch.randn(1, 1, d), **dict(w, in_w=w["in_w"].bfloat16()), **st(1)) is None
-    with pytest.raises(ValueError, match="do not fit 1 rows"):  # states of another batch: an error, not garbage
-        cpu.block_step(torch.randn(1, 1, d), **w, **st(2))
+    w = dict(norm_w=torch.ones(d), eps=1e-5, in_w=torch.randn(2 * i, d), in_b=None, conv_w=torch.randn(i, k),
+             conv_b=None, x_w=torch.randn(r + 2 * n, i), dt_w=torch.randn(i, r), dt_bias=torch.zeros(i),
+             A=-torch.rand(i, n), D=torch.ones(i), out_w=torch.randn(d, i), out_b=None)
+    assert cpu.block_weights(**dict(w, in_w=w["in_w"].bfloat16())) is None
+    assert cpu.block_weights(**dict(w, out_b=torch.zeros(d))) is None
+    weights = cpu.block_weights(**w)
+    st = lambda b: (torch.zeros(b, i, k), torch.zeros(b, i, n))  # noqa: E731
+    assert cpu.block_step(torch.randn(1, 1, d), weights, *st(1)) is not None
+    assert cpu.block_step(torch.randn(1, 2, d), weights, *st(1)) is None
+    assert cpu.block_step(torch.randn(9, 1, d), weights, *st(9)) is None
+    with pytest.raises(ValueError, match="do not fit 1 rows"):
+        cpu.block_step(torch.randn(1, 1, d), weights, *st(2))
 
 
 def test_bf16_rounding_matches_torch():
