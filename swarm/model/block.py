@@ -107,7 +107,6 @@ class MambaBlock(nn.Module):
         out = self.mixer(h, state, kern)
         return hidden.float() + out.float()
 
-
     def step_weights(self, kern: Backend) -> object:
         """`kern`'s block_weights for this block, made on first use and kept with the mixer's prepared tensors
         (Mixer.prepare drops them)."""
