@@ -55,72 +55,43 @@ _POLY = dict(_EXACT, fastmath={"contract"})
 _I32, _FLT = ir.IntType(32), ir.FloatType()
 
 
-@intrinsic
-def _pow2(typingctx, k):
-    """2**k for a float32 k holding an integer in [-126, 127], built in the exponent field (k = -127 gives 0)."""
-    if k != types.float32:
-        return None
+def _bit_op(name: str, arg: types.Type, build):
+    """A numba intrinsic float32 name(x: arg) whose LLVM body is build(builder, x): bit-level float work that
+    numba has no operation for, and that LLVM still vectorises."""
+    def typer(typingctx, x):
+        if x != arg:
+            return None
+        return types.float32(arg), lambda context, builder, signature, args: build(builder, args[0])
 
-    def codegen(context, builder, signature, args):
-        bits = builder.shl(builder.add(builder.fptosi(args[0], _I32), ir.Constant(_I32, 127)), ir.Constant(_I32, 23))
-        return builder.bitcast(bits, _FLT)
-
-    return types.float32(types.float32), codegen
-
-
-@intrinsic
-def _mantissa(typingctx, u):
-    """u / 2**floor(log2 u), in [1, 2), for a positive normal float32."""
-    if u != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        bits = builder.bitcast(args[0], _I32)
-        m = builder.or_(builder.and_(bits, ir.Constant(_I32, 0x007FFFFF)), ir.Constant(_I32, 0x3F800000))
-        return builder.bitcast(m, _FLT)
-
-    return types.float32(types.float32), codegen
+    typer.__name__ = typer.__qualname__ = name
+    return intrinsic(typer)
 
 
-@intrinsic
-def _exponent(typingctx, u):
-    """floor(log2 u) as a float32, for a positive normal float32."""
-    if u != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        bits = builder.bitcast(args[0], _I32)
-        e = builder.sub(builder.lshr(bits, ir.Constant(_I32, 23)), ir.Constant(_I32, 127))
-        return builder.sitofp(e, _FLT)
-
-    return types.float32(types.float32), codegen
+def _i32(v: int) -> ir.Constant:
+    return ir.Constant(_I32, v)
 
 
-@intrinsic
-def _bf16(typingctx, u):
-    """The float32 of a bf16 bit pattern (uint16): its bits are the top half of the float's, so this is exact."""
-    if u != types.uint16:
-        return None
+# 2**k for a float32 k holding an integer in [-126, 127], built in the exponent field (k = -127 gives 0)
+_pow2 = _bit_op("_pow2", types.float32,
+                lambda b, k: b.bitcast(b.shl(b.add(b.fptosi(k, _I32), _i32(127)), _i32(23)), _FLT))
+# u / 2**floor(log2 u), in [1, 2), for a positive normal float32
+_mantissa = _bit_op("_mantissa", types.float32, lambda b, u: b.bitcast(
+    b.or_(b.and_(b.bitcast(u, _I32), _i32(0x007FFFFF)), _i32(0x3F800000)), _FLT))
+# floor(log2 u) as a float32, for a positive normal float32
+_exponent = _bit_op("_exponent", types.float32, lambda b, u: b.sitofp(
+    b.sub(b.lshr(b.bitcast(u, _I32), _i32(23)), _i32(127)), _FLT))
+# the float32 of a bf16 bit pattern (uint16): its bits are the top half of the float's, so this is exact
+_bf16 = _bit_op("_bf16", types.uint16, lambda b, u: b.bitcast(b.shl(b.zext(u, _I32), _i32(16)), _FLT))
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16)), _FLT)
 
-    return types.float32(types.uint16), codegen
+def _round_bits(b, x):
+    bits = b.bitcast(x, _I32)
+    up = b.add(b.add(bits, _i32(0x7FFF)), b.and_(b.lshr(bits, _i32(16)), _i32(1)))  # ties to even
+    return b.bitcast(b.and_(up, _i32(-65536)), _FLT)
 
 
-@intrinsic
-def _bf16_round_bits(typingctx, x):
-    """x rounded to the nearest bf16 (ties to even), as a float32; not for NaN (the caller keeps those)."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        bits = builder.bitcast(args[0], _I32)
-        lsb = builder.and_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
-        up = builder.add(builder.add(bits, ir.Constant(_I32, 0x7FFF)), lsb)
-        return builder.bitcast(builder.and_(up, ir.Constant(_I32, -65536)), _FLT)
-
-    return types.float32(types.float32), codegen
+# x rounded to the nearest bf16, as a float32; not for NaN (the caller keeps those)
+_bf16_round_bits = _bit_op("_bf16_round_bits", types.float32, _round_bits)
 
 
 @njit(float32(float32), **_EXACT)
@@ -266,23 +237,27 @@ def _conv_jobs(x, state, w, bias, y, lo, hi):
                 state[b, c0 + cc, k] = win[1 + j, cc] if j < k_w - 1 else x[b, j - (k_w - 1), c0 + cc]
 
 
-@njit(types.void(_C3, _C3, _C2, _C1, _C3), **_EXACT)
-def _conv_step(x, state, w, bias, y):
-    """The T = 1 (decode) case: per channel, the state row is contiguous and nothing needs transposing."""
-    bsz, n_ch = x.shape[0], x.shape[2]
+@njit(types.void(_C2, _C2, _C3, _C2, _C1), **_EXACT)
+def _conv_rows(xz, xc, state, w, bias):
+    """The T = 1 (decode) conv: x in xz's first I columns, (B, >= I) -> xc (B, I), silu'd; state (B, I, K). Per
+    channel, the state row is contiguous and nothing needs transposing. xz is in_proj's whole (B, 2I) output in
+    block_step, the (B, I) input itself in conv1d."""
+    n_rows, n_ch = xc.shape
     k_w = w.shape[1]
-    for b in range(bsz):
+    for r in range(n_rows):
+        xr, yr = xz[r, :n_ch], xc[r]
         for c in range(n_ch):
+            st = state[r, c]
             acc = bias[c]
             for k in range(k_w - 1):
-                v = state[b, c, k + 1]
-                state[b, c, k] = v
+                v = st[k + 1]
+                st[k] = v
                 acc += w[c, k] * v
-            v = x[b, 0, c]
-            state[b, c, k_w - 1] = v
-            y[b, 0, c] = acc + w[c, k_w - 1] * v
+            v = xr[c]
+            st[k_w - 1] = v
+            yr[c] = acc + w[c, k_w - 1] * v
         for c in range(n_ch):  # apart, so that it vectorises
-            y[b, 0, c] = _silu(y[b, 0, c])
+            yr[c] = _silu(yr[c])
 
 
 @njit(types.void(_C3, _C3, _C2, _C1, _C3), parallel=True, **_EXACT)
@@ -304,7 +279,7 @@ def conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
     y = np.empty((bsz, t_len, ch), np.float32)
     args = (_btI(x), st, _c32(weight), _zeros(ch) if bias is None else _c32(bias), y)
     if t_len == 1:
-        _conv_step(*args)
+        _conv_rows(args[0].reshape(bsz, ch), y.reshape(bsz, ch), *args[1:4])
     elif bsz * ch * t_len * weight.shape[1] < _SMALL:
         _conv_jobs(*args, 0, bsz * ((ch + _CW - 1) // _CW))
     else:
@@ -428,6 +403,15 @@ _GEMV_ROWS = 8  # up to this many token rows the GEMV below (one pass over the w
 _SERIAL_GEMV = 1 << 16  # smaller weights stream fast enough from one core
 
 
+@njit([float32(float32[::1], float32[::1]), float32(float32[::1], types.uint16[::1])], **_DOT)
+def _dot(a, w):
+    """a . w, w fp32 or bf16 bits; the sum in any order (it vectorises)."""
+    acc = _ZERO
+    for j in range(a.shape[0]):
+        acc += a[j] * _wv(w[j])
+    return acc
+
+
 @njit([types.void(_C2, _C2, _C2, int64, int64), types.void(_C2, _U2, _C2, int64, int64)], **_DOT)
 def _gemv_rows(x, w, y, lo, hi):
     """Outputs lo..hi of y = x @ w.T for a few rows x. x: (R, In), w: (Out, In) fp32 or bf16 bits, y: (R, Out).
@@ -435,13 +419,9 @@ def _gemv_rows(x, w, y, lo, hi):
     Decoding is memory-bound: this streams each weight row once for all R rows, at about twice the bandwidth
     MKL's sgemv reaches on this AMD machine; bf16 weights stream half the bytes, widened in the loop (exact).
     """
-    n_rows, n_in = x.shape
     for o in range(lo, hi):
-        for r in range(n_rows):
-            acc = _ZERO
-            for j in range(n_in):
-                acc += x[r, j] * _wv(w[o, j])
-            y[r, o] = acc
+        for r in range(x.shape[0]):
+            y[r, o] = _dot(x[r], w[o])
 
 
 @njit([types.void(_C2, _C2, _C2, int64), types.void(_C2, _U2, _C2, int64)], parallel=True, **_DOT)
@@ -506,25 +486,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # the norm and the conv between them serially. Each stage is the arithmetic of the kernel above it, in the same
 # order.
 
-@njit([float32(float32[::1], float32[::1]), float32(float32[::1], types.uint16[::1])], **_DOT)
-def _dot(a, w):
-    acc = _ZERO
-    for j in range(a.shape[0]):
-        acc += a[j] * _wv(w[j])
-    return acc
-
-
 @njit([types.void(_C2, _C2, _C2, int64, int64), types.void(_C2, _U2, _C2, int64, int64)], **_DOT)
 def _gemv_add_rows(x, w, y, lo, hi):
     """y[:, lo:hi] += x @ w[lo:hi].T (out_proj into the residual: the sum, rounded as out_proj's output, then one
     add, as hidden + out)."""
-    n_rows, n_in = x.shape
     for o in range(lo, hi):
-        for r in range(n_rows):
-            acc = _ZERO
-            for j in range(n_in):
-                acc += x[r, j] * _wv(w[o, j])
-            y[r, o] += _like(acc, w)
+        for r in range(x.shape[0]):
+            y[r, o] += _like(_dot(x[r], w[o]), w)
 
 
 _SB = 4  # channels a pass of the decode step's state update: 4 * N = 64 lanes, two of LLVM's 32-wide vector loops
@@ -583,27 +551,6 @@ def _ssm_step_channels(xz, xc, dbc, dt_bias, w_dt, a, d_skip, y, state, lo, hi):
             yr[k] = _like((acc[k] + xr[k] * ds[k]) * _silu(zr[k]), w_dt)
 
 
-@njit(types.void(_C2, _C2, _C3, _C2, _C1), **_EXACT)
-def _conv_rows(xz, xc, state, w, bias):
-    """The conv's decode step on in_proj's rows: xz (B, 2I) (x is its first half) -> xc (B, I), silu'd."""
-    n_rows, n_ch = xc.shape
-    k_w = w.shape[1]
-    for r in range(n_rows):
-        xr, yr = xz[r, :n_ch], xc[r]
-        for c in range(n_ch):
-            st = state[r, c]
-            acc = bias[c]
-            for k in range(k_w - 1):
-                v = st[k + 1]
-                st[k] = v
-                acc += w[c, k] * v
-            v = xr[c]
-            st[k_w - 1] = v
-            yr[c] = acc + w[c, k_w - 1] * v
-        for c in range(n_ch):  # apart, so that it vectorises
-            yr[c] = _silu(yr[c])
-
-
 @njit([types.void(_C2, w_t) for w_t in (_C2, _U2)], **_EXACT)
 def _round_rows(x, w):
     """x, in place, rounded as an output in w's dtype (see _like): nothing to do for fp32 weights."""
@@ -622,10 +569,8 @@ def _block_step(res, norm_w, eps, in_w, conv_state, conv_w, conv_b, x_w, dt_bias
     The projections' weights are fp32 or bf16 bits, all alike; with bf16 each stage's output is rounded to bf16
     where the separate kernels' is (they return the weights' dtype), so the two paths agree to fp32 rounding."""
     n_rows, n_ch = res.shape[0], conv_w.shape[0]
-    h_in = np.empty_like(res)
-    for r in range(n_rows):
-        for j in range(res.shape[1]):
-            h_in[r, j] = _like(res[r, j], in_w)  # the norm reads hidden in the weights' dtype
+    h_in = res.copy()
+    _round_rows(h_in, in_w)  # the norm reads hidden in the weights' dtype
     h = np.empty_like(res)
     _rms_rows(h_in, norm_w, eps, h, 0, n_rows)
     _round_rows(h, in_w)
