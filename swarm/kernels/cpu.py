@@ -446,13 +446,52 @@ def _wnp(weight: torch.Tensor) -> np.ndarray:
     return w.view(torch.uint16).numpy() if w.dtype == _BF16 else w.numpy()
 
 
+def _onednn_gemm():
+    """oneDNN's fp32 GEMM, as torch's compiler calls it for a linear layer, where this torch has it: it uses the
+    CPU's widest vectors, where F.linear's MKL sgemm keeps to AVX2 on AMD CPUs (512 x 768 x 3072 on a 2-core Zen 5
+    VM: 5.4 against 12.5 ms; with oneDNN held to AVX2, 10.1 ms). None, and F.linear, where it is missing or wrong."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        if not torch.backends.mkldnn.is_available():
+            return None
+        x, w, b = torch.randn(3, 2, 5), torch.randn(4, 5), torch.randn(4)
+        if not torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-5, atol=1e-5):
+            return None
+    except (AttributeError, RuntimeError):
+        return None
+    return lambda x, w, b: op(x, w, b, "none", [], "")
+
+
+def _native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 itself (AVX512-BF16 or AMX): torch's bf16 GEMM is then 2x oneDNN's fp32 one;
+    without, it is emulated and ~7x slower than widening to fp32 (121 against 18 ms for 512 x 768 x 3072 on AVX2)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_GEMM = _onednn_gemm()
+_NATIVE_BF16 = _native_bf16()
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear for fp32, through oneDNN where it is there and no gradient is wanted (it has none)."""
+    if _GEMM is None or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return F.linear(x, weight, bias)
+    return _GEMM(x, weight, bias)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear (same output dtype), faster: x: (..., In); weight: (Out, In) -> (..., Out).
 
     - up to _GEMV_ROWS rows of fp32 or bf16 weights: the GEMVs above (fp32 sums; a bf16 result is rounded once,
       as F.linear rounds it);
-    - more rows of bf16 or fp16: widened to fp32 for MKL's GEMM, then rounded. This CPU has no bf16 arithmetic, and
-      torch's bf16 GEMM here is ~7x slower than widening (121 against 18 ms for 512 x 768 x 3072);
+    - more rows of fp32: oneDNN's GEMM (_gemm);
+    - more rows of bf16 on a CPU with bf16 arithmetic: torch's bf16 GEMM (oneDNN: fp32 sums, rounded once);
+    - more rows of bf16 elsewhere, or of fp16: widened to fp32 for _gemm, then rounded;
     - anything else: F.linear.
     """
     n_in = x.shape[-1]
@@ -461,9 +500,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if rows == 0 or x.dtype != wdt:
         return F.linear(x, weight, bias)
     if rows > _GEMV_ROWS or (wdt != _F32 and wdt != _BF16) or not weight.is_contiguous():
-        if wdt not in _HALF_TYPES:
+        if wdt == _F32:
+            return _gemm(x, weight, bias)
+        if wdt not in _HALF_TYPES or (wdt == _BF16 and _NATIVE_BF16):
             return F.linear(x, weight, bias)
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(wdt)
+        return _gemm(x.float(), weight.float(), None if bias is None else bias.float()).to(wdt)
     x2 = _np32(x).reshape(rows, n_in)
     if not x2.flags.c_contiguous:
         x2 = np.ascontiguousarray(x2)

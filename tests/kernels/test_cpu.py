@@ -146,12 +146,28 @@ def test_linear_matches_torch(rows, n_out):
     torch.testing.assert_close(cpu.linear(x, w, bias), F.linear(x, w, bias), **FP32)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 40])  # the bf16 GEMV, and the widened GEMM past _GEMV_ROWS
+def test_linear_gemm_is_onednn():
+    """Past _GEMV_ROWS, fp32 rows go to oneDNN's GEMM (2.3x MKL's on AMD CPUs with AVX-512): the torch that CI
+    installs has it, so losing it is a failure here, not a silent slowdown. Where a gradient is wanted, F.linear."""
+    assert cpu._GEMM is not None
+    g = gen(5)
+    x, w, b = torch.randn(2, 33, 97, generator=g), torch.randn(65, 97, generator=g), torch.randn(65, generator=g)
+    torch.testing.assert_close(cpu._GEMM(x, w, b), F.linear(x, w, b), **FP32)
+    wg = w.clone().requires_grad_()
+    out = cpu.linear(x, wg, b)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    torch.testing.assert_close(wg.grad, x.sum(dim=(0, 1)).expand_as(w), **FP32)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])  # the bf16 GEMV, and the GEMM past _GEMV_ROWS
 @pytest.mark.parametrize("n_out", [131, 1200])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_linear_matches_torch(rows, n_out, dtype):
+@pytest.mark.parametrize("native_bf16", [False, True])  # bf16 past _GEMV_ROWS: widened, or torch's own bf16 GEMM
+def test_half_linear_matches_torch(rows, n_out, dtype, native_bf16, monkeypatch):
     """Half-precision weights: the output dtype is F.linear's and the values are fp32 sums rounded once, so they
     are within one rounding of torch's own (which also sums in fp32)."""
+    monkeypatch.setattr(cpu, "_NATIVE_BF16", native_bf16)
     g = gen(rows + n_out)
     x = torch.randn(2, rows, 497, generator=g).to(dtype)[:1]
     w = (torch.randn(n_out, 497, generator=g) / 10).to(dtype)
