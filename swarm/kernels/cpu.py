@@ -195,12 +195,13 @@ def _silu(x):
 
 # ------------------------------------------------------------------------------------------------------------ conv
 
-@njit(types.void(_C3, _C3, _C2, _C1, _C3, int64, int64), **_EXACT)
-def _conv_jobs(x, state, w, bias, y, lo, hi):
-    """Jobs lo..hi of the (batch, channel block) grid. x, y: (B, T, I); state: (B, I, K); w: (I, K).
+@njit(types.void(_C3, int64, _C3, _C2, _C1, _C3, int64, int64), **_EXACT)
+def _conv_jobs(x, xo, state, w, bias, y, lo, hi):
+    """Jobs lo..hi of the (batch, channel block) grid. x: (B, T, W), its channels from column xo on (_btI);
+    y: (B, T, I); state: (B, I, K); w: (I, K).
 
     Row slices, not x[b, t, c0 + cc], for the reason _scan_jobs gives."""
-    t_len, n_ch = x.shape[1], x.shape[2]
+    t_len, n_ch = y.shape[1], y.shape[2]
     k_w = w.shape[1]
     blocks = (n_ch + _CW - 1) // _CW
     win = np.empty((k_w, _CW), np.float32)  # [state[1:], x] from token t on, block-transposed
@@ -225,7 +226,7 @@ def _conv_jobs(x, state, w, bias, y, lo, hi):
                     for cc in range(cw):
                         acc[cc] += wt[k, cc] * win[1 + j, cc]
                 else:
-                    xr = x[b, j - (k_w - 1), c0:c1]
+                    xr = x[b, j - (k_w - 1), xo + c0:xo + c1]
                     for cc in range(cw):
                         acc[cc] += wt[k, cc] * xr[cc]
             yr = y[b, t, c0:c1]
@@ -234,7 +235,7 @@ def _conv_jobs(x, state, w, bias, y, lo, hi):
         for k in range(k_w):  # new state: the last K of [state[1:], x]
             j = t_len - 1 + k
             for cc in range(cw):
-                state[b, c0 + cc, k] = win[1 + j, cc] if j < k_w - 1 else x[b, j - (k_w - 1), c0 + cc]
+                state[b, c0 + cc, k] = win[1 + j, cc] if j < k_w - 1 else x[b, j - (k_w - 1), xo + c0 + cc]
 
 
 @njit(types.void(_C2, _C2, _C3, _C2, _C1), **_EXACT)
@@ -260,11 +261,11 @@ def _conv_rows(xz, xc, state, w, bias):
             yr[c] = _silu(yr[c])
 
 
-@njit(types.void(_C3, _C3, _C2, _C1, _C3), parallel=True, **_EXACT)
-def _conv_par(x, state, w, bias, y):
-    jobs = x.shape[0] * ((x.shape[2] + _CW - 1) // _CW)
+@njit(types.void(_C3, int64, _C3, _C2, _C1, _C3), parallel=True, **_EXACT)
+def _conv_par(x, xo, state, w, bias, y):
+    jobs = y.shape[0] * ((y.shape[2] + _CW - 1) // _CW)
     for job in prange(jobs):
-        _conv_jobs(x, state, w, bias, y, job, job + 1)
+        _conv_jobs(x, xo, state, w, bias, y, job, job + 1)
 
 
 def conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
@@ -277,9 +278,9 @@ def conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
     bsz, ch, t_len = x.shape
     st, st_back = _state(conv_state)
     y = np.empty((bsz, t_len, ch), np.float32)
-    args = (_btI(x), st, _c32(weight), _zeros(ch) if bias is None else _c32(bias), y)
+    args = (*_btI(x), st, _c32(weight), _zeros(ch) if bias is None else _c32(bias), y)
     if t_len == 1:
-        _conv_rows(args[0].reshape(bsz, ch), y.reshape(bsz, ch), *args[1:4])
+        _conv_rows(args[0].reshape(bsz, ch), y.reshape(bsz, ch), *args[2:5])
     elif bsz * ch * t_len * weight.shape[1] < _SMALL:
         _conv_jobs(*args, 0, bsz * ((ch + _CW - 1) // _CW))
     else:
@@ -292,13 +293,17 @@ def conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
 
 # ------------------------------------------------------------------------------------------------------------ scan
 
-@njit(types.void(_C3, _C3, _C2, _A3, _A3, _C1, _C3, _C1, _C3, _C3, int64, int64), **_EXACT)
-def _scan_jobs(u, delta, a, bm, cm, d_skip, z, dt_bias, state, y, lo, hi):
-    """Jobs lo..hi of the (batch, channel block) grid. u, delta, z, y: (B, T, I); bm, cm: (B, T, N).
+_SCAN_ARGS = (_C3, int64, _C3, int64, _C2, _A3, _A3, _C1, _C3, int64, _C1, _C3, _C3)
+
+
+@njit(types.void(*_SCAN_ARGS, int64, int64), **_EXACT)
+def _scan_jobs(u, uo, delta, do, a, bm, cm, d_skip, z, zo, dt_bias, state, y, lo, hi):
+    """Jobs lo..hi of the (batch, channel block) grid. u, delta, z: (B, T, W), their channels from columns uo, do,
+    zo on (_btI); y: (B, T, I); bm, cm: (B, T, N).
 
     The loops index row slices (ur[cc], not u[b, t, c0 + cc]): an index that numba cannot prove non-negative gets
     a wraparound select, and LLVM then loads lane by lane."""
-    t_len, n_ch = u.shape[1], u.shape[2]
+    t_len, n_ch = y.shape[1], y.shape[2]
     n_st = a.shape[1]
     blocks = (n_ch + _CW - 1) // _CW
     # one scratch array, so LLVM sees that its rows do not alias: h (N rows), A (N rows), dt, dt * u, y
@@ -315,7 +320,7 @@ def _scan_jobs(u, delta, a, bm, cm, d_skip, z, dt_bias, state, y, lo, hi):
                 w[n_st + n, cc] = a[c0 + cc, n]
         dbias, dskip = dt_bias[c0:c1], d_skip[c0:c1]
         for t in range(t_len):
-            ur, dr = u[b, t, c0:c1], delta[b, t, c0:c1]
+            ur, dr = u[b, t, uo + c0:uo + c1], delta[b, t, do + c0:do + c1]
             for cc in range(cw):
                 dt = _softplus(dr[cc] + dbias[cc])
                 w[r_dt, cc] = dt
@@ -327,7 +332,7 @@ def _scan_jobs(u, delta, a, bm, cm, d_skip, z, dt_bias, state, y, lo, hi):
                     h = _exp_decay(w[r_dt, cc] * w[n_st + n, cc]) * w[n, cc] + w[r_du, cc] * bn
                     w[n, cc] = h
                     w[r_y, cc] += h * cn
-            yr, zr = y[b, t, c0:c1], z[b, t, c0:c1]
+            yr, zr = y[b, t, c0:c1], z[b, t, zo + c0:zo + c1]
             for cc in range(cw):
                 yr[cc] = (w[r_y, cc] + ur[cc] * dskip[cc]) * _silu(zr[cc])
         for n in range(n_st):
@@ -335,11 +340,11 @@ def _scan_jobs(u, delta, a, bm, cm, d_skip, z, dt_bias, state, y, lo, hi):
                 state[b, c0 + cc, n] = w[n, cc]
 
 
-@njit(types.void(_C3, _C3, _C2, _A3, _A3, _C1, _C3, _C1, _C3, _C3), parallel=True, **_EXACT)
-def _scan_par(u, delta, a, bm, cm, d_skip, z, dt_bias, state, y):
-    jobs = u.shape[0] * ((u.shape[2] + _CW - 1) // _CW)
+@njit(types.void(*_SCAN_ARGS), parallel=True, **_EXACT)
+def _scan_par(u, uo, delta, do, a, bm, cm, d_skip, z, zo, dt_bias, state, y):
+    jobs = y.shape[0] * ((y.shape[2] + _CW - 1) // _CW)
     for job in prange(jobs):
-        _scan_jobs(u, delta, a, bm, cm, d_skip, z, dt_bias, state, y, job, job + 1)
+        _scan_jobs(u, uo, delta, do, a, bm, cm, d_skip, z, zo, dt_bias, state, y, job, job + 1)
 
 
 def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
@@ -353,7 +358,7 @@ def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor
     bsz, ch, t_len = u.shape
     st, st_back = _state(ssm_state)
     y = np.empty((bsz, t_len, ch), np.float32)
-    args = (_btI(u), _btI(delta), _c32(A), _np32(Bm), _np32(Cm), _c32(D), _btI(z), _c32(delta_bias), st, y)
+    args = (*_btI(u), *_btI(delta), _c32(A), _np32(Bm), _np32(Cm), _c32(D), *_btI(z), _c32(delta_bias), st, y)
     if bsz * ch * t_len * A.shape[1] < _SMALL:
         _scan_jobs(*args, 0, bsz * ((ch + _CW - 1) // _CW))
     else:
@@ -695,10 +700,23 @@ def _c32(t: torch.Tensor) -> np.ndarray:
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
-def _btI(x: torch.Tensor) -> np.ndarray:
-    """A (B, I, T) tensor as a contiguous fp32 (B, T, I) array: a view for the model's activations, which are
-    transposed (B, T, I) buffers already; a copy otherwise (the loops vectorise across channels at unit stride)."""
-    return np.ascontiguousarray(_np32(x).transpose(0, 2, 1))
+def _btI(x: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A (B, I, T) tensor as a contiguous fp32 (B, T, W) array, W >= I, and the column where its I channels start.
+
+    The model's activations are channel slices of (B, T, W) buffers: conv's and the scan's outputs (W = I), and x
+    and z, the two halves of in_proj's output (W = 2I); for them this is a view of that buffer, where a copy of the
+    slice would cost ~0.5 ms a block at 512 tokens. Anything else is copied (offset 0): the loops vectorise across
+    channels at unit stride."""
+    bti = x.detach().transpose(1, 2)
+    bsz, t_len, ch = bti.shape
+    width, start = bti.stride(1), bti.storage_offset()
+    if bti.dtype == _F32 and bti.stride(2) == 1 and t_len > 1 and width >= ch and (
+            bsz == 1 or bti.stride(0) == t_len * width):
+        # rows of `width` from start - off, inside the storage: off <= start, and the last row ends by its end
+        off = max(0, start + bsz * t_len * width - bti.untyped_storage().nbytes() // 4)
+        if off <= min(start, width - ch):
+            return torch.as_strided(bti, (bsz, t_len, width), (t_len * width, width, 1), start - off).numpy(), off
+    return np.ascontiguousarray(_np32(x).transpose(0, 2, 1)), 0
 
 
 def _state(t: torch.Tensor) -> tuple[np.ndarray, bool]:

@@ -76,6 +76,37 @@ def test_scan_matches_reference(shape, dtype):
     torch.testing.assert_close(st_cpu, st_ref, **FP32)
 
 
+@pytest.mark.parametrize("shape", [(1, 130, 37, 16), (2, 300, 19, 16), (3, 65, 5, 4)])
+def test_kernels_read_channel_slices_in_place(shape):
+    """x and z as the model passes them, the two halves of in_proj's (B, T, 2I) output: the kernels read them where
+    they lie (no copy) and give what they give on contiguous copies, bit for bit. So do slices of a buffer whose
+    storage starts mid-row, and of one whose last row ends at the storage's end."""
+    b, i, t, n = shape
+    g = gen(i)
+    xz = torch.randn(b, t, 2 * i, generator=g)
+    x, z = xz[..., :i].transpose(1, 2), xz[..., i:].transpose(1, 2)
+    for part, off in ((x, 0), (z, i)):
+        rows, got_off = cpu._btI(part)
+        assert got_off == off and rows.shape == (b, t, 2 * i) and torch.from_numpy(rows).data_ptr() == xz.data_ptr()
+    flat = torch.randn(5 + b * t * (i + 3), generator=g)
+    odd = flat[5:].view(b, t, i + 3)[..., 3:].transpose(1, 2)  # ends where the storage ends
+    assert cpu._btI(odd)[0].shape == (b, t, i + 3)
+    u, delta, A, bm, cm, D, _, dt_bias, state = scan_inputs(shape, torch.float32, 5)
+    conv_w = torch.randn(i, 4, generator=g) / 2
+    for xs, zs in ((x, z), (odd, z)):
+        st_a, st_b = torch.randn(b, i, 4, generator=gen(1)), torch.randn(b, i, 4, generator=gen(1))
+        contiguous = xs.transpose(1, 2).contiguous().transpose(1, 2)
+        torch.testing.assert_close(cpu.conv1d(xs, st_a, conv_w, D), cpu.conv1d(contiguous, st_b, conv_w, D),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(st_a, st_b, rtol=0, atol=0)
+        s_a, s_b = state.clone(), state.clone()
+        y_a = cpu.scan(xs, delta, A, bm, cm, D, zs, dt_bias, s_a)
+        y_b = cpu.scan(contiguous, delta, A, bm, cm, D, zs.transpose(1, 2).contiguous().transpose(1, 2), dt_bias, s_b)
+        torch.testing.assert_close(y_a, y_b, rtol=0, atol=0)
+        torch.testing.assert_close(y_a, reference.selective_scan_ref(xs, delta, A, bm, cm, D, zs, dt_bias,
+                                                                     state.clone()), **FP32)
+
+
 def test_scan_in_chunks_equals_one_pass():
     """Decoding token by token from the state must give what one prefill pass gives."""
     u, delta, A, bm, cm, D, z, dt_bias, state = scan_inputs((2, 40, 9, 16), torch.float32, 7)
