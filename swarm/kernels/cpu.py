@@ -4,8 +4,9 @@ Each kernel has the contract of its plain-torch twin in `reference.py` (states u
 output dtypes) and is tested against it in tests/kernels/test_cpu.py. The kernels run in fp32 over zero-copy numpy
 views of the torch tensors; bf16 inputs are widened first (numba has no bf16). The scan is sequential over tokens
 inside the kernel and fuses softplus(delta + bias), the D skip and the silu(z) gate; the conv fuses its state update
-and SiLU. Both split the work over (batch, block of _CW channels) with prange and vectorise across the channels of
-a block: the model's activations are (B, T, I) in memory, channels contiguous.
+and SiLU. The model's activations are (B, T, I) in memory, channels contiguous, and both vectorise across channels:
+the scan splits the work over (batch, block of _CW channels) with prange, the conv, which has no state to carry
+along the tokens but its K-1 inputs, over (batch, chunk of _CT tokens).
 
 Decoding calls every kernel once per block per token, so the wrappers stay thin and tiny inputs run serially: a
 parallel region costs more than a few thousand multiply-adds.
@@ -195,47 +196,72 @@ def _silu(x):
 
 # ------------------------------------------------------------------------------------------------------------ conv
 
-@njit(types.void(_C3, int64, _C3, _C2, _C1, _C3, int64, int64), **_EXACT)
-def _conv_jobs(x, xo, state, w, bias, y, lo, hi):
-    """Jobs lo..hi of the (batch, channel block) grid. x: (B, T, W), its channels from column xo on (_btI);
-    y: (B, T, I); state: (B, I, K); w: (I, K).
+_CT = 32  # tokens a conv job
 
-    Row slices, not x[b, t, c0 + cc], for the reason _scan_jobs gives."""
+
+@njit(types.void(_C3, int64, _C2, _C2, _C1, _C3, int64, int64), **_EXACT)
+def _conv_jobs(x, xo, head, wt, bias, y, lo, hi):
+    """Jobs lo..hi of the (batch, chunk of _CT tokens) grid. x: (B, T, W), its channels from column xo on (_btI);
+    head: (B * (K-1), I), the inputs before x (the state's last K-1, token-major); wt: (K, I), the weight
+    transposed; y: (B, T, I).
+
+    A job reads and writes whole rows, in order. Jobs over channel blocks walked every row at a 6-12 KB stride
+    and paid a memory latency a row where x was not in cache, as it is not after in_proj: 0.72 against 0.28 ms
+    for a 130m block at 512 tokens."""
     t_len, n_ch = y.shape[1], y.shape[2]
-    k_w = w.shape[1]
-    blocks = (n_ch + _CW - 1) // _CW
-    win = np.empty((k_w, _CW), np.float32)  # [state[1:], x] from token t on, block-transposed
-    wt = np.empty((k_w, _CW), np.float32)
-    acc = np.empty(_CW, np.float32)
+    k_w = wt.shape[0]
+    chunks = (t_len + _CT - 1) // _CT
     for job in range(lo, hi):
-        b = job // blocks
-        c0 = (job - b * blocks) * _CW
-        cw = min(_CW, n_ch - c0)
-        c1 = c0 + cw
-        for k in range(k_w):
-            for cc in range(cw):
-                win[k, cc] = state[b, c0 + cc, k]
-                wt[k, cc] = w[c0 + cc, k]
-        br = bias[c0:c1]
-        for t in range(t_len):
-            for cc in range(cw):
-                acc[cc] = br[cc]
+        b = job // chunks
+        t0 = (job - b * chunks) * _CT
+        for t in range(t0, min(t_len, t0 + _CT)):
+            yr = y[b, t]
+            for c in range(n_ch):
+                yr[c] = bias[c]
             for k in range(k_w):
-                j = t + k  # input index into [state[1:], x]
-                if j < k_w - 1:
-                    for cc in range(cw):
-                        acc[cc] += wt[k, cc] * win[1 + j, cc]
-                else:
-                    xr = x[b, j - (k_w - 1), xo + c0:xo + c1]
-                    for cc in range(cw):
-                        acc[cc] += wt[k, cc] * xr[cc]
-            yr = y[b, t, c0:c1]
-            for cc in range(cw):
-                yr[cc] = _silu(acc[cc])
-        for k in range(k_w):  # new state: the last K of [state[1:], x]
-            j = t_len - 1 + k
-            for cc in range(cw):
-                state[b, c0 + cc, k] = win[1 + j, cc] if j < k_w - 1 else x[b, j - (k_w - 1), xo + c0 + cc]
+                j = t + k - (k_w - 1)  # input token: x's j, or the state's for j < 0
+                src = x[b, j, xo:xo + n_ch] if j >= 0 else head[b * (k_w - 1) + (k_w - 1) + j]
+                wk = wt[k]
+                for c in range(n_ch):
+                    yr[c] += wk[c] * src[c]
+            for c in range(n_ch):
+                yr[c] = _silu(yr[c])
+
+
+@njit(types.Tuple((_C2, _C2))(_C3, _C2), **_EXACT)
+def _conv_head(state, w):
+    """The state's last K-1 inputs token-major, (B * (K-1), I), and the weight transposed, (K, I)."""
+    bsz, n_ch, k_w = state.shape
+    head = np.empty((bsz * (k_w - 1), n_ch), np.float32)
+    wt = np.empty((k_w, n_ch), np.float32)
+    for c in range(n_ch):
+        for k in range(k_w):
+            wt[k, c] = w[c, k]
+    for b in range(bsz):
+        for c in range(n_ch):
+            for k in range(k_w - 1):
+                head[b * (k_w - 1) + k, c] = state[b, c, k + 1]
+    return head, wt
+
+
+@njit(types.void(_C3, int64, _C2, _C3), **_EXACT)
+def _conv_tail(x, xo, head, state):
+    """The new state: the last K inputs of [state's last K-1, x]."""
+    bsz, n_ch, k_w = state.shape
+    t_len = x.shape[1]
+    for b in range(bsz):
+        for k in range(k_w):
+            j = t_len - k_w + k  # input token, as in _conv_jobs
+            src = x[b, j, xo:xo + n_ch] if j >= 0 else head[b * (k_w - 1) + (k_w - 1) + j]
+            for c in range(n_ch):
+                state[b, c, k] = src[c]
+
+
+@njit(types.void(_C3, int64, _C3, _C2, _C1, _C3), **_EXACT)
+def _conv_serial(x, xo, state, w, bias, y):
+    head, wt = _conv_head(state, w)
+    _conv_jobs(x, xo, head, wt, bias, y, 0, y.shape[0] * ((y.shape[1] + _CT - 1) // _CT))
+    _conv_tail(x, xo, head, state)
 
 
 @njit(types.void(_C2, _C2, _C3, _C2, _C1), **_EXACT)
@@ -263,9 +289,11 @@ def _conv_rows(xz, xc, state, w, bias):
 
 @njit(types.void(_C3, int64, _C3, _C2, _C1, _C3), parallel=True, **_EXACT)
 def _conv_par(x, xo, state, w, bias, y):
-    jobs = y.shape[0] * ((y.shape[2] + _CW - 1) // _CW)
+    head, wt = _conv_head(state, w)
+    jobs = y.shape[0] * ((y.shape[1] + _CT - 1) // _CT)
     for job in prange(jobs):
-        _conv_jobs(x, xo, state, w, bias, y, job, job + 1)
+        _conv_jobs(x, xo, head, wt, bias, y, job, job + 1)
+    _conv_tail(x, xo, head, state)
 
 
 def conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
@@ -282,7 +310,7 @@ def conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
     if t_len == 1:
         _conv_rows(args[0].reshape(bsz, ch), y.reshape(bsz, ch), *args[2:5])
     elif bsz * ch * t_len * weight.shape[1] < _SMALL:
-        _conv_jobs(*args, 0, bsz * ((ch + _CW - 1) // _CW))
+        _conv_serial(*args)
     else:
         _conv_par(*args)
     if st_back:
