@@ -354,7 +354,17 @@ def _scan_jobs(u, uo, delta, do, a, bm, cm, d_skip, z, zo, dt_bias, state, y, lo
                 w[r_dt, cc] = dt
                 w[r_du, cc] = dt * ur[cc]
                 w[r_y, cc] = _ZERO
-            for n in range(n_st):
+            for n in range(0, n_st - 1, 2):  # two states a pass: dt, dt * u and y loaded once for both
+                bn, cn, bn1, cn1 = bm[b, t, n], cm[b, t, n], bm[b, t, n + 1], cm[b, t, n + 1]
+                for cc in range(cw):
+                    dt, du = w[r_dt, cc], w[r_du, cc]
+                    h = _exp_decay(dt * w[n_st + n, cc]) * w[n, cc] + du * bn
+                    h1 = _exp_decay(dt * w[n_st + n + 1, cc]) * w[n + 1, cc] + du * bn1
+                    w[n, cc] = h
+                    w[n + 1, cc] = h1
+                    w[r_y, cc] = (w[r_y, cc] + h * cn) + h1 * cn1
+            if n_st % 2:
+                n = n_st - 1
                 bn, cn = bm[b, t, n], cm[b, t, n]
                 for cc in range(cw):
                     h = _exp_decay(w[r_dt, cc] * w[n_st + n, cc]) * w[n, cc] + w[r_du, cc] * bn
