@@ -184,6 +184,10 @@ def test_linear_gemm_is_onednn():
     g = gen(5)
     x, w, b = torch.randn(2, 33, 97, generator=g), torch.randn(65, 97, generator=g), torch.randn(65, generator=g)
     torch.testing.assert_close(cpu._GEMM(x, w, b), F.linear(x, w, b), **FP32)
+    # strided inputs and weights (oneDNN has no primitive for some strided weights: those take F.linear)
+    xs = torch.randn(2, 40, 200, generator=g)[..., ::2][..., :97]
+    for wx in (w, torch.randn(97, 65, generator=g).t(), torch.randn(65, 200, generator=g)[:, ::2][:, :97]):
+        torch.testing.assert_close(cpu.linear(xs, wx, b), F.linear(xs, wx, b), **FP32)
     wg = w.clone().requires_grad_()
     out = cpu.linear(x, wg, b)
     assert out.grad_fn is not None
