@@ -100,7 +100,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from swarm.kernels import cpu
-    cpu.warmup()
+    cpu.warmup(bf16=args.dtype == "bfloat16")
     hf_cfg, model = hf_model(args.layers)
     model.to(getattr(torch, args.dtype))
     cfg = MambaConfig.from_dict(hf_cfg.to_dict())

@@ -13,10 +13,13 @@ parallel region costs more than a few thousand multiply-adds.
 
 Signatures are explicit, so numba compiles (or, with cache=True, loads from __pycache__) exactly one fp32 build of
 each kernel when this module is imported, never in the middle of a decode; any other argument type is a TypeError.
+The GEMV and block-step kernels' bf16 builds come on the first bf16 weights (_bf16_kernels), before their first
+token.
 """
 
 from __future__ import annotations
 
+import threading
 
 import numpy as np
 import torch
@@ -50,6 +53,38 @@ _C3 = float32[:, :, ::1]
 _C2 = float32[:, ::1]
 _C1 = float32[::1]
 _U2 = types.uint16[:, ::1]  # bf16 weights, as their bit patterns
+
+# The bf16 builds of the GEMV and block-step kernels are compiled (or loaded from the cache) on the first bf16
+# weights, not at import: they are ~5 s of a cold start's ~16, which an fp32 run never uses.
+_BF16_LATER: list = []  # (kernel, its bf16 signature), callees before callers
+_bf16_lock = threading.Lock()
+_bf16_ready = False
+
+
+def _fp32_now_bf16_later(sig32, sig16, **opts):
+    """njit compiling sig32 now and sig16 in _bf16_kernels()."""
+    def wrap(fn):
+        kernel = njit(sig32, **opts)(fn)
+        _BF16_LATER.append((kernel, sig16))
+        return kernel
+    return wrap
+
+
+def _bf16_kernels() -> None:
+    """Build the kernels' bf16 signatures, once (a peer meets its first bf16 weights while it measures its
+    throughput, before it serves; a local run on its first token)."""
+    global _bf16_ready
+    if _bf16_ready:
+        return
+    with _bf16_lock:
+        if not _bf16_ready:
+            for kernel, sig in _BF16_LATER:
+                kernel.disable_compile(False)
+                try:
+                    kernel.compile(sig)
+                finally:
+                    kernel.disable_compile()
+            _bf16_ready = True
 
 # ------------------------------------------------------------------------------------- vectorisable exp and log1p
 # libm's expf/log1pf are opaque calls that keep a loop scalar; these are Cephes' polynomials (max relative error
@@ -450,7 +485,7 @@ _GEMV_ROWS = 8  # up to this many token rows the GEMV below (one pass over the w
 _SERIAL_GEMV = 1 << 16  # smaller weights stream fast enough from one core
 
 
-@njit([float32(float32[::1], float32[::1]), float32(float32[::1], types.uint16[::1])], **_DOT)
+@_fp32_now_bf16_later(float32(float32[::1], float32[::1]), float32(float32[::1], types.uint16[::1]), **_DOT)
 def _dot(a, w):
     """a . w, w fp32 or bf16 bits; the sum in any order (it vectorises)."""
     acc = _ZERO
@@ -459,7 +494,7 @@ def _dot(a, w):
     return acc
 
 
-@njit([types.void(_C2, _C2, _C2, int64, int64), types.void(_C2, _U2, _C2, int64, int64)], **_DOT)
+@_fp32_now_bf16_later(types.void(_C2, _C2, _C2, int64, int64), types.void(_C2, _U2, _C2, int64, int64), **_DOT)
 def _gemv_rows(x, w, y, lo, hi):
     """Outputs lo..hi of y = x @ w.T for a few rows x. x: (R, In), w: (Out, In) fp32 or bf16 bits, y: (R, Out).
 
@@ -471,7 +506,7 @@ def _gemv_rows(x, w, y, lo, hi):
             y[r, o] = _dot(x[r], w[o])
 
 
-@njit([types.void(_C2, _C2, _C2, int64), types.void(_C2, _U2, _C2, int64)], parallel=True, **_DOT)
+@_fp32_now_bf16_later(types.void(_C2, _C2, _C2, int64), types.void(_C2, _U2, _C2, int64), parallel=True, **_DOT)
 def _gemv_par(x, w, y, chunk):
     n_out = w.shape[0]
     for ci in prange((n_out + chunk - 1) // chunk):
@@ -558,6 +593,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not x2.flags.c_contiguous:
         x2 = np.ascontiguousarray(x2)
     y = np.empty((rows, weight.shape[0]), np.float32)
+    if wdt == _BF16:
+        _bf16_kernels()
     w = _wnp(weight)
     if weight.numel() < _SERIAL_GEMV:
         _gemv_rows(x2, w, y, 0, weight.shape[0])
@@ -576,7 +613,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # the norm and the conv between them serially. Each stage is the arithmetic of the kernel above it, in the same
 # order.
 
-@njit([types.void(_C2, _C2, _C2, int64, int64), types.void(_C2, _U2, _C2, int64, int64)], **_DOT)
+@_fp32_now_bf16_later(types.void(_C2, _C2, _C2, int64, int64), types.void(_C2, _U2, _C2, int64, int64), **_DOT)
 def _gemv_add_rows(x, w, y, lo, hi):
     """y[:, lo:hi] += x @ w[lo:hi].T (out_proj into the residual: the sum, rounded as out_proj's output, then one
     add, as hidden + out)."""
@@ -588,7 +625,8 @@ def _gemv_add_rows(x, w, y, lo, hi):
 _SB = 4  # channels a pass of the decode step's state update: 4 * N = 64 lanes, two of LLVM's 32-wide vector loops
 
 
-@njit([types.void(_C2, _C2, _C2, _C1, w_t, _C1, _C1, _C2, _C2, int64, int64) for w_t in (_C2, _U2)], **_EXACT)
+@_fp32_now_bf16_later(*[types.void(_C2, _C2, _C2, _C1, w_t, _C1, _C1, _C2, _C2, int64, int64) for w_t in (_C2, _U2)],
+                      **_EXACT)
 def _ssm_step_channels(xz, xc, dbc, dt_bias, w_dt, a, d_skip, y, state, lo, hi):
     """Channels lo..hi of the SSM step for every row: delta (dt_proj and its bias, softplus), the state update,
     y = C.h + D x, gated by silu(z). xz: (B, 2I) in_proj's output (z is its second half); xc: (B, I) the conv's;
@@ -641,7 +679,7 @@ def _ssm_step_channels(xz, xc, dbc, dt_bias, w_dt, a, d_skip, y, state, lo, hi):
             yr[k] = _like((acc[k] + xr[k] * ds[k]) * _silu(zr[k]), w_dt)
 
 
-@njit([types.void(_C2, w_t) for w_t in (_C2, _U2)], **_EXACT)
+@_fp32_now_bf16_later(*[types.void(_C2, w_t) for w_t in (_C2, _U2)], **_EXACT)
 def _round_rows(x, w):
     """x, in place, rounded as an output in w's dtype (see _like): nothing to do for fp32 weights."""
     for r in range(x.shape[0]):
@@ -649,8 +687,8 @@ def _round_rows(x, w):
             x[r, j] = _like(x[r, j], w)
 
 
-@njit([types.void(_C2, _C1, float32, w_t, _C3, _C2, _C1, w_t, _C1, w_t, _C1, _C1, _C2, w_t, int64, int64, int64)
-       for w_t in (_C2, _U2)], parallel=True, **_EXACT)
+@_fp32_now_bf16_later(*[types.void(_C2, _C1, float32, w_t, _C3, _C2, _C1, w_t, _C1, w_t, _C1, _C1, _C2, w_t, int64,
+                                   int64, int64) for w_t in (_C2, _U2)], parallel=True, **_EXACT)
 def _block_step(res, norm_w, eps, in_w, conv_state, conv_w, conv_b, x_w, dt_bias, dt_w, a, d_skip, state, out_w,
                 in_chunk, x_chunk, out_chunk):
     """A block's decode token for rows res (B, D), in place: one call, so one dispatch from Python (each costs
@@ -697,6 +735,8 @@ def block_weights(norm_w: torch.Tensor, eps: float, in_w: torch.Tensor, in_b: to
     if in_b is not None or out_b is not None or wdt not in (_F32, _BF16) \
             or any(w.dtype != wdt or not w.is_contiguous() for w in big):
         return None
+    if wdt == _BF16:
+        _bf16_kernels()
     n_ch = conv_w.shape[0]
     return (_c32(norm_w), np.float32(eps), _wnp(in_w), _c32(conv_w), _zeros(n_ch) if conv_b is None else _c32(conv_b),
             _wnp(x_w), _c32(dt_bias), _wnp(dt_w), _c32(A).reshape(-1), _c32(D), _wnp(out_w), _chunk(in_w),
@@ -782,8 +822,9 @@ def _zeros(n: int) -> np.ndarray:
     return z
 
 
-def warmup() -> None:
-    """Run every kernel once, serial and parallel, so that the first real token pays for no page faults."""
+def warmup(bf16: bool = False) -> None:
+    """Run every kernel once, serial and parallel, so that the first real token pays for no page faults; with
+    bf16, the bf16 builds too."""
     b, i, n, k = 1, 256, 16, 4
     for t_len in (1, 64):
         x = torch.randn(b, t_len, i).transpose(1, 2)
@@ -793,7 +834,7 @@ def warmup() -> None:
         rms_norm(torch.randn(t_len, i), torch.ones(i), 1e-5)
     linear(torch.randn(1, i), torch.randn(64, i))
     linear(torch.randn(1, i), torch.randn(_SERIAL_GEMV // i, i))
-    for n_out in (64, _SERIAL_GEMV // i):
+    for n_out in (64, _SERIAL_GEMV // i) if bf16 else ():
         linear(torch.randn(1, i, dtype=_BF16), torch.randn(n_out, i, dtype=_BF16))
     d, r = 64, 8
     w = block_weights(torch.ones(d), 1e-5, torch.randn(2 * i, d), None, torch.randn(i, k), None,

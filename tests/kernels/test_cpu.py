@@ -8,6 +8,9 @@ so its bf16 case keeps the fp32 tolerance.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,6 +178,20 @@ def test_linear_matches_torch(rows, n_out):
     bias = torch.randn(n_out, generator=g)
     torch.testing.assert_close(cpu.linear(x, w), F.linear(x, w), **FP32)
     torch.testing.assert_close(cpu.linear(x, w, bias), F.linear(x, w, bias), **FP32)
+
+
+def test_bf16_builds_wait_for_bf16_weights():
+    """Importing the backend builds only the fp32 kernels (the bf16 builds are ~1/4 of a cold start); the first bf16
+    weights build the rest, and those kernels then take bf16 bit patterns."""
+    code = ("import torch; from swarm.kernels import cpu\n"
+            "n = len(cpu._BF16_LATER); before = cpu._bf16_ready, sum(len(k.signatures) for k, _ in cpu._BF16_LATER)\n"
+            "y = cpu.linear(torch.ones(1, 64, dtype=torch.bfloat16), torch.ones(32, 64, dtype=torch.bfloat16))\n"
+            "after = cpu._bf16_ready, sum(len(k.signatures) for k, _ in cpu._BF16_LATER)\n"
+            "print(n, *before, *after, y.dtype, float(y[0, 0]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    n, ready0, sigs0, ready1, sigs1, dtype, val = out.stdout.split()
+    assert int(n) >= 7 and (ready0, int(sigs0)) == ("False", int(n)) and (ready1, int(sigs1)) == ("True", 2 * int(n))
+    assert (dtype, float(val)) == ("torch.bfloat16", 64.0)
 
 
 def test_linear_gemm_is_onednn():
