@@ -562,8 +562,8 @@ _NATIVE_BF16 = _native_bf16()
 def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear for fp32, through oneDNN where it is there, the weight is contiguous (oneDNN has no primitive for
     some strided ones) and no gradient is wanted (it has none)."""
-    if _GEMM is None or not weight.is_contiguous() or (
-            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if _GEMM is None or not weight.is_contiguous() or (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
         return F.linear(x, weight, bias)
     return _GEMM(x, weight, bias)
 
