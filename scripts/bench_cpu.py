@@ -134,7 +134,26 @@ def main() -> None:
     print(f"\nmamba-130m shapes, {args.dtype} weights, batch 1, torch threads {torch.get_num_threads()}; decode: "
           f"{args.rounds} x {args.steps} steps (median, best); prefill: {args.prefill} tokens, states + last logits "
           f"(best, median of {args.rounds}); other processes used {others:.0%} of the cores meanwhile")
+    print(machine())
     print_table(dec, pre, args.prefill)
+
+
+def machine() -> str:
+    """The CPU as these numbers depend on it: its model, the vector width numba's LLVM targets, bf16 arithmetic,
+    and the GEMM that our prefill uses."""
+    import llvmlite.binding as llvm
+
+    from swarm.kernels import cpu
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    feats = llvm.get_host_cpu_features()
+    isa = "AVX-512" if feats.get("avx512f") else "AVX2" if feats.get("avx2") else "no AVX2"
+    return (f"CPU: {name}, {os.cpu_count()} cores, LLVM target {llvm.get_host_cpu_name()} ({isa}); bf16 arithmetic: "
+            f"{'yes' if cpu._NATIVE_BF16 else 'no'}; GEMM past 8 rows: {'oneDNN' if cpu._GEMM else 'F.linear'}")
 
 
 def busy_elsewhere() -> float:
