@@ -130,7 +130,8 @@ def main() -> None:
         for name, r in runners.items():
             dec[name] += r.decode(prompt, args.steps, args.warmup)
             pre[name] += timed(lambda: r.prefill(long_prompt), 1)
-    others = (busy_elsewhere() - busy0) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+    # (ticks are coarse: on a short run this can come out a little below 0)
+    others = max(0.0, (busy_elsewhere() - busy0) / ((time.perf_counter() - t0) * (os.cpu_count() or 1)))
     print(f"\nmamba-130m shapes, {args.dtype} weights, batch 1, torch threads {torch.get_num_threads()}; decode: "
           f"{args.rounds} x {args.steps} steps (median, best); prefill: {args.prefill} tokens, states + last logits "
           f"(best, median of {args.rounds}); other processes used {others:.0%} of the cores meanwhile")
