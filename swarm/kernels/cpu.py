@@ -15,6 +15,11 @@ Signatures are explicit, so numba compiles (or, with cache=True, loads from __py
 each kernel when this module is imported, never in the middle of a decode; any other argument type is a TypeError.
 The GEMV and block-step kernels' bf16 builds come on the first bf16 weights (_bf16_kernels), before their first
 token.
+
+All the numba code stays in this one file, long as it is: numba's cache (cache=True, in __pycache__) is checked
+against the timestamp of the file that defines a kernel, not of the files its callees live in (numba's pull
+requests to track those, #8396 and #9563, were not merged). Split across files, an update that changed only a
+callee's file would leave its callers' stale builds loading from the cache.
 """
 
 from __future__ import annotations
