@@ -80,6 +80,23 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _load_cpu_kernels() -> None:
+    """Load the numba CPU kernels here before the peers start, compiling them on a checkout's first run (numba
+    caches them in swarm/kernels/__pycache__): otherwise the first peer compiles them while the demo sits silent."""
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("swarm.kernels.cpu")
+    here = os.path.dirname(spec.origin) if spec and spec.origin else ""
+    cold = not glob.glob(os.path.join(here, "__pycache__", "cpu.*.nbi"))
+    if cold:
+        _say("      compiling the CPU kernels (a checkout's first run only; later runs load them)")
+    t0 = time.perf_counter()
+    import swarm.kernels.cpu  # noqa: F401
+    if cold:
+        _say(f"      compiled in {time.perf_counter() - t0:.1f} s")
+
+
 def run_demo(workdir: str | None = None, new_tokens: int = 48, kill_at: int = 16) -> int:
     from swarm.client import ClientConfig, LocalModel, SwarmClient
     from swarm.knot_convert import convert
@@ -100,6 +117,7 @@ def run_demo(workdir: str | None = None, new_tokens: int = 48, kill_at: int = 16
             boot = start_bootstrap()
             procs.append(boot)
             _say(f"[3/6] bootstrap node: {boot.maddrs[0]}")
+            _load_cpu_kernels()
             ranges = {"peer-a": "0:4", "peer-b": "4:8", "peer-c": "2:8"}
             for name, blocks in ranges.items():
                 procs.append(start_peer(url, blocks, boot.maddrs, name, ["--update-period", "5"]))
