@@ -151,9 +151,11 @@ def machine() -> str:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
-    feats = llvm.get_host_cpu_features()
-    isa = "AVX-512" if feats.get("avx512f") else "AVX2" if feats.get("avx2") else "no AVX2"
-    return (f"CPU: {name}, {os.cpu_count()} cores, LLVM target {llvm.get_host_cpu_name()} ({isa}); bf16 arithmetic: "
+    from numba.core import config  # NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, where set, are what numba targets
+    target = config.CPU_NAME or llvm.get_host_cpu_name()
+    feats = config.CPU_FEATURES if config.CPU_FEATURES is not None else llvm.get_host_cpu_features().flatten()
+    isa = "AVX-512" if "+avx512f" in feats else "AVX2" if "+avx2" in feats else "no AVX2"
+    return (f"CPU: {name}, {os.cpu_count()} cores, LLVM target {target} ({isa}); bf16 arithmetic: "
             f"{'yes' if cpu._NATIVE_BF16 else 'no'}; GEMM past 8 rows: {'oneDNN' if cpu._GEMM else 'F.linear'}")
 
 
