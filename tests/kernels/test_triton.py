@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -35,12 +36,16 @@ if DEVICE is not None:
 
 # Tolerance on the relative error of an output, by its dtype: fp32 kernels differ from the reference only in the
 # order of additions and exp's last bits; bf16/fp16 outputs are rounded once where the reference rounds twice.
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Triton's interpreter converts fp32 to bf16 by truncation (1 + 3 * 2**-9 becomes 1.0, not 1.0078125), twice
+# round-to-nearest's error and biased, so on the CPU bf16 gets twice the tolerance.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2 if DEVICE == "cuda" else 2e-2, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(autouse=True)
-def _exact_fp32():
+def _deterministic_and_exact(request):
+    # each test's random inputs are its own, whatever ran before it: a tolerance that holds once holds every run
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     if torch.cuda.is_available():
         torch.backends.cudnn.allow_tf32 = False  # the reference conv1d in fp32 must be fp32
         torch.backends.cuda.matmul.allow_tf32 = False
