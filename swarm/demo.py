@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -157,9 +158,11 @@ def run_demo(workdir: str | None = None, new_tokens: int = 48, kill_at: int = 16
             _say(f"      the same prompt run locally in one process gives {same} tokens (the weights are random, "
                  "so the text is noise: what matters is that the failure changed nothing)")
         finally:
-            _say("[6/6] shutting down peers and bootstrap")
+            _say("[6/6] shutting down peers and bootstrap" + ("" if workdir else f", removing {tmp}"))
             for p in reversed(procs):
                 p.stop()
+    if not workdir:  # a folder of our own: leave nothing behind (--workdir keeps the model)
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0 if local == tokens else 1
 
 
