@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -111,58 +112,62 @@ def run_demo(workdir: str | None = None, new_tokens: int = 48, kill_at: int = 16
     convert(os.path.join(tmp, "demo-mamba"), knot, name="demo-mamba", progress=False)
     _say(f"      wrote {knot} ({os.path.getsize(knot) / 1e6:.2f} MB)")
     procs = []
-    with FileServer(tmp) as files:
-        url = files.url("demo-mamba.knot")
-        _say(f"[2/6] serving it at {url} (HTTP Range)")
-        try:
-            boot = start_bootstrap()
-            procs.append(boot)
-            _say(f"[3/6] bootstrap node: {boot.maddrs[0]}")
-            _load_cpu_kernels()
-            ranges = {"peer-a": "0:4", "peer-b": "4:8", "peer-c": "2:8"}
-            for name, blocks in ranges.items():
-                procs.append(start_peer(url, blocks, boot.maddrs, name, ["--update-period", "5"]))
-                _say(f"      {name} ONLINE, blocks {blocks}")
-            by_id = {p.maddrs[0].rsplit("/", 1)[-1]: p for p in procs[1:]}
-            prompt = "The swarm splits the blocks"
-            sampling = dict(temperature=0.8, top_k=40, seed=7)
-            _say(f"[4/6] generating {new_tokens} tokens through the swarm ({sampling}), prompt: {prompt!r}")
-            client = SwarmClient(initial_peers=boot.maddrs, config=ClientConfig(checkpoint_every=8))
-            tokens: list[int] = []
-            t0 = time.perf_counter()
-            killed = []
-            with client.session() as s:
-                for tok in s.stream(prompt, new_tokens, **sampling):
-                    if not tokens:
-                        _say("      route: " + "  ->  ".join(f"{by_id[p].name}[{a}:{b}]" for p, a, b in s.route))
-                        sys.stdout.write("      text: ")
-                    tokens.append(tok)
-                    sys.stdout.write(_printable(client.tokenizer.decode([tok])))
-                    sys.stdout.flush()
-                    if len(tokens) == kill_at:
-                        victim = _victim(s.route, ranges, by_id, layers)
-                        victim.kill()
-                        killed.append(victim.name)
-                        sys.stdout.write(f" [SIGKILL {victim.name}] ")
-                route_after = list(s.route)
-                stats = dict(s.stats)
-            dt = time.perf_counter() - t0
-            _say("")
-            _say(f"[5/6] {len(tokens)} tokens in {dt:.2f}s ({len(tokens) / dt:.1f} tokens/s); killed "
-                 f"{', '.join(killed)}; recoveries {stats['recoveries']}, replayed tokens "
-                 f"{stats['replayed_tokens']} (not the whole prefix)")
-            _say("      route after: " + "  ->  ".join(f"{by_id[p].name}[{a}:{b}]" for p, a, b in route_after))
-            client.close()
-            local = LocalModel(knot).generate(prompt, new_tokens, **sampling)
-            same = "identical" if local == tokens else "DIFFERENT"
-            _say(f"      the same prompt run locally in one process gives {same} tokens (the weights are random, "
-                 "so the text is noise: what matters is that the failure changed nothing)")
-        finally:
-            _say("[6/6] shutting down peers and bootstrap" + ("" if workdir else f", removing {tmp}"))
-            for p in reversed(procs):
-                p.stop()
-    if not workdir:  # a folder of our own: leave nothing behind (--workdir keeps the model)
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with FileServer(tmp) as files:
+            url = files.url("demo-mamba.knot")
+            _say(f"[2/6] serving it at {url} (HTTP Range)")
+            try:
+                boot = start_bootstrap()
+                procs.append(boot)
+                _say(f"[3/6] bootstrap node: {boot.maddrs[0]}")
+                _load_cpu_kernels()
+                ranges = {"peer-a": "0:4", "peer-b": "4:8", "peer-c": "2:8"}
+                for name, blocks in ranges.items():
+                    procs.append(start_peer(url, blocks, boot.maddrs, name, ["--update-period", "5"]))
+                    _say(f"      {name} ONLINE, blocks {blocks}")
+                by_id = {p.maddrs[0].rsplit("/", 1)[-1]: p for p in procs[1:]}
+                prompt = "The swarm splits the blocks"
+                sampling = dict(temperature=0.8, top_k=40, seed=7)
+                _say(f"[4/6] generating {new_tokens} tokens through the swarm ({sampling}), prompt: {prompt!r}")
+                client = SwarmClient(initial_peers=boot.maddrs, config=ClientConfig(checkpoint_every=8))
+                tokens: list[int] = []
+                t0 = time.perf_counter()
+                killed = []
+                with client.session() as s:
+                    for tok in s.stream(prompt, new_tokens, **sampling):
+                        if not tokens:
+                            _say("      route: " + "  ->  ".join(f"{by_id[p].name}[{a}:{b}]" for p, a, b in s.route))
+                            sys.stdout.write("      text: ")
+                        tokens.append(tok)
+                        sys.stdout.write(_printable(client.tokenizer.decode([tok])))
+                        sys.stdout.flush()
+                        if len(tokens) == kill_at:
+                            victim = _victim(s.route, ranges, by_id, layers)
+                            victim.kill()
+                            killed.append(victim.name)
+                            sys.stdout.write(f" [SIGKILL {victim.name}] ")
+                    route_after = list(s.route)
+                    stats = dict(s.stats)
+                dt = time.perf_counter() - t0
+                _say("")
+                _say(f"[5/6] {len(tokens)} tokens in {dt:.2f}s ({len(tokens) / dt:.1f} tokens/s); killed "
+                     f"{', '.join(killed)}; recoveries {stats['recoveries']}, replayed tokens "
+                     f"{stats['replayed_tokens']} (not the whole prefix)")
+                _say("      route after: " + "  ->  ".join(f"{by_id[p].name}[{a}:{b}]" for p, a, b in route_after))
+                client.close()
+                local = LocalModel(knot).generate(prompt, new_tokens, **sampling)
+                same = "identical" if local == tokens else "DIFFERENT"
+                _say(f"      the same prompt run locally in one process gives {same} tokens (the weights are random, "
+                     "so the text is noise: what matters is that the failure changed nothing)")
+            finally:
+                # a closed stdout (`swarm demo | head`) raises here too, and must not leave the peers running
+                with contextlib.suppress(OSError):
+                    _say("[6/6] shutting down peers and bootstrap" + ("" if workdir else f", removing {tmp}"))
+                for p in reversed(procs):
+                    p.stop()
+    finally:
+        if not workdir:  # a folder of our own: leave nothing behind (--workdir keeps the model)
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0 if local == tokens else 1
 
 
