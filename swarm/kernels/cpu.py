@@ -243,6 +243,14 @@ def _silu(x):
 _CT = 32  # tokens a conv job
 
 
+@njit(float32[::1](_C3, int64, _C2, int64, int64, int64), **_EXACT)
+def _conv_input(x, xo, head, b, j, n_ch):
+    """Input token j of batch row b: x's row j (its channels from column xo on), or for j < 0 the state's, from
+    head (see _conv_jobs)."""
+    k1 = head.shape[0] // x.shape[0]  # K - 1
+    return x[b, j, xo:xo + n_ch] if j >= 0 else head[b * k1 + k1 + j]
+
+
 @njit(types.void(_C3, int64, _C2, _C2, _C1, _C3, int64, int64), **_EXACT)
 def _conv_jobs(x, xo, head, wt, bias, y, lo, hi):
     """Jobs lo..hi of the (batch, chunk of _CT tokens) grid. x: (B, T, W), its channels from column xo on (_btI);
@@ -263,8 +271,7 @@ def _conv_jobs(x, xo, head, wt, bias, y, lo, hi):
             for c in range(n_ch):
                 yr[c] = bias[c]
             for k in range(k_w):
-                j = t + k - (k_w - 1)  # input token: x's j, or the state's for j < 0
-                src = x[b, j, xo:xo + n_ch] if j >= 0 else head[b * (k_w - 1) + (k_w - 1) + j]
+                src = _conv_input(x, xo, head, b, t + k - (k_w - 1), n_ch)
                 wk = wt[k]
                 for c in range(n_ch):
                     yr[c] += wk[c] * src[c]
@@ -295,8 +302,7 @@ def _conv_tail(x, xo, head, state):
     t_len = x.shape[1]
     for b in range(bsz):
         for k in range(k_w):
-            j = t_len - k_w + k  # input token, as in _conv_jobs
-            src = x[b, j, xo:xo + n_ch] if j >= 0 else head[b * (k_w - 1) + (k_w - 1) + j]
+            src = _conv_input(x, xo, head, b, t_len - k_w + k, n_ch)
             for c in range(n_ch):
                 state[b, c, k] = src[c]
 

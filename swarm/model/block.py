@@ -105,7 +105,7 @@ class MambaBlock(nn.Module):
         wdtype = self.norm.weight.dtype
         h = kern.rms_norm(hidden.to(wdtype), self.norm.weight, self.norm.eps)
         out = self.mixer(h, state, kern).float()  # a new tensor (out_proj's output, or its fp32 copy)
-        return out.add_(hidden) if out.dtype == hidden.dtype else hidden.float() + out
+        return out.add_(hidden.float())
 
     def step_weights(self, kern: Backend) -> object:
         """`kern`'s block_weights for this block, made on first use and kept with the mixer's prepared tensors
