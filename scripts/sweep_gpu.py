@@ -3,7 +3,8 @@
     PYTHONPATH=$PWD python3 scripts/sweep_gpu.py [launch_costs prefill_profile ssm_decode_sweep step_sweep
                                                   step_parts prefill_sweep chunk_sweep scan_sweep prefill_kernels
                                                   read_ceiling conv_sweep prefill_gaps persistent_stages
-                                                  persistent_knobs persistent_widths persistent_overhead]
+                                                  persistent_knobs persistent_widths persistent_overhead
+                                                  persistent_programs]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -17,7 +18,7 @@ conv_sweep: the prefill conv alone, its kernels and configs; prefill_gaps: where
 persistent_stages: where the persistent step's time goes (each program's %globaltimer at its stages), against the
 four kernels; persistent_knobs: the persistent step's knobs (ring slot size, bytes in flight, consumer warps);
 persistent_widths: the persistent step against the four kernels at 790m's width; persistent_overhead: its
-fixed cost a step (4, 16, 64 blocks).
+fixed cost a step (4, 16, 64 blocks); persistent_programs: one program an SM (an uneven split) against 128.
 """
 import cProfile
 import io
@@ -453,6 +454,27 @@ def persistent_knobs(layers=16):
         for key, (d, sl) in decs.items():
             ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=10)
             print(f"round {r} slot KB, flight KB, warps {key}: {ms * 1e3 / layers:.1f} us/block", flush=True)
+
+
+def persistent_programs(layers=16, rounds=4):
+    """The persistent step at 2.8b width with one program an SM (132 on an H100: an uneven split of the channels)
+    against 128 programs (the even split), graphed, interleaved rounds; 16 and 64 blocks."""
+    from swarm.kernels import gluon_step
+    runs = {}
+    for n in (layers, 64):
+        cfg, stack = _wide_stack(n)
+        h = torch.randn(1, 1, cfg.hidden_size, device=dev)
+        for programs in (128, 0):
+            gluon_step.PROGRAMS = programs
+            d = GraphDecoder(stack, max_slots=2, buckets=(1,), step="persistent")
+            print(f"{n} blocks, PROGRAMS={programs}: {d._persistent.plan}", flush=True)
+            runs[(n, d._persistent.plan.G)] = (d, [d.alloc_slot()], h)
+    gluon_step.PROGRAMS = 0
+    for r in range(rounds):
+        for (n, g), (d, sl, h) in runs.items():
+            ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=10)
+            print(f"round {r} {n:2d} blocks 2.8b b=1, {g} programs: {ms * 1e3 / n:.2f} us/block, {ms:.3f} ms a step",
+                  flush=True)
 
 
 def persistent_widths(layers=16):

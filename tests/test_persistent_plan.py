@@ -21,23 +21,32 @@ WIDTHS = [(768, 1536), (1024, 2048), (1536, 3072), (2048, 4096), (2560, 5120)]
 def test_plan_divides_the_model_and_fits_shared_memory(d, i, sms):
     p = gs.plan(d, i, sms)
     assert p is not None
-    assert p.G <= sms and p.G % 2 == 0 and (2 * i) % p.G == 0 and d % p.G == 0
-    assert p.RI == 2 * i // p.G and p.RO == d // p.G
-    ch = p.RI // 2  # a program's channels: a box's rows are all x or all z
-    assert ch % p.BRI == 0 and p.RO % p.BRO == 0
+    assert p.G == min(sms, p.units) and p.units * p.BRI == i  # every SM where there are channel groups enough
+    # the programs' channels: consecutive, whole groups of BRI (a box's rows are all x or all z), every channel once,
+    # at most one group apart and at most CH
+    split = [p.channels(c) for c in range(p.G)]
+    assert split[0][0] == 0 and sum(n for _, n in split) == i
+    assert all(a[0] + a[1] == b[0] for a, b in zip(split, split[1:]))
+    assert all(n % p.BRI == 0 and 0 < n <= p.CH for _, n in split)
+    assert max(n for _, n in split) - min(n for _, n in split) <= p.BRI and max(n for _, n in split) == p.CH
+    assert d % p.BRO == 0  # out_proj's queue items
     assert d % (p.BPI * p.PWI) == 0 and i % (p.BPO * p.PWO) == 0
     for box in ((p.BRI, p.BPI, p.PWI), (p.BRO, p.BPO, p.PWO)):
         assert all(x & (x - 1) == 0 for x in box)  # Gluon's tensors and TMA boxes: powers of two
         assert box[0] * box[1] * box[2] * 2 <= p.slot <= gs.SLOT_BYTES[0]
     assert 2 <= p.S <= gs.MAX_SLOTS and p.S * p.slot <= gs.SMEM_BYTES
-    assert p.CS >= ch and p.CS & (p.CS - 1) == 0
+    assert p.CS >= p.CH and p.CS & (p.CS - 1) == 0
 
 
 def test_plan_of_2p8b_on_an_h100():
     p = gs.plan(2560, 5120, 132)
-    assert (p.G, p.RI, p.RO, p.slot) == (128, 80, 20, 8192)
+    assert (p.G, p.CH, p.units, p.slot) == (132, 40, 640, 8192)  # all 132 SMs (an even split had 128)
+    assert [p.channels(c)[1] for c in (0, 111, 112, 131)] == [40, 40, 32, 32]  # 112 x 40 + 20 x 32 = 5120
     assert (p.BRI, p.BPI, p.PWI) == (8, 2, 256) and (p.BRO, p.BPO, p.PWO) == (4, 4, 256)
-    assert gs.plan(2560, 5120, 132, slot_bytes=16384).slot == 8192  # 40 channels a program: boxes of 8 rows
+    p = gs.plan(2560, 5120, 128)
+    assert (p.G, p.CH) == (128, 40) and {p.channels(c)[1] for c in range(128)} == {40}
+    p = gs.plan(2560, 5120, 132, slot_bytes=16384)
+    assert (p.slot, p.BRI, p.CH) == (16384, 16, 48)  # 320 groups of 16: 56 programs of 48 channels, 76 of 32
 
 
 def test_plan_refuses_what_does_not_divide():

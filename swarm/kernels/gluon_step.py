@@ -9,7 +9,7 @@ reads. Here one program an SM stays resident for every block and splits in two:
   the consumers wait;
 - four consumer warps do the maths and meet the other programs at three counters a block (release / acquire):
 
-      A  RMSNorm of the residual; in_proj's x rows of the program's CH channels (static), with the conv step and
+      A  RMSNorm of the residual; in_proj's x rows of the program's channels (static), with the conv step and
          the program's share of x_proj (its columns stream through the ring too); then z rows taken from a
          queue, so that faster SMs stream more of them, stored as silu(z). The program counts in at A after its
          first z row group: A says that its x_proj share is in
@@ -58,6 +58,7 @@ MAX_SLOTS = 48
 FLIGHT_BYTES = 24 * 1024
 CONSUMER_WARPS = 4
 N_PTRS = 8  # per-block pointers: norm_w, conv_w, conv_b, x_w, dt_w, dt_b, A, D
+PROGRAMS = 0  # at most this many programs (0: one an SM); a sweep's knob (scripts/sweep_gpu.py persistent_programs)
 SPIN_NS = 2_000_000_000  # a wait at a counter longer than this (ns) is a failure: see _spin
 N_CNT = 40  # int32 counters a block: 3 counters and 2 queues, each in its own 32-byte sector (polled and added to
 # at once)
@@ -66,17 +67,23 @@ N_CNT = 40  # int32 counters a block: 3 counters and 2 queues, each in its own 3
 @dataclass(frozen=True)
 class Plan:
     G: int  # programs (one an SM)
-    RI: int  # in_proj rows a program, on average: the x rows of its RI / 2 channels, and as many z rows (queued)
-    BRI: int  # rows a box (in_proj), pieces a box, piece width
+    CH: int  # the most channels a program has: their x rows (static), conv step, x_proj share and SSM step
+    BRI: int  # rows a box (in_proj; a program's channels come in groups of BRI), pieces a box, piece width
     BPI: int
     PWI: int
-    RO: int  # out_proj rows a program, on average (queued)
-    BRO: int
+    BRO: int  # out_proj's box: rows (a queue item), pieces, piece width
     BPO: int
     PWO: int
-    CS: int  # the program's channels (RI / 2: their x and z rows), to a power of two
+    CS: int  # CH to a power of two
     S: int  # ring slots
     slot: int  # bytes a slot
+    units: int  # channel groups of BRI (d_inner / BRI), split over the G programs as evenly as they go
+
+    def channels(self, c: int) -> tuple[int, int]:
+        """Program c's first channel and its number of channels, as the kernel computes them: the first
+        units % G programs take one group more than the others."""
+        ub, ue = divmod(self.units, self.G)
+        return (c * ub + min(c, ue)) * self.BRI, (ub + (c < ue)) * self.BRI
 
 
 def _box(rows: int, k: int, max_elems: int) -> tuple[int, int, int] | None:
@@ -99,26 +106,29 @@ def _box(rows: int, k: int, max_elems: int) -> tuple[int, int, int] | None:
 
 
 def plan(d: int, i: int, sms: int, slot_bytes: int | None = None, elsize: int = 2) -> Plan | None:
-    """How the kernel splits a model of d_model d and d_inner i over at most `sms` programs, or None: the most
-    programs (an even number that divides 2i and d), each stream in the largest boxes up to SLOT_BYTES[0] (or
-    `slot_bytes`); a ring slot holds the larger of the in_proj and out_proj boxes."""
+    """How the kernel splits a model of d_model d and d_inner i over at most `sms` programs, or None.
+
+    Boxes are the largest up to SLOT_BYTES[0] (or `slot_bytes`); a ring slot holds the larger of the in_proj and
+    out_proj boxes. Every SM gets a program where there are as many channel groups (in_proj's box rows): the x rows
+    of a program's channels are static, the z and out_proj rows are queued (so an uneven split of the channels
+    evens out there). An H100's 132 SMs at 2.8b's width: 112 programs of 40 channels and 20 of 32, where an even
+    split had to leave 4 SMs idle (128 programs)."""
     cap = (slot_bytes or SLOT_BYTES[0]) // elsize
-    for g in range(sms - sms % 2, 1, -2):
-        if (2 * i) % g or d % g:
-            continue
-        ri, ro = 2 * i // g, d // g
-        bi, bo = _box(ri // 2, d, cap), _box(ro, i, cap)  # a box's rows: all x or all z
-        if bi is None or bo is None or _np2(ri // 2) > 128:
-            continue
-        cs = _np2(ri // 2)
-        slot = max(bi[0] * bi[1] * bi[2], bo[0] * bo[1] * bo[2]) * elsize
-        # the two input rows and the staged conv rows (K <= 4: 16 fp32 rows a group, in blocks of 4)
-        act = (_np2(d // bi[2]) * bi[2] + _np2(i // bo[2]) * bo[2]) * elsize + 16 * _np2(ri // bi[0] // 2) * bi[0] * 4
-        slots = min(MAX_SLOTS, (SMEM_BYTES - act) // slot)
-        if slots < 2:
-            continue
-        return Plan(g, ri, *bi, ro, *bo, cs, slots, slot)
-    return None
+    bi, bo = _box(i, d, cap), _box(d, i, cap)  # a box's rows: all x or all z
+    if bi is None or bo is None:
+        return None
+    units = i // bi[0]
+    g = min(sms, units)
+    ch = -(-units // g) * bi[0]
+    if g < 2 or ch > 128:
+        return None
+    slot = max(bi[0] * bi[1] * bi[2], bo[0] * bo[1] * bo[2]) * elsize
+    # the two input rows and the staged conv rows (K <= 4: 16 fp32 rows a group, in blocks of 4)
+    act = (_np2(d // bi[2]) * bi[2] + _np2(i // bo[2]) * bo[2]) * elsize + 16 * _np2(ch // bi[0]) * bi[0] * 4
+    slots = min(MAX_SLOTS, (SMEM_BYTES - act) // slot)
+    if slots < 2:
+        return None
+    return Plan(g, ch, *bi, *bo, _np2(ch), slots, slot, units)
 
 
 def available(device: torch.device) -> bool:
@@ -180,6 +190,14 @@ if _IMPORT_ERROR is None:
         return gl.load(cnt_ptr + 2 * L * CNT_STRIDE, cache_modifier=".cg")
 
     @gluon.jit
+    def _channels(c, I: gl.constexpr, BRI: gl.constexpr, G: gl.constexpr):
+        """Program c's first channel and its number of channels (Plan.channels): I // BRI groups of BRI channels,
+        the first (I // BRI) % G programs one group more than the others."""
+        UB: gl.constexpr = I // BRI // G
+        UE: gl.constexpr = I // BRI % G
+        return (c * UB + gl.minimum(c, UE)) * BRI, (UB + (c < UE).to(gl.int32)) * BRI
+
+    @gluon.jit
     def _now():
         return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
                                          pack=1)
@@ -229,7 +247,7 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _producer(win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, meta, cnt_ptr, L,
-                  D: gl.constexpr, I: gl.constexpr, RI: gl.constexpr, S: gl.constexpr,
+                  D: gl.constexpr, I: gl.constexpr, G: gl.constexpr, S: gl.constexpr,
                   FLIGHT: gl.constexpr):
         # per block: the program's x rows (static: their conv step and x_proj share stay with the program), then
         # z rows and out_proj rows from queues, so that faster SMs stream more of them
@@ -241,10 +259,11 @@ if _IMPORT_ERROR is None:
         BRO: gl.constexpr = wout_desc.block_type.shape[0]
         BPO: gl.constexpr = wout_desc.block_type.shape[1]
         PWO: gl.constexpr = wout_desc.block_type.shape[2]
+        ch0, nch = _channels(c, I, BRI, G)
         it = 0
         for j in range(L):
-            for g in range(RI // 2 // BRI):
-                row0 = c * (RI // 2) + g * BRI
+            for g in range(nch // BRI):
+                row0 = ch0 + g * BRI
                 for pg in gl.static_range(D // PWI // BPI):
                     _box_in(win_desc, ring, ready, empty, it, S, [j * 2 * I + row0, pg * BPI, 0], FLIGHT)
                     it += 1
@@ -332,7 +351,7 @@ if _IMPORT_ERROR is None:
     def _consumer(ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr,
                   conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, err_addr, spin_ns, in_ptr,
                   ids_ptr, L, eps, conv_l, ssm_l, D: gl.constexpr, I: gl.constexpr, R: gl.constexpr,
-                  N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, RI: gl.constexpr, CS: gl.constexpr,
+                  N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, CS: gl.constexpr,
                   JP: gl.constexpr, RP: gl.constexpr, BRI: gl.constexpr, BPI: gl.constexpr, PWI: gl.constexpr,
                   BRO: gl.constexpr, BPO: gl.constexpr, PWO: gl.constexpr, NPIP: gl.constexpr, NPOP: gl.constexpr,
                   HAS_CBIAS: gl.constexpr, S: gl.constexpr, IN_MODE: gl.constexpr, t_ptr, TIMES: gl.constexpr,
@@ -379,18 +398,18 @@ if _IMPORT_ERROR is None:
         KP: gl.constexpr = 4  # the conv's taps, padded (K <= 4)
         NRGP: gl.constexpr = stg.shape[0] // (4 * KP)
         stg3 = stg._reinterpret(gl.float32, [4 * KP, NRGP, BRI], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
-        CH: gl.constexpr = RI // 2  # the program's channels c CH .. (c + 1) CH - 1: x rows, conv, x_proj share, SSM
+        ch0, nch = _channels(c, I, BRI, G)  # the program's channels: x rows, conv, x_proj share, SSM step
         c3: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 4, 8], [1, num_warps, 1], [2, 1, 0])
         k3 = gl.arange(0, KP, layout=gl.SliceLayout(1, gl.SliceLayout(2, c3)))[:, None, None]
-        ch3 = c * CH + gl.arange(0, NRGP, layout=gl.SliceLayout(0, gl.SliceLayout(2, c3)))[None, :, None] * BRI + \
+        ch3 = ch0 + gl.arange(0, NRGP, layout=gl.SliceLayout(0, gl.SliceLayout(2, c3)))[None, :, None] * BRI + \
             gl.arange(0, BRI, layout=gl.SliceLayout(0, gl.SliceLayout(1, c3)))[None, None, :]
-        m3 = ch3 < c * CH + CH
+        m3 = ch3 < ch0 + nch
         rr = gl.arange(0, RP, layout=gl.SliceLayout(0, dtl))
         nn = gl.arange(0, N, layout=gl.SliceLayout(0, hl))
-        cd = c * CH + gl.arange(0, CS, layout=gl.SliceLayout(1, dtl))
-        ch = c * CH + gl.arange(0, CS, layout=gl.SliceLayout(1, hl))
-        mcd = cd < c * CH + CH
-        mch = ch < c * CH + CH
+        cd = ch0 + gl.arange(0, CS, layout=gl.SliceLayout(1, dtl))
+        ch = ch0 + gl.arange(0, CS, layout=gl.SliceLayout(1, hl))
+        mcd = cd < ch0 + nch
+        mch = ch < ch0 + nch
         it = 0
         dead = 0
         g, old, cw, cb = _block_rows(gl.load(tab_ptr + 0).to(gl.pointer_type(WDT)),
@@ -430,8 +449,8 @@ if _IMPORT_ERROR is None:
             act_in.store(((x * rstd).to(WDT).to(gl.float32) * g).to(WDT))
             gl.thread_barrier()
             partial = gl.zeros([JP], gl.float32, layout=gl.SliceLayout(0, gl.SliceLayout(2, xl3)))
-            for rg in range(CH // BRI):  # the program's x rows: the conv step (state shift, SiLU), x_proj's share
-                row0 = c * CH + rg * BRI
+            for rg in range(nch // BRI):  # the program's x rows: the conv step (state shift, SiLU), x_proj's share
+                row0 = ch0 + rg * BRI
                 yr = _row_group(ring, ready, empty, act_in, it, S, D // PWI // BPI, BRI, wl_i).to(WDT)  # rounded
                 it += D // PWI // BPI
                 chy = row0 + gl.arange(0, BRI, layout=yl)
@@ -495,8 +514,8 @@ if _IMPORT_ERROR is None:
             # as a matmul's output
             sh = gl.zeros([16, JP], gl.float32, layout=pl)
             for g0 in gl.static_range(0, G, 16):
-                sh += gl.load(acc_ptr + (g0 + pg16)[:, None] * JP + pj[None, :], mask=(pj < J)[None, :], other=0.0,
-                              cache_modifier=".cg")
+                sh += gl.load(acc_ptr + (g0 + pg16)[:, None] * JP + pj[None, :],
+                              mask=((g0 + pg16) < G)[:, None] & (pj < J)[None, :], other=0.0, cache_modifier=".cg")
             gl.thread_barrier()  # the previous block's reads of dbc_sm are done
             dbc_sm.store(gl.sum(sh, axis=0))
             gl.thread_barrier()
@@ -556,7 +575,7 @@ if _IMPORT_ERROR is None:
                      y_ptr, acc_ptr, cnt_ptr, err_addr, spin_ns, in_ptr, ids_ptr, L, eps, conv_l, ssm_l,
                      D: gl.constexpr,
                      I: gl.constexpr, R: gl.constexpr,
-                     N: gl.constexpr, K: gl.constexpr, G: gl.constexpr, RI: gl.constexpr,
+                     N: gl.constexpr, K: gl.constexpr, G: gl.constexpr,
                      CS: gl.constexpr, JP: gl.constexpr, RP: gl.constexpr, NRGP: gl.constexpr, NPIP: gl.constexpr,
                      NPOP: gl.constexpr, HAS_CBIAS: gl.constexpr, S: gl.constexpr, SLOT: gl.constexpr,
                      FLIGHT: gl.constexpr, IN_MODE: gl.constexpr, t_ptr, TIMES: gl.constexpr,
@@ -586,9 +605,9 @@ if _IMPORT_ERROR is None:
         gl.warp_specialize([
             (_consumer, (ring, ring_o, ring_x, ready, empty, meta, dbc_sm, act_in, act_out, stg, res_ptr, tab_ptr,
                          conv_ptr, ssm_ptr, idx_ptr, xc_ptr, z_ptr, y_ptr, acc_ptr, cnt_ptr, err_addr, spin_ns,
-                         in_ptr, ids_ptr, L, eps, conv_l, ssm_l, D, I, R, N, K, G, RI, CS, JP, RP, BI[0], BI[1],
+                         in_ptr, ids_ptr, L, eps, conv_l, ssm_l, D, I, R, N, K, G, CS, JP, RP, BI[0], BI[1],
                          BI[2], BO[0], BO[1], BO[2], NPIP, NPOP, HAS_CBIAS, S, IN_MODE, t_ptr, TIMES, num_warps)),
-            (_producer, (win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, meta, cnt_ptr, L, D, I, RI,
+            (_producer, (win_desc, wout_desc, wx_desc, ring, ring_o, ring_x, ready, empty, meta, cnt_ptr, L, D, I, G,
                          S, FLIGHT)),
         ], [1], [24])
 
@@ -671,6 +690,7 @@ class PersistentStep:
         if any(_packed([getattr(b, n) for b in blocks]) is None for n in ("in_w", "x_w", "out_w")):
             return None
         sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
+        sms = min(sms, PROGRAMS) if PROGRAMS else sms
         p = plan(w0.in_w.shape[1], w0.out_w.shape[1], sms, slot_bytes)
         # x_proj's boxes: [J (padded), BRI] with rows of at least 16 bytes, within a ring slot
         jp = _np2(w0.dt_w.shape[1] + 2 * w0.A.shape[1])
@@ -707,8 +727,8 @@ class PersistentStep:
             self.win_desc, self.wout_desc, self.wx_desc, res, self.tab, self.conv, self.ssm, idx, self.xc, self.z,
             self.y, self.acc, self.cnt, self.err.data_ptr(), self.spin_ns, in_t, ids_t, self.L, self.eps,
             self.conv.stride(0), self.ssm.stride(0), D=self.D, I=self.I, R=self.R, N=self.N, K=self.K, G=p.G,
-            RI=p.RI, CS=p.CS, JP=self.jp, RP=self.rp,
-            NRGP=_np2(p.RI // p.BRI // 2), NPIP=_np2(self.D // p.PWI), NPOP=_np2(self.I // p.PWO),
+            CS=p.CS, JP=self.jp, RP=self.rp,
+            NRGP=_np2(p.CH // p.BRI), NPIP=_np2(self.D // p.PWI), NPOP=_np2(self.I // p.PWO),
             HAS_CBIAS=self.has_cbias, S=p.S, SLOT=p.slot // 2, FLIGHT=min(p.S - 1, max(1, FLIGHT_BYTES // p.slot)),
             IN_MODE=in_mode, t_ptr=self.acc if times is None else times, TIMES=times is not None,
             num_warps=CONSUMER_WARPS)

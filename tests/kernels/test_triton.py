@@ -560,14 +560,17 @@ def _persistent_or_skip(dec):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype,conv_kernel,conv_bias", [(torch.bfloat16, 4, True), (torch.float16, 4, True),
-                                                          (torch.bfloat16, 3, False), (torch.bfloat16, 2, True)])
-def test_persistent_step_matches_block_stack(dtype, conv_kernel, conv_bias):
+@pytest.mark.parametrize("dtype,conv_kernel,conv_bias,programs", [
+    (torch.bfloat16, 4, True, 0), (torch.float16, 4, True, 0), (torch.bfloat16, 3, False, 0),
+    (torch.bfloat16, 2, True, 0), (torch.bfloat16, 4, True, 100)])
+def test_persistent_step_matches_block_stack(dtype, conv_kernel, conv_bias, programs, monkeypatch):
     """GraphDecoder(step="persistent"), the batch-1 step as one persistent Gluon kernel: prefills, steps of slots
     taken in turns (the kernel addresses the pools by slot), a batch of two between them (the four-kernel path), a
     state moved between slots; outputs and states against the eager BlockStack in fp32 on the CPU. Conv widths
-    below the kernel's padded 4 taps, with and without the conv's bias."""
+    below the kernel's padded 4 taps, with and without the conv's bias; 100 programs split the 128 channel groups
+    unevenly (28 programs take two, 72 one), as 132 SMs split 2.8b's 640."""
     from swarm.kernels import gluon_step
+    monkeypatch.setattr(gluon_step, "PROGRAMS", programs)
     from swarm.model.graphs import GraphDecoder
     torch.manual_seed(11)
     cfg = _config(hidden_size=512, intermediate_size=1024, time_step_rank=32, conv_kernel=conv_kernel,
@@ -579,6 +582,9 @@ def test_persistent_step_matches_block_stack(dtype, conv_kernel, conv_bias):
         pytest.skip("the persistent step needs a Hopper GPU and Triton's Gluon")
     dec = GraphDecoder(fast, max_slots=4, buckets=(1, 2), step="persistent")
     _persistent_or_skip(dec)
+    p = dec._persistent.plan
+    if programs:
+        assert p.G == programs and p.channels(0)[1] == 2 * p.channels(p.G - 1)[1]
     slots = [dec.alloc_slot() for _ in range(3)]
     ref_states = {s: want.new_states(1) for s in slots}
     for s, t in zip(slots, (5, 17, 1)):
