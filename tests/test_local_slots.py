@@ -2,7 +2,8 @@
 
 A subprocess, because TRITON_INTERPRET must be set before Triton is imported. Tokens must equal transformers'
 greedy tokens for more sessions than there are slots (the extra ones run eagerly), slots must come back on close
-and on garbage collection, and a session must not see another's state.
+and on garbage collection, and a session must not see another's state. Greedy decode steps in a slot pick on the
+device (GraphDecoder.step_greedy); kept logits or a repetition penalty take the logits (step_logits).
 """
 
 from __future__ import annotations
@@ -23,13 +24,24 @@ from swarm.client import local
 from swarm.client.local import LocalModel
 local.GRAPH_SLOTS = 2
 m = LocalModel(sys.argv[1], graphs="eager")
+calls = {"step_greedy": 0, "step_logits": 0}
+for name in calls:
+    def counted(*a, _f=getattr(m.decoder, name), _n=name, **k):
+        calls[_n] += 1
+        return _f(*a, **k)
+    setattr(m.decoder, name, counted)
 a, b, c = m.session(), m.session(), m.session()  # c: no slot left, eager
 out = {"slots": [a.slot, b.slot, c.slot], "free_after_open": m.decoder.free_slots}
 ta = a.generate([3, 17, 5, 9], 3)
 tb = b.generate([22, 1, 14], 3)  # b's prefill between a's calls: states must not mix
 tc = c.generate([3, 17, 5, 9], 3)
 ta += a.generate(None, 3)
-out.update(a=ta, b=tb, c=tc)
+out.update(a=ta, b=tb, c=tc, greedy_calls=dict(calls))
+a.keep_logits = True
+out["kept"] = a.generate([3, 17, 5, 9], 3)  # logits on the host: step_logits
+out["kept_logits"] = len(a.last_logits)
+b.generate([22, 1, 14], 3, repetition_penalty=1.5)  # the penalty needs the logits: step_logits
+out["calls"] = dict(calls)  # before d
 a.close()
 del b
 gc.collect()
@@ -48,6 +60,9 @@ def test_local_sessions_in_graph_slots_under_the_interpreter(hf_models):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["slots"] == [0, 1, None] and out["free_after_open"] == 0
     assert out["a"] == hf_greedy(model, [3, 17, 5, 9], 6)[0]
+    # a's and b's decode steps (2 + 2 + 3 tokens after their prefills) picked on the device; c has no slot
+    assert out["greedy_calls"] == {"step_greedy": 7, "step_logits": 0}
+    assert out["kept_logits"] == 3 and out["calls"]["step_greedy"] == 7 and out["calls"]["step_logits"] == 4
     assert out["c"] == out["a"][:3]
     assert out["b"] == hf_greedy(model, [22, 1, 14], 3)[0]
     assert out["d"] == out["b"][:2]

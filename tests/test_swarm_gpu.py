@@ -101,4 +101,7 @@ def test_gpu_local_model_decodes_through_graphs(hf_models):
         logits = torch.stack(s.last_logits).cpu()
     assert out == ref
     assert (logits - ref_logits).abs().max().item() < 1e-4
-    assert local.decoder.free_slots == local.decoder.max_slots  # closing the session gave its slot back
+    with local.session() as s:  # greedy, no logits kept: the pick is inside the token graph (step_greedy)
+        assert local.decoder._greedy_graphs
+        assert s.generate(PROMPT, 10) == ref and not s.last_logits
+    assert local.decoder.free_slots == local.decoder.max_slots  # closing the sessions gave their slots back

@@ -41,6 +41,11 @@ class GenerationSession:
         assert hidden is not None
         return self.head.logits(hidden[:, -1:])[0, -1]
 
+    def _feed_greedy(self, tok: int) -> int | None:
+        """Feed `tok` and return the argmax of the logits after it (Sampler's greedy pick), or None where only
+        `_feed` can (the caller then feeds it there). A local CUDA session picks on the device: no logits leave it."""
+        return None
+
     def encode(self, prompt: str | list[int] | None) -> list[int]:
         if prompt is None:
             return []
@@ -68,11 +73,21 @@ class GenerationSession:
         self.last_logits = []
         self.history.extend(ids[len(self.pending):])
         self.pending = []
-        logits = self._feed(ids)
+        greedy = sampler.greedy and not self.keep_logits  # the pick needs no logits on the host
+
+        def feed(ids: list[int]) -> tuple[int | None, torch.Tensor | None]:
+            """-> (the next token where the session picked it, else None; the logits where it did not)"""
+            picked = self._feed_greedy(ids[0]) if greedy and len(ids) == 1 else None
+            return picked, (self._feed(ids) if picked is None else None)
+
+        picked, logits = feed(ids)
         for i in range(max_new_tokens):
-            if self.keep_logits:
-                self.last_logits.append(logits)
-            tok = sampler(logits, self.history)
+            if picked is not None:
+                tok = picked
+            else:
+                if self.keep_logits:
+                    self.last_logits.append(logits)
+                tok = sampler(logits, self.history)
             self.history.append(tok)
             self.pending = [tok]
             if on_token:
@@ -81,7 +96,7 @@ class GenerationSession:
             if tok in params.stop_tokens or i == max_new_tokens - 1:
                 return
             self.pending = []
-            logits = self._feed([tok])
+            picked, logits = feed([tok])
 
     def generate(self, prompt: str | list[int] | None, max_new_tokens: int, **kw) -> list[int]:
         return list(self.stream(prompt, max_new_tokens, **kw))

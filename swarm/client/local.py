@@ -88,6 +88,12 @@ class LocalSession(GenerationSession):
             return self.decoder.step_logits([self.slot], torch.tensor([ids], dtype=torch.long))[0]
         return super()._feed(ids)
 
+    def _feed_greedy(self, tok: int) -> int | None:
+        if self.slot is None:
+            return None
+        # embedding, blocks, head and the argmax in one replay: one int comes back, not the vocabulary's logits
+        return int(self.decoder.step_greedy([self.slot], torch.tensor([[tok]], dtype=torch.long))[0, 0])
+
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.slot is None:
             return self.stack(hidden, self.states)

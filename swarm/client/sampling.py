@@ -41,6 +41,11 @@ class Sampler:
         else:
             self.gen.seed()
 
+    @property
+    def greedy(self) -> bool:
+        """Every pick is the logits' argmax (the first index of the largest value), whatever the history."""
+        return self.p.temperature == 0 and self.p.repetition_penalty == 1.0
+
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """logits: (vocab,) fp32 for the last position; history: tokens so far (for the repetition penalty)."""
         p = self.p
