@@ -57,7 +57,7 @@ MAX_SLOTS = 48
 # 38.9-39.2 us a block
 FLIGHT_BYTES = 24 * 1024
 CONSUMER_WARPS = 4
-N_PTRS = 8  # per-block pointers: norm_w, conv_w, conv_b, x_w, dt_w, dt_b, A, D
+N_PTRS = 7  # per-block pointers: norm_w, conv_w, conv_b, dt_w, dt_b, A, D (x_proj streams by its descriptor)
 PROGRAMS = 0  # at most this many programs (0: one an SM); a sweep's knob (scripts/sweep_gpu.py persistent_programs)
 SPIN_NS = 2_000_000_000  # a wait at a counter longer than this (ns) is a failure: see _spin
 N_CNT = 40  # int32 counters a block: 3 counters and 2 queues, each in its own 32-byte sector (polled and added to
@@ -420,10 +420,10 @@ if _IMPORT_ERROR is None:
             tj = t_ptr + (j * G + c) * 16
             _mark(tj, 0, TIMES)
             tab = tab_ptr + j * PTRS
-            dw_p = gl.load(tab + 4).to(gl.pointer_type(WDT))
-            db_p = gl.load(tab + 5).to(gl.pointer_type(gl.float32))
-            a_p = gl.load(tab + 6).to(gl.pointer_type(gl.float32))
-            d_p = gl.load(tab + 7).to(gl.pointer_type(gl.float32))
+            dw_p = gl.load(tab + 3).to(gl.pointer_type(WDT))
+            db_p = gl.load(tab + 4).to(gl.pointer_type(gl.float32))
+            a_p = gl.load(tab + 5).to(gl.pointer_type(gl.float32))
+            d_p = gl.load(tab + 6).to(gl.pointer_type(gl.float32))
             jn = gl.minimum(j + 1, L - 1)  # the next block's pointers, for its rows loaded during this one
             tabn = tab_ptr + jn * PTRS
             nw_n = gl.load(tabn + 0).to(gl.pointer_type(WDT))
@@ -654,7 +654,7 @@ class PersistentStep:
         self.wx_desc = TensorDescriptor.from_tensor(self._wx, [1, self.jp, p.BRI], l3)
         dev = w0.in_w.device
         ptrs = [[b.norm_w.data_ptr(), b.conv_w.data_ptr(), 0 if b.conv_b is None else b.conv_b.data_ptr(),
-                 b.x_w.data_ptr(), b.dt_w.data_ptr(), b.dt_b.data_ptr(), b.A.data_ptr(), b.D.data_ptr()]
+                 b.dt_w.data_ptr(), b.dt_b.data_ptr(), b.A.data_ptr(), b.D.data_ptr()]
                 for b in blocks]
         self._keep = blocks  # the table holds raw pointers: keep their tensors alive with it
         self.tab = torch.tensor(ptrs, dtype=torch.int64, device=dev)
