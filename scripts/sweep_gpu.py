@@ -4,7 +4,7 @@
                                                   step_parts prefill_sweep chunk_sweep scan_sweep prefill_kernels
                                                   read_ceiling conv_sweep prefill_gaps persistent_stages
                                                   persistent_knobs persistent_widths persistent_overhead
-                                                  persistent_programs]
+                                                  persistent_programs local_greedy]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -18,7 +18,8 @@ conv_sweep: the prefill conv alone, its kernels and configs; prefill_gaps: where
 persistent_stages: where the persistent step's time goes (each program's %globaltimer at its stages), against the
 four kernels; persistent_knobs: the persistent step's knobs (ring slot size, bytes in flight, consumer warps);
 persistent_widths: the persistent step against the four kernels at 790m's width; persistent_overhead: its
-fixed cost a step (4, 16, 64 blocks); persistent_programs: one program an SM (an uneven split) against 128.
+fixed cost a step (4, 16, 64 blocks); persistent_programs: one program an SM (an uneven split) against 128;
+local_greedy: a local session's greedy loop, the pick through step_logits against step_greedy.
 """
 import cProfile
 import io
@@ -475,6 +476,37 @@ def persistent_programs(layers=16, rounds=4):
             ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=10)
             print(f"round {r} {n:2d} blocks 2.8b b=1, {g} programs: {ms * 1e3 / n:.2f} us/block, {ms:.3f} ms a step",
                   flush=True)
+
+
+def local_greedy(tokens=64, rounds=3):
+    """A local session's decode loop (swarm generate --local --device cuda): one token a call, its id back on the
+    host each time, as LocalSession does. The pick through step_logits + torch.argmax (the logits leave the graph)
+    against step_greedy (the argmax inside the graph); whole models of random weights, interleaved rounds."""
+    from swarm.model import Head
+    for name in ("130m", "2.8b"):
+        cfg = MambaConfig.from_dict(MODELS[name])
+        tensors = wide_block_tensors(cfg, cfg.num_layers)
+        tensors["backbone.embeddings.weight"] = torch.randn(cfg.vocab_size, cfg.hidden_size, device=dev,
+                                                            dtype=torch.bfloat16) * 0.02
+        tensors["backbone.norm_f.weight"] = torch.ones(cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+        stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device=dev, pack=True)
+        head = Head.from_tensors(cfg, tensors, device=dev)
+        d = GraphDecoder(stack, max_slots=2, buckets=(1,), head=head)
+        slot = d.alloc_slot()
+        picks = {"step_logits + argmax": lambda t: int(torch.argmax(d.step_logits([slot], t)[0])),
+                 "step_greedy": lambda t: int(d.step_greedy([slot], t)[0, 0])}
+        for r in range(rounds):
+            for what, pick in picks.items():
+                tok = 1
+                for _ in range(4):
+                    tok = pick(torch.tensor([[tok]], dtype=torch.long))
+                t0 = time.perf_counter()
+                for _ in range(tokens):
+                    tok = pick(torch.tensor([[tok]], dtype=torch.long))
+                ms = (time.perf_counter() - t0) * 1e3 / tokens
+                print(f"round {r} {name} local greedy loop, {what:22s}: {ms:.3f} ms/token", flush=True)
+        del d, stack, head, tensors
+        torch.cuda.empty_cache()
 
 
 def persistent_widths(layers=16):
