@@ -123,6 +123,29 @@ def hf_decode_ms(model, batch: int, lengths: tuple[int, int]) -> float:
     return (long - short) * 1e3 / (lengths[1] - lengths[0])
 
 
+def local_greedy_ms(cfg: MambaConfig, stack: BlockStack, head: Head, dec: GraphDecoder, session=None,
+                    keep_logits: bool = False, lengths: tuple[int, int] = (8, 72), rounds: int = 3) -> float:
+    """A local session's greedy decode (`swarm generate --local`: LocalSession.generate, each token's id on the
+    host as it comes) in a slot of `dec`: ms a token from two generate() lengths, the median of `rounds`.
+    session: the session class (LocalSession); keep_logits: the logits to the host, picked there."""
+    from swarm.client.local import LocalModel, LocalSession
+    model = LocalModel.__new__(LocalModel)  # its parts, without a KNOT file
+    model.name, model.cfg, model.tokenizer = "bench", cfg, None
+    model.stack, model.head, model.decoder = stack, head, dec
+
+    def run(n: int) -> float:
+        with (session or LocalSession)(model) as s:
+            s.keep_logits = keep_logits
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            s.generate([1, 2, 3], n)
+            return time.perf_counter() - t0
+
+    run(lengths[0])  # warm-up
+    return statistics.median((run(lengths[1]) - run(lengths[0])) * 1e3 / (lengths[1] - lengths[0])
+                             for _ in range(rounds))
+
+
 def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
     hf_cfg, hf = hf_model(name)
     cfg = MambaConfig.from_dict(hf_cfg.to_dict())
@@ -185,6 +208,10 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
                      f"{hf_ms:.2f}", f"{floor_ms:.3f}"))
         for s in slots:
             dec.free_slot(s)
+        if batch == 1:  # what a user of `swarm generate --local` gets: host included, the next token queued ahead
+            ms = local_greedy_ms(cfg, stack, head, dec)
+            ROWS.append((name, "decode b=1, ms/token, local greedy generate (LocalSession)", f"{ms:.3f}", "",
+                         f"{floor_ms:.3f}"))
 
     slot = dec.alloc_slot()
     for t in (16, 200):  # short prompts: bound by launches unless graphed

@@ -19,7 +19,7 @@ persistent_stages: where the persistent step's time goes (each program's %global
 four kernels; persistent_knobs: the persistent step's knobs (ring slot size, bytes in flight, consumer warps);
 persistent_widths: the persistent step against the four kernels at 790m's width; persistent_overhead: its
 fixed cost a step (4, 16, 64 blocks); persistent_programs: one program an SM (an uneven split) against 128;
-local_greedy: a local session's greedy loop, the pick through step_logits against step_greedy.
+local_greedy: a local session's greedy decode, pipelined against waited for and against logits to the host.
 """
 import cProfile
 import io
@@ -478,11 +478,19 @@ def persistent_programs(layers=16, rounds=4):
                   flush=True)
 
 
-def local_greedy(tokens=64, rounds=3):
-    """A local session's decode loop (swarm generate --local --device cuda): one token a call, its id back on the
-    host each time, as LocalSession does. The pick through step_logits + torch.argmax (the logits leave the graph)
-    against step_greedy (the argmax inside the graph); whole models of random weights, interleaved rounds."""
+def local_greedy(rounds=3):
+    """A local session's greedy decode (swarm generate --local --device cuda), ms a token from two generate()
+    lengths: the token after each one queued before its value reaches the host (LocalSession), against each token
+    waited for before the next is queued (GenerationSession._take), and against the logits brought to the host
+    and picked there (keep_logits: step_logits, as before step_greedy); whole models of random weights."""
+    from bench_gpu import local_greedy_ms
+    from swarm.client.generation import GenerationSession
+    from swarm.client.local import LocalSession
     from swarm.model import Head
+
+    class Serial(LocalSession):
+        _take = GenerationSession._take
+
     for name in ("130m", "2.8b"):
         cfg = MambaConfig.from_dict(MODELS[name])
         tensors = wide_block_tensors(cfg, cfg.num_layers)
@@ -492,19 +500,12 @@ def local_greedy(tokens=64, rounds=3):
         stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device=dev, pack=True)
         head = Head.from_tensors(cfg, tensors, device=dev)
         d = GraphDecoder(stack, max_slots=2, buckets=(1,), head=head)
-        slot = d.alloc_slot()
-        picks = {"step_logits + argmax": lambda t: int(torch.argmax(d.step_logits([slot], t)[0])),
-                 "step_greedy": lambda t: int(d.step_greedy([slot], t)[0, 0])}
         for r in range(rounds):
-            for what, pick in picks.items():
-                tok = 1
-                for _ in range(4):
-                    tok = pick(torch.tensor([[tok]], dtype=torch.long))
-                t0 = time.perf_counter()
-                for _ in range(tokens):
-                    tok = pick(torch.tensor([[tok]], dtype=torch.long))
-                ms = (time.perf_counter() - t0) * 1e3 / tokens
-                print(f"round {r} {name} local greedy loop, {what:22s}: {ms:.3f} ms/token", flush=True)
+            for what, cls, keep in (("fed ahead (LocalSession)", LocalSession, False),
+                                    ("each token waited for", Serial, False),
+                                    ("logits to the host", LocalSession, True)):
+                ms = local_greedy_ms(cfg, stack, head, d, session=cls, keep_logits=keep, rounds=1)
+                print(f"round {r} {name} local greedy decode, {what:26s}: {ms:.3f} ms/token", flush=True)
         del d, stack, head, tensors
         torch.cuda.empty_cache()
 

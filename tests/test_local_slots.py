@@ -48,6 +48,15 @@ gc.collect()
 out["free_after_close"] = m.decoder.free_slots
 with m.session() as d:
     out["d"] = d.generate([22, 1, 14], 2)
+# a stop token after a token fed ahead: the next calls go on from what the blocks said after it, greedy or not
+with m.session() as e:
+    stop = int(sys.argv[2])
+    out["e"] = e.generate([3, 17, 5, 9], 6, stop_tokens=[stop])
+    e.keep_logits = True
+    out["e"] += e.generate(None, 2)
+    out["e_logits"] = len(e.last_logits)
+    e.keep_logits = False
+    out["e"] += e.generate(None, 2)
 print(json.dumps(out))
 """
 
@@ -55,14 +64,21 @@ print(json.dumps(out))
 def test_local_sessions_in_graph_slots_under_the_interpreter(hf_models):
     model, _, knot = hf_models["tied"]
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, knot], capture_output=True, text=True, timeout=300, env=env)
+    full = hf_greedy(model, [3, 17, 5, 9], 8)[0]
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, knot, str(full[1])], capture_output=True, text=True,
+                          timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["slots"] == [0, 1, None] and out["free_after_open"] == 0
-    assert out["a"] == hf_greedy(model, [3, 17, 5, 9], 6)[0]
+    assert out["a"] == full[:6]
+    stop_at = full.index(full[1]) + 1
+    assert out["e"] == full[:stop_at + 4] and out["e_logits"] == 2
     # a's and b's decode steps (2 + 2 + 3 tokens after their prefills) picked on the device; c has no slot
     assert out["greedy_calls"] == {"step_greedy": 7, "step_logits": 0}
-    assert out["kept_logits"] == 3 and out["calls"]["step_greedy"] == 7 and out["calls"]["step_logits"] == 4
+    # the logits to the host (kept) after a's greedy calls: a's whole history, then the new prompt
+    assert out["kept"] == hf_greedy(model, [3, 17, 5, 9] + out["a"] + [3, 17, 5, 9], 3)[0]
+    assert out["kept_logits"] == 3
+    assert out["calls"]["step_greedy"] == 7 and out["calls"]["step_logits"] == 4
     assert out["c"] == out["a"][:3]
     assert out["b"] == hf_greedy(model, [22, 1, 14], 3)[0]
     assert out["d"] == out["b"][:2]

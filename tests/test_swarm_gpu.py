@@ -104,4 +104,9 @@ def test_gpu_local_model_decodes_through_graphs(hf_models):
     with local.session() as s:  # greedy, no logits kept: the pick is inside the token graph (step_greedy)
         assert local.decoder._greedy_graphs
         assert s.generate(PROMPT, 10) == ref and not s.last_logits
+    with local.session() as s:  # a stop token fed ahead: the next call goes on from what came after it
+        k = ref.index(ref[3]) + 1
+        got = s.generate(PROMPT, 10, stop_tokens=[ref[3]])
+        assert got == ref[:k] and s._ahead is not None
+        assert got + s.generate(None, 10 - k) == ref
     assert local.decoder.free_slots == local.decoder.max_slots  # closing the sessions gave their slots back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -14,11 +15,22 @@ from swarm.model import Head
 PREFILL_CHUNK = 2048  # tokens per prefill call: bounds a peer's activation memory and a message's size
 
 
+@dataclass
+class Next:
+    """What the blocks said about the next position: its logits (vocab,) fp32, and where the session picked on the
+    device, their argmax there, (1, 1) int64 (logits may then be None: nothing asked for them)."""
+    logits: torch.Tensor | None
+    pick: torch.Tensor | None = None
+
+
 class GenerationSession:
-    """Keeps a sequence's history and the last sampled token (not yet fed through the blocks).
+    """Keeps a sequence's history and either the last sampled token (`pending`, not yet fed through the blocks) or,
+    where a greedy session fed it ahead of time, what the blocks said after it (`_ahead`).
 
     Subclasses implement `_forward(hidden)`: hidden (1, T, d_model) fp32 -> (1, T, d_model) fp32, advancing the
-    blocks' state by T tokens.
+    blocks' state by T tokens. A session that can pick greedy tokens on the device (LocalSession in a GraphDecoder
+    slot) also overrides `_next` (it returns the pick) and `_take` (it queues the next step before it waits for
+    the pick's value), so that a greedy decode keeps one token queued ahead of the host.
     """
 
     def __init__(self, head: Head, tokenizer: Tokenizer):
@@ -26,6 +38,7 @@ class GenerationSession:
         self.tokenizer = tokenizer
         self.history: list[int] = []  # every token fed or sampled, in order
         self.pending: list[int] = []  # sampled but not yet fed through the blocks
+        self._ahead: Next | None = None  # or: the whole history fed, and what the blocks said after it
         self.last_logits: list[torch.Tensor] = []  # logits of each sampling step of the last call (for tests)
         self.keep_logits = False
 
@@ -41,10 +54,15 @@ class GenerationSession:
         assert hidden is not None
         return self.head.logits(hidden[:, -1:])[0, -1]
 
-    def _feed_greedy(self, tok: int) -> int | None:
-        """Feed `tok` and return the argmax of the logits after it (Sampler's greedy pick), or None where only
-        `_feed` can (the caller then feeds it there). A local CUDA session picks on the device: no logits leave it."""
-        return None
+    def _next(self, ids: list[int], greedy: bool) -> Next:
+        """Feed `ids`; what the blocks say about the next position. `greedy`: only the argmax will be asked for."""
+        return Next(self._feed(ids))
+
+    def _take(self, pick: torch.Tensor, feed: bool) -> tuple[int, Next | None]:
+        """A device pick's value; `feed`: the pick is fed too (a local CUDA session queues that step before it waits
+        for the value, so that the device never waits for the host) -> what the blocks say after it."""
+        tok = int(pick.reshape(-1)[0])
+        return tok, (self._next([tok], True) if feed else None)
 
     def encode(self, prompt: str | list[int] | None) -> list[int]:
         if prompt is None:
@@ -66,7 +84,7 @@ class GenerationSession:
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, tuple(stop_tokens))
         sampler = Sampler(params)
         ids = self.pending + self.encode(prompt)
-        if not ids:
+        if not ids and self._ahead is None:
             raise SwarmError("nothing to generate from: give a prompt (the session is empty)")
         if max_new_tokens < 1:
             return
@@ -74,29 +92,28 @@ class GenerationSession:
         self.history.extend(ids[len(self.pending):])
         self.pending = []
         greedy = sampler.greedy and not self.keep_logits  # the pick needs no logits on the host
-
-        def feed(ids: list[int]) -> tuple[int | None, torch.Tensor | None]:
-            """-> (the next token where the session picked it, else None; the logits where it did not)"""
-            picked = self._feed_greedy(ids[0]) if greedy and len(ids) == 1 else None
-            return picked, (self._feed(ids) if picked is None else None)
-
-        picked, logits = feed(ids)
+        nxt = self._next(ids, greedy) if ids else self._ahead
+        self._ahead = None
         for i in range(max_new_tokens):
-            if picked is not None:
-                tok = picked
+            last = i == max_new_tokens - 1
+            if greedy and nxt.pick is not None:
+                # the token after this one is on its way before this one reaches the host, unless it is the last
+                tok, after = self._take(nxt.pick, feed=not last)
             else:
+                assert nxt.logits is not None
                 if self.keep_logits:
-                    self.last_logits.append(logits)
-                tok = sampler(logits, self.history)
+                    self.last_logits.append(nxt.logits)
+                tok, after = sampler(nxt.logits, self.history), None
             self.history.append(tok)
-            self.pending = [tok]
+            # fed ahead: a stop here (or the caller leaving) keeps what the blocks said after tok for the next call
+            self.pending, self._ahead = ([], after) if after is not None else ([tok], None)
             if on_token:
                 on_token(tok)
             yield tok
-            if tok in params.stop_tokens or i == max_new_tokens - 1:
+            if tok in params.stop_tokens or last:
                 return
-            self.pending = []
-            picked, logits = feed([tok])
+            self.pending, self._ahead = [], None
+            nxt = after if after is not None else self._next([tok], greedy)
 
     def generate(self, prompt: str | list[int] | None, max_new_tokens: int, **kw) -> list[int]:
         return list(self.stream(prompt, max_new_tokens, **kw))

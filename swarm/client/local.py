@@ -8,7 +8,7 @@ import weakref
 
 import torch
 
-from swarm.client.generation import GenerationSession
+from swarm.client.generation import GenerationSession, Next
 from swarm.client.tokenizer import Tokenizer
 from swarm.model import BlockStack, Head, MambaConfig
 
@@ -82,17 +82,36 @@ class LocalSession(GenerationSession):
             self.states = model.stack.new_states(1)
         else:
             self._release = weakref.finalize(self, self.decoder.free_slot, self.slot)
+            if self.decoder.device.type == "cuda":  # where a greedy pick's value lands, and when
+                self._host = torch.empty(1, 1, dtype=torch.long, pin_memory=True)
+                self._copied = torch.cuda.Event()
 
-    def _feed(self, ids: list[int]) -> torch.Tensor:
-        if self.slot is not None and len(ids) == 1:  # a decode step: embedding, blocks and head in one replay
-            return self.decoder.step_logits([self.slot], torch.tensor([ids], dtype=torch.long))[0]
-        return super()._feed(ids)
-
-    def _feed_greedy(self, tok: int) -> int | None:
+    def _next(self, ids: list[int], greedy: bool) -> Next:
         if self.slot is None:
-            return None
-        # embedding, blocks, head and the argmax in one replay: one int comes back, not the vocabulary's logits
-        return int(self.decoder.step_greedy([self.slot], torch.tensor([[tok]], dtype=torch.long))[0, 0])
+            return super()._next(ids, greedy)
+        if len(ids) > 1:  # a prefill; a greedy session's pick stays on the device, where the next step reads it
+            logits = self._feed(ids)
+            return Next(logits, logits.argmax().view(1, 1) if greedy else None)
+        t = torch.tensor([ids], dtype=torch.long)
+        if greedy:  # embedding, blocks, head and the argmax in one replay
+            return Next(None, self.decoder.step_greedy([self.slot], t))
+        return Next(self.decoder.step_logits([self.slot], t)[0])
+
+    def _take(self, pick: torch.Tensor, feed: bool) -> tuple[int, Next | None]:
+        if self.slot is None:
+            return super()._take(pick, feed)
+        cuda = pick.device.type == "cuda"
+        if cuda:  # the value's copy is queued before the next step, and waited for after it is queued
+            self._host.copy_(pick, non_blocking=True)
+            self._copied.record()
+        after = None
+        if feed:  # the logits too: a stop here keeps them for a next call that samples
+            picks, logits = self.decoder.step_greedy([self.slot], pick, logits=True)
+            after = Next(logits[0], picks)
+        if cuda:
+            self._copied.synchronize()
+            return int(self._host[0, 0]), after
+        return int(pick[0, 0]), after
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.slot is None:

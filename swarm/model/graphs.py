@@ -167,6 +167,7 @@ class GraphDecoder:
         self._logits: dict[int, torch.Tensor] = {}  # a token graph's output, (Bk, vocab) fp32
         self._token_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._next: dict[int, torch.Tensor] = {}  # a greedy graph's output, (Bk, 1) int64
+        self._next_logits: dict[int, torch.Tensor] = {}  # the logits it picked from, (Bk, vocab) fp32
         self._greedy_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._len = torch.zeros(1, dtype=torch.int32, device=self.device)  # a prefill piece's real length
         self._prefill_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -346,14 +347,21 @@ class GraphDecoder:
         return self._token(bk)[:bsz]
 
     @torch.no_grad()
-    def step_greedy(self, slots: list[int], ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, 1) int64 for sessions `slots` -> the next tokens (B, 1) int64 on the device, each its logits'
-        argmax (step_logits(...).argmax(-1, keepdim=True)); their states advance. The pick is inside the replay."""
+    def step_greedy(self, slots: list[int], ids: torch.Tensor,
+                    logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, 1) int64 for sessions `slots` (on the device too: a previous pick) -> the next tokens (B, 1)
+        int64 on the device, each its logits' argmax (step_logits(...).argmax(-1, keepdim=True)); their states
+        advance. The pick is inside the replay; `logits`: also the logits (B, vocab) fp32 it picked from."""
         bsz, bk = self._token_input("step_greedy", slots, ids)
         if self._greedy_graphs:
             self._greedy_graphs[bk].replay()
-            return self._next[bk][:bsz].clone()
-        return self._d.argmax_rows(self._token(bk))[:bsz]
+            picks, out = self._next[bk], self._next_logits[bk]
+        else:
+            out = self._token(bk)
+            picks = self._d.argmax_rows(out)
+        if logits:
+            return picks[:bsz].clone(), out[:bsz].clone()
+        return picks[:bsz].clone()
 
     def _token_input(self, what: str, slots: list[int], ids: torch.Tensor) -> tuple[int, int]:
         """Check a token step's sessions and ids and copy the ids into their bucket's buffer -> (B, bucket)."""
@@ -482,6 +490,7 @@ class GraphDecoder:
                 self._token_graphs[bk] = g
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
-                    self._next[bk] = self._d.argmax_rows(self._token(bk))
+                    self._next_logits[bk] = self._token(bk)
+                    self._next[bk] = self._d.argmax_rows(self._next_logits[bk])
                 self._greedy_graphs[bk] = g
         torch.cuda.synchronize(self.device)
