@@ -4,7 +4,7 @@
                                                   step_parts prefill_sweep chunk_sweep scan_sweep prefill_kernels
                                                   read_ceiling conv_sweep prefill_gaps persistent_stages
                                                   persistent_knobs persistent_widths persistent_overhead
-                                                  persistent_programs local_greedy]
+                                                  persistent_programs local_greedy persistent_small]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -19,7 +19,8 @@ persistent_stages: where the persistent step's time goes (each program's %global
 four kernels; persistent_knobs: the persistent step's knobs (ring slot size, bytes in flight, consumer warps);
 persistent_widths: the persistent step against the four kernels at 790m's width; persistent_overhead: its
 fixed cost a step (4, 16, 64 blocks); persistent_programs: one program an SM (an uneven split) against 128;
-local_greedy: a local session's greedy decode, pipelined against waited for and against logits to the host.
+local_greedy: a local session's greedy decode, pipelined against waited for and against logits to the host;
+persistent_small: the persistent step against the four kernels on whole 130m and 790m-width stacks.
 """
 import cProfile
 import io
@@ -508,6 +509,29 @@ def local_greedy(rounds=3):
                 print(f"round {r} {name} local greedy decode, {what:26s}: {ms:.3f} ms/token", flush=True)
         del d, stack, head, tensors
         torch.cuda.empty_cache()
+
+
+def persistent_small(rounds=3):
+    """The b=1 graphed step of whole 130m and 790m-width stacks (24 and 48 blocks): four kernels a block against the
+    persistent kernel, which fits 130m's width since its plan takes uneven channel splits; interleaved rounds."""
+    from swarm.kernels import gluon_step
+    for name, width, layers in (("130m", 768, 24), ("790m", 1536, 48)):
+        cfg = MambaConfig.from_dict(dict(MODELS["130m"], hidden_size=width, num_hidden_layers=layers))
+        stack = BlockStack.from_tensors(cfg, 0, layers, wide_block_tensors(cfg, layers), device=dev, pack=True)
+        h = torch.randn(1, 1, cfg.hidden_size, device=dev)
+        decs = {}
+        for step in ("kernels", "persistent"):
+            d = GraphDecoder(stack, max_slots=2, buckets=(1,), step=step)
+            decs[step] = (d, [d.alloc_slot()])
+        print(f"{name}: {decs['persistent'][0]._persistent.plan}", flush=True)
+        a, b = (d.step(sl, h) for d, sl in decs.values())
+        print(f"{name}: outputs differ by {(a - b).abs().max().item():.2e} (scale {a.abs().max().item():.2e})")
+        for r in range(rounds):
+            for step, (d, sl) in decs.items():
+                ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=20)
+                print(f"round {r} {name} {layers} blocks b=1 {step:10s} {ms * 1e3:.1f} us a step, "
+                      f"{ms * 1e3 / layers:.2f} us a block", flush=True)
+        del decs, stack
 
 
 def persistent_widths(layers=16):

@@ -24,8 +24,9 @@ from swarm.model.stack import PREFILL_CHUNK, BlockStack, Head
 
 SSM_STATE_EARLY = True  # ssm_decode reads the slot's state before its PDL wait (see _ssm)
 # step="auto" runs the batch-1 step as one persistent kernel (gluon_step) from this width on: measured faster at
-# 2.8b's (H100: 34.0-34.5 us a block against 40.0-40.6); narrower models keep the four-kernel step (at 790m's width
-# the two tie, 20.0-21.0 against 19.8-20.6 us; 130m, 370m and 1.4b do not fit the kernel's plan)
+# 2.8b's (H100: 34.0-34.5 us a block against 40.0-40.6); narrower models keep the four-kernel step, which is faster
+# there (whole stacks: 790m's width 20.8 against 19.3 us a block, 130m's 10.6 against 9.7, sweep_gpu.py
+# persistent_small; 370m and 1.4b do not fit the kernel's plan)
 PERSISTENT_MIN_D_MODEL = 2560
 PREFILL_MIN_BUCKET = 16  # the smallest padded prefill piece (buckets 16, 32, ... prefill_chunk tokens)
 # GraphDecoder's automatic prefill pieces (auto_prefill_chunk): PREFILL_CHUNK_MAX tokens where a piece's activations
