@@ -482,15 +482,20 @@ def persistent_programs(layers=16, rounds=4):
 def local_greedy(rounds=3):
     """A local session's greedy decode (swarm generate --local --device cuda), ms a token from two generate()
     lengths: the token after each one queued before its value reaches the host (LocalSession), against each token
-    waited for before the next is queued (GenerationSession._take), and against the logits brought to the host
+    waited for before the next is queued, and against the logits brought to the host
     and picked there (keep_logits: step_logits, as before step_greedy); whole models of random weights."""
     from bench_gpu import local_greedy_ms
-    from swarm.client.generation import GenerationSession
+    from swarm.client.generation import Next
     from swarm.client.local import LocalSession
     from swarm.model import Head
 
     class Serial(LocalSession):
-        _take = GenerationSession._take
+        def _take(self, pick, feed):  # the pick's value first, then the step that feeds it
+            tok = int(pick[0, 0])
+            if not feed:
+                return tok, None
+            picks, logits = self.decoder.step_greedy([self.slot], torch.tensor([[tok]]), logits=True)
+            return tok, Next(logits[0], picks)
 
     for name in ("130m", "2.8b"):
         cfg = MambaConfig.from_dict(MODELS[name])

@@ -60,9 +60,10 @@ class GenerationSession:
 
     def _take(self, pick: torch.Tensor, feed: bool) -> tuple[int, Next | None]:
         """A device pick's value; `feed`: the pick is fed too (a local CUDA session queues that step before it waits
-        for the value, so that the device never waits for the host) -> what the blocks say after it."""
+        for the value, so that the device never waits for the host) -> what the blocks say after it, logits
+        included: a stop there keeps it for a next call, which may sample."""
         tok = int(pick.reshape(-1)[0])
-        return tok, (self._next([tok], True) if feed else None)
+        return tok, (self._next([tok], False) if feed else None)
 
     def encode(self, prompt: str | list[int] | None) -> list[int]:
         if prompt is None:
