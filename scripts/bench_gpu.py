@@ -29,6 +29,10 @@ MODELS = {  # HF config fields of the two published sizes
     "2.8b": dict(vocab_size=50280, hidden_size=2560, num_hidden_layers=64, state_size=16, conv_kernel=4, expand=2),
 }
 HF_DECODE_TOKENS = {"130m": (4, 36), "2.8b": (2, 6)}  # transformers is slow: time the difference of two lengths
+# decode steps timed back to back per CUDA-event window: the window's first launch, from an idle GPU, costs ~0.15 ms
+# (2.8b token graph, H100: windows of 5 / 20 / 50 tokens 2.206-2.210 / 2.187-2.188 / 2.178-2.179 ms a token,
+# sweep_gpu.py token_window); 2.8b took windows of 5 until 2026-11-24
+TOKEN_WINDOW = 20
 ROWS: list[tuple[str, str, str, str, str]] = []
 
 
@@ -174,7 +178,7 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
         for batch in ((1, 8) if kw["gemv_batch"] == 1 and kw["xproj"] != "fused" else (1,)):
             slots = [dec.alloc_slot() for _ in range(batch)]
             h1 = torch.randn(batch, 1, cfg.hidden_size, device="cuda")
-            ms = cuda_ms(lambda: dec.step(slots, h1), iters=20, inner=20 if name == "130m" else 5)
+            ms = cuda_ms(lambda: dec.step(slots, h1), iters=20, inner=TOKEN_WINDOW)
             ROWS.append((name, f"decode b={batch}, ms/step, blocks: {kind}", f"{ms:.3f}", "", f"{floor_stack_ms:.3f}"))
             if batch == 1 and ms < best[0]:
                 best = ms, kw
@@ -200,9 +204,9 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
             nonlocal ids
             ids = dec.step_greedy(slots, ids)
 
-        py_ms = cuda_ms(token, iters=20, inner=20 if name == "130m" else 5)
+        py_ms = cuda_ms(token, iters=20, inner=TOKEN_WINDOW)
         ROWS.append((name, f"decode b={batch}, ms/token, + head from Python", f"{py_ms:.3f}", "", ""))
-        tok_ms = cuda_ms(token_graph, iters=20, inner=20 if name == "130m" else 5)
+        tok_ms = cuda_ms(token_graph, iters=20, inner=TOKEN_WINDOW)
         hf_ms = hf_decode_ms(hf, batch, HF_DECODE_TOKENS[name])
         ROWS.append((name, f"decode b={batch}, ms/token, + head and greedy pick (one graph)", f"{tok_ms:.3f}",
                      f"{hf_ms:.2f}", f"{floor_ms:.3f}"))

@@ -4,7 +4,8 @@
                                                   step_parts prefill_sweep chunk_sweep scan_sweep prefill_kernels
                                                   read_ceiling conv_sweep prefill_gaps persistent_stages
                                                   persistent_knobs persistent_widths persistent_overhead
-                                                  persistent_programs local_greedy persistent_small]
+                                                  persistent_programs local_greedy persistent_small
+                                                  token_window]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -20,7 +21,8 @@ four kernels; persistent_knobs: the persistent step's knobs (ring slot size, byt
 persistent_widths: the persistent step against the four kernels at 790m's width; persistent_overhead: its
 fixed cost a step (4, 16, 64 blocks); persistent_programs: one program an SM (an uneven split) against 128;
 local_greedy: a local session's greedy decode, pipelined against waited for and against logits to the host;
-persistent_small: the persistent step against the four kernels on whole 130m and 790m-width stacks.
+persistent_small: the persistent step against the four kernels on whole 130m and 790m-width stacks;
+token_window: bench_gpu's token row for windows of 5, 20 and 50 back-to-back tokens.
 """
 import cProfile
 import io
@@ -514,6 +516,31 @@ def local_greedy(rounds=3):
                 print(f"round {r} {name} local greedy decode, {what:26s}: {ms:.3f} ms/token", flush=True)
         del d, stack, head, tensors
         torch.cuda.empty_cache()
+
+
+def token_window(rounds=3):
+    """bench_gpu's token row (step_greedy back to back, each pick the next input, CUDA events around `inner` tokens)
+    for windows of 5, 20 and 50 tokens, whole 2.8b model of random weights, interleaved rounds: what a window's
+    first launch adds to a token."""
+    from swarm.model import Head
+    cfg = MambaConfig.from_dict(MODELS["2.8b"])
+    tensors = wide_block_tensors(cfg, cfg.num_layers)
+    tensors["backbone.embeddings.weight"] = torch.randn(cfg.vocab_size, cfg.hidden_size, device=dev,
+                                                        dtype=torch.bfloat16) * 0.02
+    tensors["backbone.norm_f.weight"] = torch.ones(cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+    stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device=dev, pack=True)
+    d = GraphDecoder(stack, max_slots=2, buckets=(1,), head=Head.from_tensors(cfg, tensors, device=dev))
+    slot = d.alloc_slot()
+    ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
+
+    def token():
+        nonlocal ids
+        ids = d.step_greedy([slot], ids)
+
+    for r in range(rounds):
+        for inner in (5, 20, 50):
+            ms = cuda_ms(token, iters=10, inner=inner)
+            print(f"round {r} 2.8b token graph, windows of {inner:2d} tokens: {ms:.3f} ms/token", flush=True)
 
 
 def persistent_small(rounds=3):
