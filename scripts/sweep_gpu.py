@@ -5,7 +5,7 @@
                                                   read_ceiling conv_sweep prefill_gaps persistent_stages
                                                   persistent_knobs persistent_widths persistent_overhead
                                                   persistent_programs local_greedy persistent_small
-                                                  token_window]
+                                                  token_window prefill_pdl]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -22,7 +22,8 @@ persistent_widths: the persistent step against the four kernels at 790m's width;
 fixed cost a step (4, 16, 64 blocks); persistent_programs: one program an SM (an uneven split) against 128;
 local_greedy: a local session's greedy decode, pipelined against waited for and against logits to the host;
 persistent_small: the persistent step against the four kernels on whole 130m and 790m-width stacks;
-token_window: bench_gpu's token row for windows of 5, 20 and 50 back-to-back tokens.
+token_window: bench_gpu's token row for windows of 5, 20 and 50 back-to-back tokens; prefill_pdl: a 2048-token
+prefill with the prefill's own kernels launched with PDL and without.
 """
 import cProfile
 import io
@@ -516,6 +517,31 @@ def local_greedy(rounds=3):
                 print(f"round {r} {name} local greedy decode, {what:26s}: {ms:.3f} ms/token", flush=True)
         del d, stack, head, tensors
         torch.cuda.empty_cache()
+
+
+def prefill_pdl(rounds=4):
+    """A 2048-token prefill through whole 130m and 2.8b models (graphs), the prefill's own kernels launched with PDL
+    against without (triton_scan.PREFILL_PDL, read at capture: one decoder each), interleaved rounds."""
+    for name in ("130m", "2.8b"):
+        cfg = MambaConfig.from_dict(MODELS[name])
+        stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, wide_block_tensors(cfg, cfg.num_layers), device=dev,
+                                        pack=True)
+        hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
+        decs = {}
+        for pdl in (False, True):
+            ts.PREFILL_PDL = pdl
+            d = GraphDecoder(stack, max_slots=2, buckets=(1,))
+            slot = d.alloc_slot()
+            d.prefill(slot, hidden)  # captures with this setting
+            decs[pdl] = (d, slot)
+        ts.PREFILL_PDL = None
+        outs = [d.prefill(s, hidden) for d, s in decs.values()]
+        print(f"{name}: outputs differ by {(outs[0] - outs[1]).abs().max().item():.2e}", flush=True)
+        for r in range(rounds):
+            for pdl, (d, s) in decs.items():
+                ms = cuda_ms(lambda: d.prefill(s, hidden), iters=5, warmup=2)
+                print(f"round {r} {name} prefill 2048, PDL {'on ' if pdl else 'off'}: {ms:.2f} ms", flush=True)
+        del decs, stack
 
 
 def token_window(rounds=3):

@@ -18,16 +18,13 @@ rounds (weight-dtype outputs of each matmul and norm), so the two agree to the d
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
 from swarm.kernels.triton_ops import _conv_tap, _slot
-from swarm.kernels.triton_scan import _load_a_d, _ssm_state_update
+from swarm.kernels.triton_scan import _grid_wait, _load_a_d, _ssm_state_update, pdl_available
 
 # (BLOCK_N, num_warps) of the GEMVs; scripts/bench_gpu.py measures the alternatives
 GEMV_IN_CONFIG: tuple[int, int] = (4, 4)
@@ -52,14 +49,7 @@ PDL_EARLY: frozenset[str] = frozenset({"norm_gemv", "gemv", "ssm_decode", "gemv_
 def _pdl(device: torch.device) -> bool:
     if PDL is not None:
         return PDL and device.type == "cuda"
-    if device.type != "cuda":
-        return False
-    return _sm_major(torch.cuda.current_device() if device.index is None else device.index) >= 9
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+    return pdl_available(device)
 
 
 def _launch(kernel, grid, *args, pdl: bool, name: str, **kw) -> None:
@@ -78,17 +68,6 @@ def _pieces(k: int) -> tuple[int, int, int]:
     p1 = 1 << ((k - p0).bit_length() - 1) if k > p0 else 0
     rest = k - p0 - p1
     return p0, p1, triton.next_power_of_2(rest) if rest else 0
-
-
-@triton.jit
-def _grid_wait(PDL: tl.constexpr):
-    # everything above this reads only weights; below it the predecessor's outputs are complete and visible
-    if PDL == 2:
-        gdc_launch_dependents()
-    if PDL > 0:
-        gdc_wait()
-    if PDL == 1:
-        gdc_launch_dependents()  # the successor may now launch and stream its own weights
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from swarm.kernels import Backend
-from swarm.kernels.triton_scan import _cols8, _silu, selective_scan
+from swarm.kernels.triton_scan import _cols8, _grid_wait, _silu, pdl_kw, prefill_pdl, selective_scan
 
 # The prefill conv: (BLOCK_T, BLOCK_I, num_warps) for the tile kernel, or ("seq", BLOCK_I, SEG, num_warps, stages)
 # for the token-loop kernel (d_conv <= 4; wider convs take CONV_TILE). Both give the same bits. At 2.8b's width, 2048
@@ -30,7 +30,8 @@ CONV_OFF64_FROM: int = 2 ** 31  # the offsets from which the conv kernels comput
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, r_ptr, D, sx, sd, sy, sr, eps,
-                     HAS_DELTA: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HAS_DELTA: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = 0):
+    _grid_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_D)
     m = c < D
@@ -56,7 +57,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x2 = _rows(x)
     y = torch.empty(x2.shape, dtype=weight.dtype, device=x.device)
     _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, y, y, x2.shape[1], x2.stride(0), 0, y.stride(0), 0, eps,
-                                     HAS_DELTA=False, BLOCK_D=triton.next_power_of_2(x2.shape[1]))
+                                     HAS_DELTA=False, BLOCK_D=triton.next_power_of_2(x2.shape[1]),
+                                     **pdl_kw(prefill_pdl(x.device)))
     return y.view(x.shape)
 
 
@@ -71,7 +73,8 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     r_out = torch.empty(r2.shape, dtype=torch.float32, device=residual.device)
     _rms_norm_kernel[(r2.shape[0],)](r2, d2, weight, y, r_out, r2.shape[1], r2.stride(0), d2.stride(0), y.stride(0),
                                      r_out.stride(0), eps, HAS_DELTA=True,
-                                     BLOCK_D=triton.next_power_of_2(r2.shape[1]))
+                                     BLOCK_D=triton.next_power_of_2(r2.shape[1]),
+                                     **pdl_kw(prefill_pdl(residual.device)))
     return y.view(residual.shape), r_out.view(residual.shape)
 
 
@@ -173,10 +176,12 @@ def _conv4(a, b, c, d, w0, w1, w2, w3):
 def _conv_seq_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, len_ptr, T, I, SEG,
                      sx_b, sx_i, sx_t, ss_b, ss_i, ss_k, sw_i, sw_k, sy_b, sy_i, sy_t,
                      K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
-                     BLOCK_I: tl.constexpr, STAGES: tl.constexpr, OFF64: tl.constexpr = False):
+                     BLOCK_I: tl.constexpr, STAGES: tl.constexpr, OFF64: tl.constexpr = False,
+                     PDL: tl.constexpr = 0):
     # A run of SEG tokens for BLOCK_I channels, 8 tokens a loop turn, each thread's 8 tokens of a channel in its
     # own registers (_cols8): every input is loaded and converted once (the tile kernel loads each K times, once a
     # tap), and a turn's last 3 inputs carry into the next. K <= 4 (taps padded to 4 in front).
+    _grid_wait(PDL)
     i = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I))[:, None]  # (BI, 1)
     seg = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -286,7 +291,8 @@ def causal_conv1d(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tenso
         _, block_i, seg, warps, stages = CONV_CONFIG
         seg = max(8, min(seg, triton.cdiv(t, 8) * 8))
         grid = (triton.cdiv(dim, block_i), triton.cdiv(t, seg), bsz)
-        _conv_seq_kernel[grid](*args, seg, *strides, **kw, BLOCK_I=block_i, STAGES=stages, num_warps=warps)
+        _conv_seq_kernel[grid](*args, seg, *strides, **kw, BLOCK_I=block_i, STAGES=stages, num_warps=warps,
+                               **pdl_kw(prefill_pdl(x.device)))
         return y
     block_t, block_i, warps = CONV_CONFIG if CONV_CONFIG[0] != "seq" else CONV_TILE
     assert block_t >= k - 1  # only the first tile in time reaches into the state

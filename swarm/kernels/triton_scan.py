@@ -12,6 +12,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # The prefill scan's kernel and tiles: ("seq", BLOCK_I, num_warps[, segments[, stages[, maxnreg]]]) or ("chunk",
 # BLOCK_T, BLOCK_I, num_warps); "seq" without a segment count (or with 0) takes _segments(); a fifth entry pipelines the
@@ -42,6 +43,10 @@ SCAN_OFF64_FROM: int = 2 ** 31  # the offsets from which the scan's token loop c
 # A kernel with the state transposed (a thread owning whole channels: half the instructions a state element) was
 # slower in context, 9.66-11.9 ms, at 8-12 warps an SM (git 766de96 has it)
 SCAN_POLY: bool = True
+# Programmatic dependent launch of the prefill's own kernels (RMSNorm, conv, both scan passes): each is launched
+# while its predecessor drains and waits for it (gdc_wait) before its first load, so that the launch gap between
+# two graph nodes goes where one of ours follows (cuBLAS's GEMMs launch plainly). None: where the GPU has it.
+PREFILL_PDL: bool | None = None
 
 
 # ---------------------------------------------------------------- softplus and gate
@@ -173,7 +178,7 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
                      sb_b, sb_t, sb_n, sc_b, sc_t, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, sy_t,
                      MODE: tl.constexpr, HAS_LEN: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
                      STAGES: tl.constexpr = 1, POLY: tl.constexpr = False, FAST: tl.constexpr = False,
-                     OFF64: tl.constexpr = True):
+                     OFF64: tl.constexpr = True, PDL: tl.constexpr = 0):
     # Token by token over a (BLOCK_I, BLOCK_N) state in registers, 8 tokens a loop turn. The per-channel maths
     # (softplus, the gate, the D skip) runs on (BLOCK_I, 8) tiles, once per element, not once per state lane;
     # per token only exp2, two FMAs and the C . h reduction remain. Operands are shaped (BLOCK_I, 1) or
@@ -188,6 +193,7 @@ def _scan_seq_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_pt
     # place (no copy launch after the pass). MODE 0 is the whole sequence in one segment, from h to h. HAS_LEN:
     # only the first len_ptr[0] tokens are real; the others are skipped (y left unwritten there), so segments past
     # them leave the state as it is.
+    _grid_wait(PDL)
     if HAS_LEN:
         T = tl.load(len_ptr).to(tl.int32)
     i = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I))[:, None]  # (BI, 1)
@@ -312,6 +318,42 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_available(device: torch.device) -> bool:
+    """Programmatic dependent launch: a CUDA device of compute capability 9 or more (Hopper on)."""
+    if device.type != "cuda":
+        return False
+    return _sm_major(torch.cuda.current_device() if device.index is None else device.index) >= 9
+
+
+def prefill_pdl(device: torch.device) -> bool:
+    """Whether the prefill's kernels (RMSNorm, conv, scan) launch with PDL on `device` (PREFILL_PDL, or where
+    the GPU has it)."""
+    if PREFILL_PDL is not None:
+        return PREFILL_PDL and device.type == "cuda"
+    return pdl_available(device)
+
+
+def pdl_kw(pdl: bool) -> dict:
+    """A launch's keywords for PDL 1 (wait, then let the successor launch) or 0 (a plain launch)."""
+    return {"PDL": 1, "launch_pdl": True} if pdl else {"PDL": 0}
+
+
+@triton.jit
+def _grid_wait(PDL: tl.constexpr):
+    # everything above this reads only weights; below it the predecessor's outputs are complete and visible
+    if PDL == 2:
+        gdc_launch_dependents()
+    if PDL > 0:
+        gdc_wait()
+    if PDL == 1:
+        gdc_launch_dependents()  # the successor may now launch (and wait for this one at its own _grid_wait)
+
+
 def _segments(t: int, programs: int, warps: int, device: torch.device) -> tuple[int, int | None]:
     """Time segments of the "seq" scan (a config's 0) and its register cap (None: none).
 
@@ -364,7 +406,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
         off64 = t * max(abs(x) for x in (u.stride(2), delta.stride(2), z.stride(2), Bm.stride(1), Cm.stride(1),
                                          y.stride(2))) >= SCAN_OFF64_FROM
         kw = dict(HAS_LEN=length is not None, STAGES=stages, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst),
-                  POLY=SCAN_POLY, FAST=u.is_cuda, OFF64=off64, num_warps=warps)  # the interpreter: no rcp.approx
+                  POLY=SCAN_POLY, FAST=u.is_cuda, OFF64=off64, num_warps=warps,  # the interpreter: no rcp.approx
+                  **pdl_kw(prefill_pdl(u.device)))
         if cap and u.is_cuda:
             kw["maxnreg"] = cap
         n_ptr = D if length is None else length
