@@ -18,7 +18,6 @@ rounds (weight-dtype outputs of each matmul and norm), so the two agree to the d
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
