@@ -142,6 +142,18 @@ def ssm_decode_sweep():
         print(f"ssm_decode 2.8b b={b} us: " + "; ".join(out))
 
 
+def _whole_model(name):
+    """A whole model of random bf16 weights on the GPU: (config, its blocks' stack, its head)."""
+    from swarm.model import Head
+    cfg = MambaConfig.from_dict(MODELS[name])
+    tensors = wide_block_tensors(cfg, cfg.num_layers)
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    tensors["backbone.embeddings.weight"] = torch.randn(cfg.vocab_size, cfg.hidden_size, **bf) * 0.02
+    tensors["backbone.norm_f.weight"] = torch.ones(cfg.hidden_size, **bf)
+    stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device=dev, pack=True)
+    return cfg, stack, Head.from_tensors(cfg, tensors, device=dev)
+
+
 def _wide_stack(layers, model="2.8b"):
     cfg = MambaConfig.from_dict(dict(MODELS[model], num_hidden_layers=layers))
     return cfg, BlockStack.from_tensors(cfg, 0, layers, wide_block_tensors(cfg, layers), device=dev,
@@ -490,7 +502,6 @@ def local_greedy(rounds=3):
     from bench_gpu import local_greedy_ms
     from swarm.client.generation import Next
     from swarm.client.local import LocalSession
-    from swarm.model import Head
 
     class Serial(LocalSession):
         def _take(self, pick, feed):  # the pick's value first, then the step that feeds it
@@ -501,13 +512,7 @@ def local_greedy(rounds=3):
             return tok, Next(logits[0], picks)
 
     for name in ("130m", "2.8b"):
-        cfg = MambaConfig.from_dict(MODELS[name])
-        tensors = wide_block_tensors(cfg, cfg.num_layers)
-        tensors["backbone.embeddings.weight"] = torch.randn(cfg.vocab_size, cfg.hidden_size, device=dev,
-                                                            dtype=torch.bfloat16) * 0.02
-        tensors["backbone.norm_f.weight"] = torch.ones(cfg.hidden_size, device=dev, dtype=torch.bfloat16)
-        stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device=dev, pack=True)
-        head = Head.from_tensors(cfg, tensors, device=dev)
+        cfg, stack, head = _whole_model(name)
         d = GraphDecoder(stack, max_slots=2, buckets=(1,), head=head)
         for r in range(rounds):
             for what, cls, keep in (("fed ahead (LocalSession)", LocalSession, False),
@@ -515,7 +520,7 @@ def local_greedy(rounds=3):
                                     ("logits to the host", LocalSession, True)):
                 ms = local_greedy_ms(cfg, stack, head, d, session=cls, keep_logits=keep, rounds=1)
                 print(f"round {r} {name} local greedy decode, {what:26s}: {ms:.3f} ms/token", flush=True)
-        del d, stack, head, tensors
+        del d, stack, head
         torch.cuda.empty_cache()
 
 
@@ -523,9 +528,7 @@ def prefill_pdl(rounds=4):
     """A 2048-token prefill through whole 130m and 2.8b models (graphs), the prefill's own kernels launched with PDL
     against without (triton_scan.PREFILL_PDL, read at capture: one decoder each), interleaved rounds."""
     for name in ("130m", "2.8b"):
-        cfg = MambaConfig.from_dict(MODELS[name])
-        stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, wide_block_tensors(cfg, cfg.num_layers), device=dev,
-                                        pack=True)
+        cfg, stack = _wide_stack(MODELS[name]["num_hidden_layers"], name)
         hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
         decs = {}
         for pdl in (False, True):
@@ -548,14 +551,8 @@ def token_window(rounds=3):
     """bench_gpu's token row (step_greedy back to back, each pick the next input, CUDA events around `inner` tokens)
     for windows of 5, 20 and 50 tokens, whole 2.8b model of random weights, interleaved rounds: what a window's
     first launch adds to a token."""
-    from swarm.model import Head
-    cfg = MambaConfig.from_dict(MODELS["2.8b"])
-    tensors = wide_block_tensors(cfg, cfg.num_layers)
-    tensors["backbone.embeddings.weight"] = torch.randn(cfg.vocab_size, cfg.hidden_size, device=dev,
-                                                        dtype=torch.bfloat16) * 0.02
-    tensors["backbone.norm_f.weight"] = torch.ones(cfg.hidden_size, device=dev, dtype=torch.bfloat16)
-    stack = BlockStack.from_tensors(cfg, 0, cfg.num_layers, tensors, device=dev, pack=True)
-    d = GraphDecoder(stack, max_slots=2, buckets=(1,), head=Head.from_tensors(cfg, tensors, device=dev))
+    _, stack, head = _whole_model("2.8b")
+    d = GraphDecoder(stack, max_slots=2, buckets=(1,), head=head)
     slot = d.alloc_slot()
     ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
 
@@ -569,43 +566,38 @@ def token_window(rounds=3):
             print(f"round {r} 2.8b token graph, windows of {inner:2d} tokens: {ms:.3f} ms/token", flush=True)
 
 
-def persistent_small(rounds=3):
-    """The b=1 graphed step of whole 130m and 790m-width stacks (24 and 48 blocks): four kernels a block against the
-    persistent kernel, which fits 130m's width since its plan takes uneven channel splits; interleaved rounds."""
-    from swarm.kernels import gluon_step
-    for name, width, layers in (("130m", 768, 24), ("790m", 1536, 48)):
-        cfg = MambaConfig.from_dict(dict(MODELS["130m"], hidden_size=width, num_hidden_layers=layers))
-        stack = BlockStack.from_tensors(cfg, 0, layers, wide_block_tensors(cfg, layers), device=dev, pack=True)
-        h = torch.randn(1, 1, cfg.hidden_size, device=dev)
-        decs = {}
-        for step in ("kernels", "persistent"):
-            d = GraphDecoder(stack, max_slots=2, buckets=(1,), step=step)
-            decs[step] = (d, [d.alloc_slot()])
-        print(f"{name}: {decs['persistent'][0]._persistent.plan}", flush=True)
-        a, b = (d.step(sl, h) for d, sl in decs.values())
-        print(f"{name}: outputs differ by {(a - b).abs().max().item():.2e} (scale {a.abs().max().item():.2e})")
-        for r in range(rounds):
-            for step, (d, sl) in decs.items():
-                ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=20)
-                print(f"round {r} {name} {layers} blocks b=1 {step:10s} {ms * 1e3:.1f} us a step, "
-                      f"{ms * 1e3 / layers:.2f} us a block", flush=True)
-        del decs, stack
-
-
-def persistent_widths(layers=16):
-    """The b=1 graphed step, four kernels a block against the persistent one, at 790m's width (d_model 1536, the
-    other width below 2.8b's that the persistent kernel's plan fits), interleaved rounds."""
-    cfg = MambaConfig.from_dict(dict(MODELS["2.8b"], hidden_size=1536, num_hidden_layers=layers))
+def _kernels_against_persistent(label, cfg, layers, rounds, inner):
+    """The b=1 graphed step of a stack of `layers` random blocks of `cfg`: four kernels a block against the
+    persistent kernel, interleaved rounds."""
     stack = BlockStack.from_tensors(cfg, 0, layers, wide_block_tensors(cfg, layers), device=dev, pack=True)
     h = torch.randn(1, 1, cfg.hidden_size, device=dev)
     decs = {}
     for step in ("kernels", "persistent"):
         d = GraphDecoder(stack, max_slots=2, buckets=(1,), step=step)
         decs[step] = (d, [d.alloc_slot()])
-    for r in range(3):
-        for name, (d, sl) in decs.items():
-            ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=10)
-            print(f"round {r} step 16 blocks d_model 1536 b=1 {name:10s} {ms * 1e3 / layers:.1f} us/block", flush=True)
+    print(f"{label}: {decs['persistent'][0]._persistent.plan}", flush=True)
+    a, b = (d.step(sl, h) for d, sl in decs.values())
+    print(f"{label}: outputs differ by {(a - b).abs().max().item():.2e} (scale {a.abs().max().item():.2e})")
+    for r in range(rounds):
+        for step, (d, sl) in decs.items():
+            ms = cuda_ms(lambda: d.step(sl, h), iters=20, inner=inner)
+            print(f"round {r} {label} {layers} blocks b=1 {step:10s} {ms * 1e3:.1f} us a step, "
+                  f"{ms * 1e3 / layers:.2f} us a block", flush=True)
+
+
+def persistent_small(rounds=3):
+    """The b=1 graphed step of whole 130m and 790m-width stacks (24 and 48 blocks): four kernels a block against the
+    persistent kernel, which fits 130m's width since its plan takes uneven channel splits; interleaved rounds."""
+    for name, width, layers in (("130m", 768, 24), ("790m", 1536, 48)):
+        cfg = MambaConfig.from_dict(dict(MODELS["130m"], hidden_size=width, num_hidden_layers=layers))
+        _kernels_against_persistent(name, cfg, layers, rounds, inner=20)
+
+
+def persistent_widths(layers=16):
+    """The b=1 graphed step, four kernels a block against the persistent one, at 790m's width (d_model 1536, the
+    other width below 2.8b's that the persistent kernel's plan fits), interleaved rounds."""
+    cfg = MambaConfig.from_dict(dict(MODELS["2.8b"], hidden_size=1536, num_hidden_layers=layers))
+    _kernels_against_persistent("d_model 1536", cfg, layers, rounds=3, inner=10)
 
 
 def persistent_overhead():
