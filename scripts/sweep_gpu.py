@@ -5,7 +5,8 @@
                                                   read_ceiling conv_sweep prefill_gaps persistent_stages
                                                   persistent_knobs persistent_widths persistent_overhead
                                                   persistent_programs local_greedy persistent_small
-                                                  token_window prefill_pdl]
+                                                  token_window prefill_pdl gluon_scan_sweep
+                                                  gluon_scan_models]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -23,7 +24,8 @@ fixed cost a step (4, 16, 64 blocks); persistent_programs: one program an SM (an
 local_greedy: a local session's greedy decode, pipelined against waited for and against logits to the host;
 persistent_small: the persistent step against the four kernels on whole 130m and 790m-width stacks;
 token_window: bench_gpu's token row for windows of 5, 20 and 50 back-to-back tokens; prefill_pdl: a 2048-token
-prefill with the prefill's own kernels launched with PDL and without.
+prefill with the prefill's own kernels launched with PDL and without; gluon_scan_sweep: the Gluon scan's tiles and
+segments against the Triton scan (16 blocks); gluon_scan_models: both scans in whole-model prefills.
 """
 import cProfile
 import io
@@ -174,7 +176,8 @@ def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1, chunk=None):
     if convs is None:
         convs = [("seq", 32, 128, 1, 3), ("seq", 32, 64, 1, 3), ("seq", 32, 128, 1, 4), ("seq", 64, 64, 2, 3),
                  ("seq", 32, 96, 1, 3), (32, 64, 4), (64, 64, 4), (32, 128, 4)]
-    default = ts.SCAN_CONFIG, tk.CONV_CONFIG
+    default = ts.SCAN_CONFIG, tk.CONV_CONFIG, ts.SCAN_GLUON
+    ts.SCAN_GLUON = False  # SCAN_CONFIG is then the scan everywhere, the Gluon one included
     runs = []
     for what, conf in [("scan", c) for c in scans] + [("conv", c) for c in convs]:
         ts.SCAN_CONFIG, tk.CONV_CONFIG = (conf, default[1]) if what == "scan" else (default[0], conf)
@@ -185,7 +188,7 @@ def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1, chunk=None):
             runs.append((f"{what} {conf}", dec, sl))
         except Exception as e:
             print(f"prefill {what} {conf}: failed {type(e).__name__}: {str(e)[:200]}")
-    ts.SCAN_CONFIG, tk.CONV_CONFIG = default
+    ts.SCAN_CONFIG, tk.CONV_CONFIG, ts.SCAN_GLUON = default
     times = _prefill_rounds(runs, hidden, rounds)
     for name, _, _ in runs:
         each = " ".join(f"{t:.2f}" for t in times[name])
@@ -524,27 +527,48 @@ def local_greedy(rounds=3):
         torch.cuda.empty_cache()
 
 
-def prefill_pdl(rounds=4):
-    """A 2048-token prefill through whole 130m and 2.8b models (graphs), the prefill's own kernels launched with PDL
-    against without (triton_scan.PREFILL_PDL, read at capture: one decoder each), interleaved rounds."""
+def _whole_prefills(flag, settings, rounds):
+    """A 2048-token prefill through whole 130m and 2.8b models (graphs), one decoder for each (label, value) of
+    `settings` captured with triton_scan's `flag` (read at capture) set to the value, interleaved rounds."""
+    default = getattr(ts, flag)
     for name in ("130m", "2.8b"):
         cfg, stack = _wide_stack(MODELS[name]["num_hidden_layers"], name)
         hidden = torch.randn(1, 2048, cfg.hidden_size, device=dev)
         decs = {}
-        for pdl in (False, True):
-            ts.PREFILL_PDL = pdl
+        for label, value in settings:
+            setattr(ts, flag, value)
             d = GraphDecoder(stack, max_slots=2, buckets=(1,))
             slot = d.alloc_slot()
             d.prefill(slot, hidden)  # captures with this setting
-            decs[pdl] = (d, slot)
-        ts.PREFILL_PDL = None
+            decs[label] = (d, slot)
+        setattr(ts, flag, default)
         outs = [d.prefill(s, hidden) for d, s in decs.values()]
-        print(f"{name}: outputs differ by {(outs[0] - outs[1]).abs().max().item():.2e}", flush=True)
+        scale = outs[0].abs().max().item()
+        print(f"{name}: outputs differ by {(outs[0] - outs[1]).abs().max().item():.2e} (scale {scale:.2e})", flush=True)
         for r in range(rounds):
-            for pdl, (d, s) in decs.items():
+            for label, (d, s) in decs.items():
                 ms = cuda_ms(lambda: d.prefill(s, hidden), iters=5, warmup=2)
-                print(f"round {r} {name} prefill 2048, PDL {'on ' if pdl else 'off'}: {ms:.2f} ms", flush=True)
+                print(f"round {r} {name} prefill 2048, {label}: {ms:.2f} ms", flush=True)
         del decs, stack
+        torch.cuda.empty_cache()
+
+
+def prefill_pdl(rounds=4):
+    """The prefill's own kernels launched with PDL against without (triton_scan.PREFILL_PDL), whole models."""
+    _whole_prefills("PREFILL_PDL", [("PDL off", False), ("PDL on", True)], rounds)
+
+
+def gluon_scan_sweep(rounds=3):
+    """The Gluon scan's tiles and segments against the Triton "seq" scan, in a 2048-token prefill through 16 blocks
+    of 2.8b width (graphs, interleaved rounds)."""
+    prefill_sweep(scans=[ts.SCAN_CONFIG, ("gluon", 32, 8), ("gluon", 32, 8, 11), ("gluon", 32, 8, 8),
+                         ("gluon", 32, 8, 16, 128), ("gluon", 32, 8, 6), ("gluon", 32, 16), ("gluon", 64, 8),
+                         ("gluon", 16, 8)], convs=[], rounds=rounds)
+
+
+def gluon_scan_models(rounds=4):
+    """The Gluon scan against the Triton "seq" scan (triton_scan.SCAN_GLUON), whole models."""
+    _whole_prefills("SCAN_GLUON", [("triton scan", False), ("gluon scan", True)], rounds)
 
 
 def token_window(rounds=3):

@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from swarm.errors import BackendUnavailable
+
 # The prefill scan's kernel and tiles: ("seq", BLOCK_I, num_warps[, segments[, stages[, maxnreg]]]) or ("chunk",
 # BLOCK_T, BLOCK_I, num_warps); "seq" without a segment count (or with 0) takes _segments(); a fifth entry pipelines the
 # token loop's loads over that many stages; a sixth caps the registers a thread (with a segment count).
@@ -27,6 +29,13 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 # SM throughput at 16 channels, 16 segments): through 16 blocks, ("seq", 32, 1, 0, 2) took 9.75 ms against 11.48 for
 # ("seq", 16, 1, 0, 2), 10.3-10.4 for (64, 2) and (128, 4), 12.0-14.1 for the rest.
 SCAN_CONFIG: tuple = ("seq", 32, 1, 0, 2)
+# The Gluon scan (gluon_scan: the same two passes with the state's layout chosen): ("gluon", BLOCK_I, TT[, segments[,
+# maxnreg]]): BLOCK_I channels a one-warp program, TT tokens a turn; segments 0 takes _segments() with GLUON_WAVE.
+# SCAN_GLUON: it is the default where it runs (a Hopper GPU, Gluon imported); elsewhere, or False, SCAN_CONFIG is
+GLUON_SCAN_CONFIG: tuple = ("gluon", 32, 8, 0)
+SCAN_GLUON: bool = False
+# the warps an SM holds of the second pass: uncapped (152 registers a thread: 13) and capped (SCAN_CAP: 16)
+GLUON_WAVE: tuple[int, int] = (13, 16)
 # "seq" with segments 0 (_segments): one wave of programs, no segment under SCAN_MIN_SEGMENT tokens, and the
 # register cap only where more segments are wanted than fit a wave without it. SCAN_WAVE: the warps an SM holds of
 # the second pass uncapped (165 registers a thread: 12) and capped (SCAN_CAP registers, which spill a little
@@ -354,7 +363,8 @@ def _grid_wait(PDL: tl.constexpr):
         gdc_launch_dependents()  # the successor may now launch (and wait for this one at its own _grid_wait)
 
 
-def _segments(t: int, programs: int, warps: int, device: torch.device) -> tuple[int, int | None]:
+def _segments(t: int, programs: int, warps: int, device: torch.device,
+              wave: tuple[int, int] | None = None) -> tuple[int, int | None]:
     """Time segments of the "seq" scan (a config's 0) and its register cap (None: none).
 
     Each pass runs programs x segments programs: as many as make one wave on the GPU, since a second, partial
@@ -366,7 +376,7 @@ def _segments(t: int, programs: int, warps: int, device: torch.device) -> tuple[
         return max(1, min(16, t // 64)), None
     sms = _sm_count(torch.cuda.current_device() if device.index is None else device.index)
     most = max(1, t // SCAN_MIN_SEGMENT)
-    plain, capped = (max(1, round(sms * w // warps / programs)) for w in SCAN_WAVE)
+    plain, capped = (max(1, round(sms * w // warps / programs)) for w in wave or SCAN_WAVE)
     return (most, None) if most <= plain else (min(most, capped), SCAN_CAP)
 
 
@@ -387,46 +397,72 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
         return ssm_step(u[:, :, 0], delta[:, :, 0], A, Bm[:, 0], Cm[:, 0], D, z[:, :, 0], delta_bias, ssm_state,
                         out_dtype).unsqueeze(-1)
     y = torch.empty(bsz, t, dim, dtype=out_dtype, device=u.device).transpose(1, 2)  # (B, I, T)
-    config = config or SCAN_CONFIG
-    if length is not None and config[0] != "seq":
-        raise ValueError("selective_scan: a device-side length needs the 'seq' kernel")
+    config = config or default_scan_config(u.device)
+    if length is not None and config[0] not in ("seq", "gluon"):
+        raise ValueError("selective_scan: a device-side length needs the 'seq' or 'gluon' kernel")
     strides = (*u.stride(), *delta.stride(), *z.stride(), *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride())
-    if config[0] == "seq":
-        _, block_i, warps = config[:3]
+    if config[0] in ("seq", "gluon"):
+        if config[0] == "gluon":  # ("gluon", BLOCK_I, TT[, segments[, maxnreg]])
+            if not gluon_scan_available(u.device):
+                raise BackendUnavailable("selective_scan: the 'gluon' scan needs Gluon and a Hopper GPU")
+            _, block_i, tt = config[:3]
+            from swarm.kernels import gluon_scan  # it imports this module's maths
+            warps, wave, kernel = 1, GLUON_WAVE, gluon_scan._scan_kernel
+            cap = config[4] if len(config) > 4 else None
+            # the state's layout spreads BLOCK_N over 4 lanes and BLOCK_I over 8
+            kw = dict(TT=tt, BLOCK_N=max(4, triton.next_power_of_2(nst)), num_warps=1)
+        else:  # ("seq", BLOCK_I, num_warps[, segments[, stages[, maxnreg]]])
+            _, block_i, warps = config[:3]
+            wave, kernel = SCAN_WAVE, _scan_seq_kernel
+            cap = config[5] if len(config) > 5 else None
+            kw = dict(STAGES=config[4] if len(config) > 4 else 1, BLOCK_N=triton.next_power_of_2(nst),
+                      POLY=SCAN_POLY, FAST=u.is_cuda, num_warps=warps)  # the interpreter: no rcp.approx
         n_i = triton.cdiv(dim, block_i)
         if len(config) > 3 and config[3]:
-            n_seg, cap = config[3], config[5] if len(config) > 5 else None
+            n_seg = config[3]
         else:
-            n_seg, cap = _segments(t, n_i * bsz, warps, u.device)
-        stages = config[4] if len(config) > 4 else 1
+            n_seg, cap = _segments(t, n_i * bsz, warps, u.device, wave)
         seg_len = triton.cdiv(triton.cdiv(t, n_seg), 8) * 8
         n_seg = triton.cdiv(t, seg_len)
         # token offsets in 32 bits where T times every token stride stays below SCAN_OFF64_FROM (2**31): the token
         # loop's SASS is 9% (first pass) and 7% (second) shorter
         off64 = t * max(abs(x) for x in (u.stride(2), delta.stride(2), z.stride(2), Bm.stride(1), Cm.stride(1),
                                          y.stride(2))) >= SCAN_OFF64_FROM
-        kw = dict(HAS_LEN=length is not None, STAGES=stages, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst),
-                  POLY=SCAN_POLY, FAST=u.is_cuda, OFF64=off64, num_warps=warps,  # the interpreter: no rcp.approx
-                  **pdl_kw(prefill_pdl(u.device)))
+        kw.update(HAS_LEN=length is not None, BLOCK_I=block_i, OFF64=off64, **pdl_kw(prefill_pdl(u.device)))
         if cap and u.is_cuda:
             kw["maxnreg"] = cap
         n_ptr = D if length is None else length
         if n_seg == 1:
-            _scan_seq_kernel[(n_i, bsz, 1)](u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, ssm_state, D, n_ptr,
-                                            t, dim, nst, seg_len, 1, *strides, MODE=0, **kw)
+            kernel[(n_i, bsz, 1)](u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, ssm_state, D, n_ptr,
+                                  t, dim, nst, seg_len, 1, *strides, MODE=0, **kw)
         else:
             hs = torch.empty(bsz, n_seg, dim, nst, dtype=torch.float32, device=u.device)
             ds = torch.empty(bsz, n_seg, dim, dtype=torch.float32, device=u.device)
             args = (u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, hs, ds, n_ptr, t, dim, nst, seg_len, n_seg,
                     *strides)
-            _scan_seq_kernel[(n_i, bsz, n_seg - 1)](*args, MODE=1, **kw)  # the last segment's local state: unused
-            _scan_seq_kernel[(n_i, bsz, n_seg)](*args, MODE=2, **kw)
+            kernel[(n_i, bsz, n_seg - 1)](*args, MODE=1, **kw)  # the last segment's local state: unused
+            kernel[(n_i, bsz, n_seg)](*args, MODE=2, **kw)
     else:
         _, block_t, block_i, warps = config
         _scan_fwd_kernel[(triton.cdiv(dim, block_i), bsz)](
             u, delta, z, Bm, Cm, A, D, delta_bias, ssm_state, y, t, dim, nst, *strides,
             BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_N=triton.next_power_of_2(nst), num_warps=warps)
     return y
+
+
+def gluon_scan_available(device: torch.device) -> bool:
+    """Whether the Gluon scan runs on `device`: Gluon imported and a Hopper GPU (compute capability 9)."""
+    from swarm.kernels import gluon_scan  # it imports this module's maths
+    if not gluon_scan.available() or device.type != "cuda":
+        return False
+    return _sm_major(torch.cuda.current_device() if device.index is None else device.index) == 9
+
+
+def default_scan_config(device: torch.device) -> tuple:
+    """GLUON_SCAN_CONFIG where the Gluon scan runs and SCAN_GLUON is on, else SCAN_CONFIG."""
+    if SCAN_GLUON and gluon_scan_available(device):
+        return GLUON_SCAN_CONFIG
+    return SCAN_CONFIG
 
 
 def ssm_step(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,

@@ -233,9 +233,11 @@ def test_softplus_poly_and_gate_against_torch(fast):
 
 @pytest.mark.parametrize("config", [("seq", 8, 4), ("seq", 32, 4), ("seq", 4, 2), ("seq", 16, 4, 3), ("seq", 8, 2, 9),
                                     ("seq", 16, 2, 4, 3), ("seq", 16, 1, 5, 2, 128),
-                                    ("chunk", 16, 16, 4), ("chunk", 32, 8, 4)])
+                                    ("chunk", 16, 16, 4), ("chunk", 32, 8, 4),
+                                    ("gluon", 32, 8), ("gluon", 16, 8, 3), ("gluon", 64, 8, 5, 128), ("gluon", 8, 16, 2)])
 @pytest.mark.parametrize("off64", [False, True])
 def test_selective_scan_configs(config, off64, monkeypatch):
+    _skip_without_gluon(config)
     if off64:  # token offsets in 64 bits, as for a sequence whose offsets pass 2**31
         monkeypatch.setattr(ts, "SCAN_OFF64_FROM", 0)
     args = _scan_inputs(2, 80, 70, 16, 6, torch.bfloat16, "block")
@@ -246,6 +248,36 @@ def test_selective_scan_configs(config, off64, monkeypatch):
     assert rel_err(args[-1], state_ref) < TOL[torch.float32]
 
 
+def _skip_without_gluon(config):
+    if config and config[0] == "gluon" and not ts.gluon_scan_available(torch.device(DEVICE)):
+        pytest.skip("the Gluon scan needs a Hopper GPU")
+
+
+@pytest.mark.parametrize("n", [16, 5, 2, 32])
+def test_gluon_scan_state_widths(n):
+    """The Gluon scan's layout spreads the states over 4 lanes: widths under 4, odd and over 16 (padded lanes)."""
+    _skip_without_gluon(("gluon",))
+    args = _scan_inputs(2, 72, 90, n, 6, torch.bfloat16, "block")
+    state_ref = args[-1].clone()
+    want = ref.selective_scan_ref(*args[:-1], state_ref)
+    out = ts.selective_scan(*args, out_dtype=torch.bfloat16, config=("gluon", 16, 8, 3))
+    assert rel_err(out, want) < TOL[torch.bfloat16]
+    assert rel_err(args[-1], state_ref) < TOL[torch.float32]
+
+
+def test_scan_config_by_device():
+    """The Gluon scan is the default only where it runs; asked for elsewhere, it is an error, not a slow path."""
+    if not ts.gluon_scan_available(torch.device(DEVICE)):
+        assert ts.default_scan_config(torch.device(DEVICE)) == ts.SCAN_CONFIG
+        args = _scan_inputs(1, 16, 20, 4, 2, torch.float32, "block")
+        with pytest.raises(BackendUnavailable, match="gluon"):
+            ts.selective_scan(*args, config=("gluon", 16, 8))
+    else:
+        want = ts.GLUON_SCAN_CONFIG if ts.SCAN_GLUON else ts.SCAN_CONFIG
+        assert ts.default_scan_config(torch.device(DEVICE)) == want
+    assert ts.default_scan_config(torch.device("cpu")) == ts.SCAN_CONFIG
+
+
 def test_scan_segments_fill_one_wave(monkeypatch):
     """The "seq" scan's automatic segments: one wave of programs; the register cap only where it buys segments."""
     monkeypatch.setattr(ts, "_sm_count", lambda index: 132)
@@ -254,25 +286,35 @@ def test_scan_segments_fill_one_wave(monkeypatch):
     assert ts._segments(1024, 48, 1, cuda) == (32, None)  # 130m's: the tokens bound it; 1536 fit uncapped
     assert ts._segments(40, 160, 1, cuda) == (1, None)
     assert ts._segments(1024, 160, 1, torch.device("cpu")) == (16, None)
+    # the Gluon scan's second pass: 13 warps an SM uncapped, 16 capped
+    assert ts._segments(1024, 160, 1, cuda, ts.GLUON_WAVE) == (13, ts.SCAN_CAP)
+    assert ts._segments(1024, 48, 1, cuda, ts.GLUON_WAVE) == (32, None)
 
 
 @needs_cuda
-def test_selective_scan_wide_with_the_register_cap():
+@pytest.mark.parametrize("kind", ["seq", "gluon"])
+def test_selective_scan_wide_with_the_register_cap(kind):
     """At a width where the automatic segments take the register cap (the path a 2.8b prefill takes)."""
+    config, wave = (ts.SCAN_CONFIG, ts.SCAN_WAVE) if kind == "seq" else (ts.GLUON_SCAN_CONFIG, ts.GLUON_WAVE)
+    _skip_without_gluon(config)
     args = _scan_inputs(1, 2560, 1024, 16, 6, torch.bfloat16, "block")
-    n_seg, cap = ts._segments(1024, 2560 // ts.SCAN_CONFIG[1], ts.SCAN_CONFIG[2], torch.device(DEVICE))
+    warps = config[2] if kind == "seq" else 1
+    n_seg, cap = ts._segments(1024, 2560 // config[1], warps, torch.device(DEVICE), wave)
     assert cap is not None and n_seg > 1
     state_ref = args[-1].clone()
     want = ref.selective_scan_ref(*args[:-1], state_ref)
-    out = ts.selective_scan(*args, out_dtype=torch.bfloat16)
+    out = ts.selective_scan(*args, out_dtype=torch.bfloat16, config=config)
     assert rel_err(out, want) < TOL[torch.bfloat16]
     assert rel_err(args[-1], state_ref) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("t,length,config", [(16, 1, None), (16, 9, None), (32, 32, None), (520, 300, ("seq", 8, 2, 4)),
-                                            (520, 100, ("seq", 8, 2, 4)), (64, 63, ("seq", 16, 2, 3))])
+                                            (520, 100, ("seq", 8, 2, 4)), (64, 63, ("seq", 16, 2, 3)),
+                                            (16, 1, ("seq", 32, 1)), (520, 300, ("gluon", 8, 8, 4)),
+                                            (520, 100, ("gluon", 16, 16, 4)), (64, 63, ("gluon", 32, 8))])
 def test_selective_scan_device_length(t, length, config):
     """Only the first `length` tokens count: their outputs, and the state after them (segments past them too)."""
+    _skip_without_gluon(config)
     args = list(_scan_inputs(2, 24, t, 8, 6, torch.float32, "block"))
     state_ref = args[-1].clone()
     cut = [a[..., :length] if k in (0, 1, 6) else a[:, :length] if k in (3, 4) else a for k, a in enumerate(args[:-1])]
