@@ -246,13 +246,12 @@ def bench_scan_configs() -> None:
     conv_w, conv_state = torch.randn(i, 4, device="cuda", dtype=torch.bfloat16), torch.zeros(1, i, 4, device="cuda")
     conv_ms = graph_ms(lambda: tk.causal_conv1d(u, conv_state, conv_w, None))
     print(f"causal_conv1d 1x{i}x{t} bf16: {conv_ms * 1e3:.1f} us")
-    for config in (("seq", 16, 4), ("seq", 16, 2, 8), ("seq", 16, 1, 8), ("seq", 16, 1, 16), ("seq", 32, 2, 8),
-                   ("seq", 32, 1, 8), ("seq", 64, 2, 8), ("seq", 32, 2, 16), ("seq", 16, 2, 16), ("seq", 64, 4, 8),
-                   ("seq", 32, 2, 4), ("seq", 8, 1, 8), ("seq", 32, 4, 8), ("seq", 64, 2, 4)):
+    for config in (ts.SCAN_CONFIG, ts.GLUON_SCAN_CONFIG, ("gluon", 64, 8), ("gluon", 32, 16), ("gluon", 16, 8),
+                   ("seq", 16, 4), ("seq", 16, 2, 8), ("seq", 16, 1, 16), ("seq", 32, 2, 8), ("seq", 64, 2, 8)):
         try:
             ms = graph_ms(lambda: ts.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
                                                    state, out_dtype=torch.bfloat16, config=config), reps=4, iters=5)
-            print(f"selective_scan 1x{i}x{t} (BLOCK_T, BLOCK_I, warps)={config}: {ms * 1e3:.1f} us")
+            print(f"selective_scan 1x{i}x{t} config {config}: {ms * 1e3:.1f} us")
         except Exception as e:  # a tile too large for the registers or shared memory: say so, try the next
             print(f"selective_scan config {config}: failed: {type(e).__name__}: {str(e)[:200]}")
 
