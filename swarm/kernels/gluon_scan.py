@@ -50,12 +50,32 @@ if _IMPORT_ERROR is None:
         return e
 
     @gluon.jit
+    def _turn(p_u, p_dl, p_z, p_b, p_c, t0, t_hi, tt_d, tt_b, su_t, sd_t, sz_t, sb_t, sc_t, mi_d, mn_b,
+              OFF64: gl.constexpr, MODE: gl.constexpr):
+        """A turn's raw tiles from token t0: u, delta, z (TT, BLOCK_I) and B, C (TT, BLOCK_N), as stored. Tokens
+        past t_hi read token t_hi - 1 (dt is 0 there: the state stays, and their y is not stored); MODE 1 needs no
+        z or C (u and B stand in)."""
+        tc_d = gl.minimum(t0 + tt_d, t_hi - 1)
+        tc_b = gl.minimum(t0 + tt_b, t_hi - 1)
+        if OFF64:  # T times a token stride can pass 2**31
+            tc_d = tc_d.to(gl.int64)
+            tc_b = tc_b.to(gl.int64)
+        u = gl.load(p_u + tc_d * su_t, mask=mi_d, other=0.0)
+        dl = gl.load(p_dl + tc_d * sd_t, mask=mi_d, other=0.0)
+        bt = gl.load(p_b + tc_b * sb_t, mask=mn_b, other=0.0)
+        if MODE == 1:
+            return u, dl, u, bt, bt
+        return u, dl, gl.load(p_z + tc_d * sz_t, mask=mi_d, other=0.0), bt, gl.load(p_c + tc_b * sc_t, mask=mn_b,
+                                                                                 other=0.0)
+
+    @gluon.jit
     def _scan_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, y_ptr, hs_ptr, ds_ptr,
                      len_ptr, T, I, N, SEG, NSEG,
                      su_b, su_i, su_t, sd_b, sd_i, sd_t, sz_b, sz_i, sz_t,
                      sb_b, sb_t, sb_n, sc_b, sc_t, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, sy_t,
                      MODE: gl.constexpr, HAS_LEN: gl.constexpr, BLOCK_I: gl.constexpr, BLOCK_N: gl.constexpr,
-                     TT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr, EMU: gl.constexpr = 0):
+                     TT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr, EMU: gl.constexpr = 0,
+                     PREFETCH: gl.constexpr = 0):
         # the state: each thread BLOCK_I / 8 channels x BLOCK_N / 4 states; 8 lanes along channels, 4 along states
         L: gl.constexpr = gl.BlockedLayout([BLOCK_I // 8, BLOCK_N // 4], [8, 4], [1, 1], [1, 0])
         LI: gl.constexpr = gl.SliceLayout(1, L)  # (BLOCK_I,): a channel's value on its 4 state lanes
@@ -127,17 +147,21 @@ if _IMPORT_ERROR is None:
         t_lo = seg * SEG
         t_hi = gl.minimum(t_lo + SEG, T)
         dsum = gl.zeros([1, BLOCK_I], gl.float32, layout=DL)
+        if PREFETCH:
+            u_n, dl_n, z_n, b_n, c_n = _turn(p_u, p_dl, p_z, p_b, p_c, t_lo, t_hi, tt_d, tt_b, su_t, sd_t, sz_t, sb_t,
+                                             sc_t, mi_d, n_b < N, OFF64, MODE)
         for t0 in range(t_lo, t_hi, TT):
-            # tokens past t_hi read token t_hi - 1 (dt is 0 there: the state stays, and their y is not stored)
+            if PREFETCH:  # this turn's tiles came with the last one; the next turn's go out now
+                u_t, dl_t, z_t, b_t, c_t = u_n, dl_n, z_n, b_n, c_n
+                u_n, dl_n, z_n, b_n, c_n = _turn(p_u, p_dl, p_z, p_b, p_c, t0 + TT, t_hi, tt_d, tt_b, su_t, sd_t, sz_t,
+                                                 sb_t, sc_t, mi_d, n_b < N, OFF64, MODE)
+            else:
+                u_t, dl_t, z_t, b_t, c_t = _turn(p_u, p_dl, p_z, p_b, p_c, t0, t_hi, tt_d, tt_b, su_t, sd_t, sz_t,
+                                                 sb_t, sc_t, mi_d, n_b < N, OFF64, MODE)
             t_d = t0 + tt_d
-            tc_d = gl.minimum(t_d, t_hi - 1)
-            tc_b = gl.minimum(t0 + tt_b, t_hi - 1)
-            if OFF64:  # T times a token stride can pass 2**31
-                tc_d = tc_d.to(gl.int64)
-                tc_b = tc_b.to(gl.int64)
-            u = gl.load(p_u + tc_d * su_t, mask=mi_d, other=0.0).to(gl.float32)  # (TT, BI)
-            dl = gl.load(p_dl + tc_d * sd_t, mask=mi_d, other=0.0).to(gl.float32) + bias
-            bt = gl.load(p_b + tc_b * sb_t, mask=n_b < N, other=0.0).to(gl.float32)  # (TT, BN)
+            u = u_t.to(gl.float32)  # (TT, BI)
+            dl = dl_t.to(gl.float32) + bias
+            bt = b_t.to(gl.float32)  # (TT, BN)
             dt = gl.where((t_d < t_hi) & mi_d, _softplus_poly(dl, True), 0.0)
             if MODE == 1:
                 dsum += gl.sum(dt, axis=0)[None, :]
@@ -146,7 +170,7 @@ if _IMPORT_ERROR is None:
             du_s.store(dt * u)
             b_s.store(bt)
             if MODE != 1:
-                c_s.store(gl.load(p_c + tc_b * sc_t, mask=n_b < N, other=0.0).to(gl.float32))
+                c_s.store(c_t.to(gl.float32))
             gl.thread_barrier()
             for j in gl.static_range(TT):
                 dtj = dt_r.index(j).load(LI)[:, None]  # (BI, 1)
@@ -156,9 +180,9 @@ if _IMPORT_ERROR is None:
                     y_r.index(j).store(gl.sum(h * c_r.index(j).load(LN)[None, :], axis=1))
             if MODE != 1:
                 gl.thread_barrier()
-                z = gl.load(p_z + tc_d * sz_t, mask=mi_d, other=0.0).to(gl.float32)
-                y = (y_s.load(DL) + d_skip * u) * _silu_rcp(z, True)
-                gl.store(p_y + tc_d * sy_t, y.to(y_ptr.dtype.element_ty), mask=(t_d < t_hi) & mi_d)
+                y = (y_s.load(DL) + d_skip * u) * _silu_rcp(z_t.to(gl.float32), True)
+                t_y = t_d.to(gl.int64) if OFF64 else t_d
+                gl.store(p_y + t_y * sy_t, y.to(y_ptr.dtype.element_ty), mask=(t_d < t_hi) & mi_d)
         if MODE == 0:
             gl.store(h_ptrs, h, mask=m_l)
         elif MODE == 1:

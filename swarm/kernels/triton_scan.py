@@ -30,10 +30,11 @@ from swarm.errors import BackendUnavailable
 # ("seq", 16, 1, 0, 2), 10.3-10.4 for (64, 2) and (128, 4), 12.0-14.1 for the rest.
 SCAN_CONFIG: tuple = ("seq", 32, 1, 0, 2)
 # The Gluon scan (gluon_scan: the same two passes with the state's layout chosen): ("gluon", BLOCK_I, TT[, segments[,
-# maxnreg[, emu]]]): BLOCK_I channels a one-warp program, TT tokens a turn; segments 0 (and maxnreg None) take
-# _segments() with GLUON_WAVE; emu: quarters of the states (0-2) whose exp2 runs on the FMA pipe (_exp2_fma).
+# maxnreg[, emu[, prefetch]]]]): BLOCK_I channels a one-warp program, TT tokens a turn; segments 0 (and maxnreg None)
+# take _segments() with GLUON_WAVE; emu: quarters of the states (0-2) whose exp2 runs on the FMA pipe (_exp2_fma);
+# prefetch 1: each turn loads the next turn's tiles before its own maths.
 # SCAN_GLUON: it is the default where it runs (a Hopper GPU, Gluon imported); elsewhere, or False, SCAN_CONFIG is
-GLUON_SCAN_CONFIG: tuple = ("gluon", 32, 8, 0)
+GLUON_SCAN_CONFIG: tuple = ("gluon", 32, 8, 0, None, 2)
 SCAN_GLUON: bool = False
 # the warps an SM holds of the second pass: uncapped (152 registers a thread: 13) and capped (SCAN_CAP: 16)
 GLUON_WAVE: tuple[int, int] = (13, 16)
@@ -422,7 +423,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
         raise ValueError("selective_scan: a device-side length needs the 'seq' or 'gluon' kernel")
     strides = (*u.stride(), *delta.stride(), *z.stride(), *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride())
     if config[0] in ("seq", "gluon"):
-        if config[0] == "gluon":  # ("gluon", BLOCK_I, TT[, segments[, maxnreg[, emu]]])
+        if config[0] == "gluon":  # ("gluon", BLOCK_I, TT[, segments[, maxnreg[, emu[, prefetch]]]])
             if not gluon_scan_available(u.device):
                 raise BackendUnavailable("selective_scan: the 'gluon' scan needs Gluon and a Hopper GPU")
             _, block_i, tt = config[:3]
@@ -432,7 +433,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
             # the state's layout spreads BLOCK_N over 4 lanes and BLOCK_I over 8
             # (emu splits each thread's states in registers: 4 of them at least, 16 states)
             block_n = max(4, triton.next_power_of_2(nst))
-            kw = dict(TT=tt, BLOCK_N=block_n, num_warps=1, EMU=config[5] if len(config) > 5 and block_n >= 16 else 0)
+            kw = dict(TT=tt, BLOCK_N=block_n, num_warps=1, EMU=config[5] if len(config) > 5 and block_n >= 16 else 0,
+                      PREFETCH=config[6] if len(config) > 6 else 0)
         else:  # ("seq", BLOCK_I, num_warps[, segments[, stages[, maxnreg]]])
             _, block_i, warps = config[:3]
             wave, kernel = SCAN_WAVE, _scan_seq_kernel

@@ -257,7 +257,8 @@ def test_exp2_fma_against_torch():
                                     ("seq", 16, 2, 4, 3), ("seq", 16, 1, 5, 2, 128),
                                     ("chunk", 16, 16, 4), ("chunk", 32, 8, 4),
                                     ("gluon", 32, 8), ("gluon", 16, 8, 3), ("gluon", 64, 8, 5, 128), ("gluon", 8, 16, 2),
-                                    ("gluon", 32, 8, 3, None, 1), ("gluon", 16, 16, 2, 128, 2)])
+                                    ("gluon", 32, 8, 3, None, 1), ("gluon", 16, 16, 2, 128, 2),
+                                    ("gluon", 32, 8, 3, None, 2, 1), ("gluon", 16, 16, 1, None, 0, 1)])
 @pytest.mark.parametrize("off64", [False, True])
 def test_selective_scan_configs(config, off64, monkeypatch):
     _skip_without_gluon(config)
@@ -335,7 +336,8 @@ def test_selective_scan_wide_with_the_register_cap(kind):
 @pytest.mark.parametrize("t,length,config", [(16, 1, None), (16, 9, None), (32, 32, None), (520, 300, ("seq", 8, 2, 4)),
                                             (520, 100, ("seq", 8, 2, 4)), (64, 63, ("seq", 16, 2, 3)),
                                             (16, 1, ("seq", 32, 1)), (520, 300, ("gluon", 8, 8, 4)),
-                                            (520, 100, ("gluon", 16, 16, 4)), (64, 63, ("gluon", 32, 8))])
+                                            (520, 100, ("gluon", 16, 16, 4)), (64, 63, ("gluon", 32, 8)),
+                                            (520, 300, ("gluon", 16, 8, 4, None, 2, 1)), (16, 9, ("gluon", 8, 8, 1, None, 0, 1))])
 def test_selective_scan_device_length(t, length, config):
     """Only the first `length` tokens count: their outputs, and the state after them (segments past them too)."""
     _skip_without_gluon(config)
