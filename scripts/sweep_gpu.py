@@ -561,9 +561,9 @@ def prefill_pdl(rounds=4):
 def gluon_scan_sweep(rounds=3):
     """The Gluon scan's tiles and segments against the Triton "seq" scan, in a 2048-token prefill through 16 blocks
     of 2.8b width (graphs, interleaved rounds)."""
-    prefill_sweep(scans=[ts.SCAN_CONFIG, ("gluon", 32, 8), ("gluon", 32, 8, 0, None, 1), ("gluon", 32, 8, 0, None, 2),
-                         ("gluon", 32, 8, 0, None, 0, 1), ("gluon", 32, 8, 0, None, 2, 1), ("gluon", 32, 8, 8, None, 2, 1),
-                         ("gluon", 32, 8, 10, 168, 2, 1), ("gluon", 64, 8, 0, None, 2)], convs=[], rounds=rounds)
+    prefill_sweep(scans=[ts.SCAN_CONFIG, ("gluon", 32, 8), ("gluon", 32, 8, 11), ("gluon", 32, 8, 8),
+                         ("gluon", 32, 8, 16, 128), ("gluon", 32, 8, 6), ("gluon", 32, 16), ("gluon", 64, 8),
+                         ("gluon", 16, 8)], convs=[], rounds=rounds)
 
 
 def _scan_inputs_28b(t=2048):
@@ -578,7 +578,7 @@ def _scan_inputs_28b(t=2048):
             bias, torch.zeros(1, i, n, device=dev))
 
 
-def scan_once(configs=(("seq", 32, 1, 0, 2), ("gluon", 32, 8), ("gluon", 32, 8, 0, None, 2, 1))):
+def scan_once(configs=(("seq", 32, 1, 0, 2), ("gluon", 32, 8))):
     """Each scan config once at 2.8b's width, 2048 tokens, after a compile run on other inputs (for ncu)."""
     warm = _scan_inputs_28b(64)
     args = _scan_inputs_28b()
@@ -592,13 +592,8 @@ def scan_once(configs=(("seq", 32, 1, 0, 2), ("gluon", 32, 8), ("gluon", 32, 8, 
 
 
 def gluon_scan_models(rounds=4):
-    """The Gluon scan (exp2 on half the states by FMA; with and without the turn's loads ahead) against the Triton
-    "seq" scan, whole models."""
-    default = ts.SCAN_GLUON
-    ts.SCAN_GLUON = False  # SCAN_CONFIG is then the scan everywhere
-    _whole_prefills("SCAN_CONFIG", [("triton scan", ts.SCAN_CONFIG), ("gluon emu 2", ("gluon", 32, 8, 0, None, 2)),
-                                    ("gluon emu 2 prefetch", ("gluon", 32, 8, 0, None, 2, 1))], rounds)
-    ts.SCAN_GLUON = default
+    """The Gluon scan against the Triton "seq" scan (triton_scan.SCAN_GLUON), whole models."""
+    _whole_prefills("SCAN_GLUON", [("triton scan", False), ("gluon scan", True)], rounds)
 
 
 def token_window(rounds=3):

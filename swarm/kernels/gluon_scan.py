@@ -8,12 +8,15 @@ channel. The per-channel operands of a token (dt, dt u) and the per-state ones (
 where a turn of TT tokens puts them once, computed on tiles that give every (channel, token) to one thread.
 
 Same arguments, segments and modes as _scan_seq_kernel (its comment says what MODE 0 / 1 / 2 and HAS_LEN do), and
-its softplus, gate and PDL wait; triton_scan.selective_scan runs this kernel for a "gluon" config.
+its softplus, gate and PDL wait; triton_scan.selective_scan runs this kernel for a "gluon" config. Half the
+instructions, the same time on an H100: both kernels are latency-bound at 10-13 warps an SM (ncu: issue 48-60% and
+MUFU 56-71% of peak, most stalls waits on fixed-latency results and on loads), so "seq" stays the default
+(triton_scan.SCAN_GLUON); docs/PERFORMANCE.md (fourteenth session) has the runs.
 """
 
 from __future__ import annotations
 
-from swarm.kernels.triton_scan import _exp2_fma, _grid_wait, _silu_rcp, _softplus_poly
+from swarm.kernels.triton_scan import _grid_wait, _silu_rcp, _softplus_poly
 
 try:  # Gluon is experimental: without it (or with another API), triton_scan keeps its own kernel
     from triton.experimental import gluon
@@ -29,26 +32,6 @@ def available() -> bool:
 
 
 if _IMPORT_ERROR is None:
-    @gluon.jit
-    def _decay(x, L: gl.constexpr, BLOCK_I: gl.constexpr, BLOCK_N: gl.constexpr, EMU: gl.constexpr):
-        """2**x over the (BLOCK_I, BLOCK_N) state tile, EMU quarters of it (0-2) on the FMA pipe (_exp2_fma).
-
-        The scan is bound by MUFU.EX2 (the Triton and Gluon scans tie although the Gluon one issues half the
-        instructions); the FMA pipe has the issue slots to spare. Each thread's BLOCK_N / 4 states are split in
-        registers (reshape + split, no data movement) and joined back in the same order."""
-        if EMU == 0:
-            e = gl.exp2(x)
-        else:
-            xa, xb = gl.split(gl.reshape(x, [BLOCK_I, BLOCK_N // 2, 2]))
-            if EMU == 2:
-                eb = _exp2_fma(xb)
-            else:
-                xb0, xb1 = gl.split(gl.reshape(xb, [BLOCK_I, BLOCK_N // 4, 2]))
-                eb = gl.convert_layout(gl.reshape(gl.join(gl.exp2(xb0), _exp2_fma(xb1)), [BLOCK_I, BLOCK_N // 2]),
-                                       xb.type.layout)
-            e = gl.convert_layout(gl.reshape(gl.join(gl.exp2(xa), eb), [BLOCK_I, BLOCK_N]), L)
-        return e
-
     @gluon.jit
     def _turn(p_u, p_dl, p_z, p_b, p_c, t0, t_hi, tt_d, tt_b, su_t, sd_t, sz_t, sb_t, sc_t, mi_d, mn_b,
               OFF64: gl.constexpr, MODE: gl.constexpr):
@@ -74,8 +57,7 @@ if _IMPORT_ERROR is None:
                      su_b, su_i, su_t, sd_b, sd_i, sd_t, sz_b, sz_i, sz_t,
                      sb_b, sb_t, sb_n, sc_b, sc_t, sc_n, sh_b, sh_i, sh_n, sy_b, sy_i, sy_t,
                      MODE: gl.constexpr, HAS_LEN: gl.constexpr, BLOCK_I: gl.constexpr, BLOCK_N: gl.constexpr,
-                     TT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr, EMU: gl.constexpr = 0,
-                     PREFETCH: gl.constexpr = 0):
+                     TT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr):
         # the state: each thread BLOCK_I / 8 channels x BLOCK_N / 4 states; 8 lanes along channels, 4 along states
         L: gl.constexpr = gl.BlockedLayout([BLOCK_I // 8, BLOCK_N // 4], [8, 4], [1, 1], [1, 0])
         LI: gl.constexpr = gl.SliceLayout(1, L)  # (BLOCK_I,): a channel's value on its 4 state lanes
@@ -147,17 +129,9 @@ if _IMPORT_ERROR is None:
         t_lo = seg * SEG
         t_hi = gl.minimum(t_lo + SEG, T)
         dsum = gl.zeros([1, BLOCK_I], gl.float32, layout=DL)
-        if PREFETCH:
-            u_n, dl_n, z_n, b_n, c_n = _turn(p_u, p_dl, p_z, p_b, p_c, t_lo, t_hi, tt_d, tt_b, su_t, sd_t, sz_t, sb_t,
-                                             sc_t, mi_d, n_b < N, OFF64, MODE)
         for t0 in range(t_lo, t_hi, TT):
-            if PREFETCH:  # this turn's tiles came with the last one; the next turn's go out now
-                u_t, dl_t, z_t, b_t, c_t = u_n, dl_n, z_n, b_n, c_n
-                u_n, dl_n, z_n, b_n, c_n = _turn(p_u, p_dl, p_z, p_b, p_c, t0 + TT, t_hi, tt_d, tt_b, su_t, sd_t, sz_t,
-                                                 sb_t, sc_t, mi_d, n_b < N, OFF64, MODE)
-            else:
-                u_t, dl_t, z_t, b_t, c_t = _turn(p_u, p_dl, p_z, p_b, p_c, t0, t_hi, tt_d, tt_b, su_t, sd_t, sz_t,
-                                                 sb_t, sc_t, mi_d, n_b < N, OFF64, MODE)
+            u_t, dl_t, z_t, b_t, c_t = _turn(p_u, p_dl, p_z, p_b, p_c, t0, t_hi, tt_d, tt_b, su_t, sd_t, sz_t, sb_t,
+                                             sc_t, mi_d, n_b < N, OFF64, MODE)
             t_d = t0 + tt_d
             u = u_t.to(gl.float32)  # (TT, BI)
             dl = dl_t.to(gl.float32) + bias
@@ -175,7 +149,7 @@ if _IMPORT_ERROR is None:
             for j in gl.static_range(TT):
                 dtj = dt_r.index(j).load(LI)[:, None]  # (BI, 1)
                 duj = du_r.index(j).load(LI)[:, None]
-                h = _decay(dtj * a2, L, BLOCK_I, BLOCK_N, EMU) * h + duj * b_r.index(j).load(LN)[None, :]
+                h = gl.exp2(dtj * a2) * h + duj * b_r.index(j).load(LN)[None, :]
                 if MODE != 1:
                     y_r.index(j).store(gl.sum(h * c_r.index(j).load(LN)[None, :], axis=1))
             if MODE != 1:

@@ -29,12 +29,12 @@ from swarm.errors import BackendUnavailable
 # SM throughput at 16 channels, 16 segments): through 16 blocks, ("seq", 32, 1, 0, 2) took 9.75 ms against 11.48 for
 # ("seq", 16, 1, 0, 2), 10.3-10.4 for (64, 2) and (128, 4), 12.0-14.1 for the rest.
 SCAN_CONFIG: tuple = ("seq", 32, 1, 0, 2)
-# The Gluon scan (gluon_scan: the same two passes with the state's layout chosen): ("gluon", BLOCK_I, TT[, segments[,
-# maxnreg[, emu[, prefetch]]]]): BLOCK_I channels a one-warp program, TT tokens a turn; segments 0 (and maxnreg None)
-# take _segments() with GLUON_WAVE; emu: quarters of the states (0-2) whose exp2 runs on the FMA pipe (_exp2_fma);
-# prefetch 1: each turn loads the next turn's tiles before its own maths.
-# SCAN_GLUON: it is the default where it runs (a Hopper GPU, Gluon imported); elsewhere, or False, SCAN_CONFIG is
-GLUON_SCAN_CONFIG: tuple = ("gluon", 32, 8, 0, None, 2)
+# The Gluon scan (gluon_scan: the same two passes with the state's layout chosen, half the instructions): ("gluon",
+# BLOCK_I, TT[, segments[, maxnreg]]): BLOCK_I channels a one-warp program, TT tokens a turn; segments 0 (and maxnreg
+# None) take _segments() with GLUON_WAVE. SCAN_GLUON makes it the default where it runs (a Hopper GPU, Gluon
+# imported). Off: it ties with the "seq" kernel (H100, 2048-token prefill through 16 blocks of 2.8b width, 7.60-7.95
+# ms against 7.59-7.80; ncu: both latency-bound at 10-13 warps an SM, issue 48-60% and MUFU 56-71% of peak)
+GLUON_SCAN_CONFIG: tuple = ("gluon", 32, 8, 0)
 SCAN_GLUON: bool = False
 # the warps an SM holds of the second pass: uncapped (152 registers a thread: 13) and capped (SCAN_CAP: 16)
 GLUON_WAVE: tuple[int, int] = (13, 16)
@@ -99,25 +99,6 @@ def _softplus_poly(x, FAST: tl.constexpr):
     p = p * w + 0.6666631607305751
     p = p * w + 2.0
     return s * p + tl.maximum(x, 0.0)
-
-
-@triton.jit
-def _exp2_fma(x):
-    # 2**x for x <= 0 without the MUFU unit (its ex2 is what bounds the prefill scan): round x to k + f with f in
-    # [-0.5, 0.5] by the 1.5 * 2**23 trick (k lands in t's low bits), 2**f by a degree-5 polynomial fitted for
-    # relative error (1.7e-7 in fp32, ex2.approx's own is ~2 ulp), and k added to its exponent bits. x is clamped
-    # at -125 so that the exponent stays normal: 2**-125 for anything smaller, where ex2 gives ~0 (a decay of
-    # 2e-38 either way). 8 FMA-pipe and 3 ALU instructions against one MUFU.EX2, which issues at a sixteenth of
-    # their rate
-    x = tl.maximum(x, -125.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = 0.0013264727080090043 * f + 0.009671512862184917
-    p = p * f + 0.05550733745645864
-    p = p * f + 0.24022242081843218
-    p = p * f + 0.6931469775965885
-    p = p * f + 1.0
-    return (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -423,7 +404,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
         raise ValueError("selective_scan: a device-side length needs the 'seq' or 'gluon' kernel")
     strides = (*u.stride(), *delta.stride(), *z.stride(), *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride())
     if config[0] in ("seq", "gluon"):
-        if config[0] == "gluon":  # ("gluon", BLOCK_I, TT[, segments[, maxnreg[, emu[, prefetch]]]])
+        if config[0] == "gluon":  # ("gluon", BLOCK_I, TT[, segments[, maxnreg]])
             if not gluon_scan_available(u.device):
                 raise BackendUnavailable("selective_scan: the 'gluon' scan needs Gluon and a Hopper GPU")
             _, block_i, tt = config[:3]
@@ -431,10 +412,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
             warps, wave, kernel = 1, GLUON_WAVE, gluon_scan._scan_kernel
             cap = config[4] if len(config) > 4 else None
             # the state's layout spreads BLOCK_N over 4 lanes and BLOCK_I over 8
-            # (emu splits each thread's states in registers: 4 of them at least, 16 states)
-            block_n = max(4, triton.next_power_of_2(nst))
-            kw = dict(TT=tt, BLOCK_N=block_n, num_warps=1, EMU=config[5] if len(config) > 5 and block_n >= 16 else 0,
-                      PREFETCH=config[6] if len(config) > 6 else 0)
+            kw = dict(TT=tt, BLOCK_N=max(4, triton.next_power_of_2(nst)), num_warps=1)
         else:  # ("seq", BLOCK_I, num_warps[, segments[, stages[, maxnreg]]])
             _, block_i, warps = config[:3]
             wave, kernel = SCAN_WAVE, _scan_seq_kernel
