@@ -6,7 +6,7 @@
                                                   persistent_knobs persistent_widths persistent_overhead
                                                   persistent_programs local_greedy persistent_small
                                                   token_window prefill_pdl gluon_scan_sweep
-                                                  gluon_scan_models]
+                                                  gluon_scan_models scan_once]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -25,7 +25,8 @@ local_greedy: a local session's greedy decode, pipelined against waited for and 
 persistent_small: the persistent step against the four kernels on whole 130m and 790m-width stacks;
 token_window: bench_gpu's token row for windows of 5, 20 and 50 back-to-back tokens; prefill_pdl: a 2048-token
 prefill with the prefill's own kernels launched with PDL and without; gluon_scan_sweep: the Gluon scan's tiles and
-segments against the Triton scan (16 blocks); gluon_scan_models: both scans in whole-model prefills.
+segments against the Triton scan (16 blocks); gluon_scan_models: both scans in whole-model prefills; scan_once:
+each scan once at 2.8b's width, for ncu.
 """
 import cProfile
 import io
