@@ -233,24 +233,31 @@ def bench_model(name: str, bandwidth: float, hf_prefill: bool) -> None:
     ROWS.append((name, "prefill 2048 tokens, ms (blocks only)", f"{pre_ms:.2f}", hf_pre, ""))
 
 
-def bench_scan_configs() -> None:
-    """The chunked scan's tiles at 2.8b's width, T=2048 (bf16 inputs laid out as the block gives them)."""
-    i, n, r, t = 5120, 16, 160, 2048
+def scan_inputs_28b(t: int) -> tuple:
+    """selective_scan's arguments at 2.8b's width for t tokens, bf16, laid out as a block gives them (u and z the
+    halves of in_proj's output, B and C slices of x_proj's): u, delta, A, B, C, D, z, delta_bias, state."""
+    i, n, r = 5120, 16, 160
     xz = torch.randn(1, t, 2 * i, device="cuda", dtype=torch.bfloat16)
     dbc = torch.randn(1, t, r + 2 * n, device="cuda", dtype=torch.bfloat16)
     delta = (torch.randn(1, t, i, device="cuda") * 0.5).to(torch.bfloat16).transpose(1, 2)
     a = -torch.rand(i, n, device="cuda") * n
     d, bias = torch.randn(i, device="cuda"), torch.randn(i, device="cuda") - 4
-    state = torch.zeros(1, i, n, device="cuda")
-    u, z = xz[..., :i].transpose(1, 2), xz[..., i:].transpose(1, 2)
+    return (xz[..., :i].transpose(1, 2), delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, xz[..., i:].transpose(1, 2),
+            bias, torch.zeros(1, i, n, device="cuda"))
+
+
+def bench_scan_configs() -> None:
+    """The chunked scan's tiles at 2.8b's width, T=2048 (bf16 inputs laid out as the block gives them)."""
+    i, t = 5120, 2048
+    args = scan_inputs_28b(t)
+    u = args[0]
     conv_w, conv_state = torch.randn(i, 4, device="cuda", dtype=torch.bfloat16), torch.zeros(1, i, 4, device="cuda")
     conv_ms = graph_ms(lambda: tk.causal_conv1d(u, conv_state, conv_w, None))
     print(f"causal_conv1d 1x{i}x{t} bf16: {conv_ms * 1e3:.1f} us")
     for config in (ts.SCAN_CONFIG, ts.GLUON_SCAN_CONFIG, ("gluon", 64, 8), ("gluon", 32, 16), ("gluon", 16, 8),
                    ("seq", 16, 4), ("seq", 16, 2, 8), ("seq", 16, 1, 16), ("seq", 32, 2, 8), ("seq", 64, 2, 8)):
         try:
-            ms = graph_ms(lambda: ts.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
-                                                   state, out_dtype=torch.bfloat16, config=config), reps=4, iters=5)
+            ms = graph_ms(lambda: ts.selective_scan(*args, out_dtype=torch.bfloat16, config=config), reps=4, iters=5)
             print(f"selective_scan 1x{i}x{t} config {config}: {ms * 1e3:.1f} us")
         except Exception as e:  # a tile too large for the registers or shared memory: say so, try the next
             print(f"selective_scan config {config}: failed: {type(e).__name__}: {str(e)[:200]}")

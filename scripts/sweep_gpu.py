@@ -42,7 +42,8 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench_gpu import MODELS, cuda_ms, graph_ms, hf_model, top_kernels, wide_block_tensors  # noqa: E402
+from bench_gpu import (MODELS, cuda_ms, graph_ms, hf_model, scan_inputs_28b, top_kernels,  # noqa: E402
+                       wide_block_tensors)
 from swarm.kernels import triton_decode as td  # noqa: E402
 from swarm.kernels import triton_ops as tk  # noqa: E402
 from swarm.kernels import triton_scan as ts  # noqa: E402
@@ -347,20 +348,13 @@ def step_parts():
 
 
 def scan_sweep():
-    i, n, r, t = 5120, 16, 160, 1024
-    xz = torch.randn(1, t, 2 * i, device=dev, dtype=torch.bfloat16)
-    dbc = torch.randn(1, t, r + 2 * n, device=dev, dtype=torch.bfloat16)
-    delta = (torch.randn(1, t, i, device=dev) * 0.5).to(torch.bfloat16).transpose(1, 2)
-    a = -torch.rand(i, n, device=dev) * n
-    d, bias = torch.randn(i, device=dev), torch.randn(i, device=dev) - 4
-    state = torch.zeros(1, i, n, device=dev)
-    u, z = xz[..., :i].transpose(1, 2), xz[..., i:].transpose(1, 2)
+    i, t = 5120, 1024
+    args = scan_inputs_28b(t)
     for config in [("seq", 16, 2, 4), ("seq", 16, 2, 8), ("seq", 16, 1, 8), ("seq", 16, 1, 16), ("seq", 32, 2, 8),
                    ("seq", 32, 2, 16), ("seq", 16, 2, 16), ("seq", 8, 1, 16), ("seq", 32, 1, 16), ("seq", 16, 1, 32),
                    ("chunk", 16, 16, 4), ("chunk", 32, 8, 4)]:
         try:
-            ms = graph_ms(lambda: ts.selective_scan(u, delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, z, bias,
-                                                   state, out_dtype=torch.bfloat16, config=config), reps=4, iters=5)
+            ms = graph_ms(lambda: ts.selective_scan(*args, out_dtype=torch.bfloat16, config=config), reps=4, iters=5)
             print(f"scan 1x{i}x{t} {config}: {ms * 1e3:.1f} us")
         except Exception as e:
             print(f"scan {config}: failed {type(e).__name__}: {str(e)[:150]}")
@@ -567,22 +561,10 @@ def gluon_scan_sweep(rounds=3):
                          ("gluon", 16, 8)], convs=[], rounds=rounds)
 
 
-def _scan_inputs_28b(t=2048):
-    """The prefill scan's inputs at 2.8b's width, laid out as a block gives them (bf16, u and z halves of in_proj)."""
-    i, n, r = 5120, 16, 160
-    xz = torch.randn(1, t, 2 * i, device=dev, dtype=torch.bfloat16)
-    dbc = torch.randn(1, t, r + 2 * n, device=dev, dtype=torch.bfloat16)
-    delta = (torch.randn(1, t, i, device=dev) * 0.5).to(torch.bfloat16).transpose(1, 2)
-    a = -torch.rand(i, n, device=dev) * n
-    d, bias = torch.randn(i, device=dev), torch.randn(i, device=dev) - 4
-    return (xz[..., :i].transpose(1, 2), delta, a, dbc[..., r:r + n], dbc[..., r + n:], d, xz[..., i:].transpose(1, 2),
-            bias, torch.zeros(1, i, n, device=dev))
-
-
 def scan_once(configs=(("seq", 32, 1, 0, 2), ("gluon", 32, 8))):
     """Each scan config once at 2.8b's width, 2048 tokens, after a compile run on other inputs (for ncu)."""
-    warm = _scan_inputs_28b(64)
-    args = _scan_inputs_28b()
+    warm = scan_inputs_28b(64)
+    args = scan_inputs_28b(2048)
     for conf in configs:
         ts.selective_scan(*warm, out_dtype=torch.bfloat16, config=conf)
     torch.cuda.synchronize()

@@ -84,7 +84,8 @@ if _IMPORT_ERROR is None:
         i_l = i0 + gl.arange(0, BLOCK_I, layout=LI)
         n_l = gl.arange(0, BLOCK_N, layout=LN)
         m_l = (i_l < I)[:, None] & (n_l < N)[None, :]
-        a2 = gl.load(a_ptr + i_l[:, None] * N + n_l[None, :], mask=m_l, other=0.0) * 1.4426950408889634  # (BI, BN): exp(x) = exp2(x log2 e)
+        # (BI, BN), A log2(e): exp(x) = exp2(x log2 e)
+        a2 = gl.load(a_ptr + i_l[:, None] * N + n_l[None, :], mask=m_l, other=0.0) * 1.4426950408889634
         h_ptrs = h_ptr + b * sh_b + i_l[:, None] * sh_i + n_l[None, :] * sh_n
         hs_row = hs_ptr + ((b * n_seg) * I + i_l[:, None]) * N + n_l[None, :]  # + s * I * N: segment s
         ds_row = ds_ptr + (b * n_seg) * I + i_l  # + s * I

@@ -234,8 +234,8 @@ def test_softplus_poly_and_gate_against_torch(fast):
 @pytest.mark.parametrize("config", [("seq", 8, 4), ("seq", 32, 4), ("seq", 4, 2), ("seq", 16, 4, 3), ("seq", 8, 2, 9),
                                     ("seq", 16, 2, 4, 3), ("seq", 16, 1, 5, 2, 128),
                                     ("chunk", 16, 16, 4), ("chunk", 32, 8, 4),
-                                    ("gluon", 32, 8), ("gluon", 16, 8, 3), ("gluon", 64, 8, 5, 128), ("gluon", 8, 16, 2),
-                                    ("gluon", 16, 16, 1)])
+                                    ("gluon", 32, 8), ("gluon", 16, 8, 3), ("gluon", 64, 8, 5, 128),
+                                    ("gluon", 8, 16, 2), ("gluon", 16, 16, 1)])
 @pytest.mark.parametrize("off64", [False, True])
 def test_selective_scan_configs(config, off64, monkeypatch):
     _skip_without_gluon(config)
