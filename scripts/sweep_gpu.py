@@ -6,7 +6,8 @@
                                                   persistent_knobs persistent_widths persistent_overhead
                                                   persistent_programs local_greedy persistent_small
                                                   token_window prefill_pdl gluon_scan_sweep
-                                                  gluon_scan_models scan_once]
+                                                  gluon_scan_models scan_once lane_scan_alone
+                                                  lane_scan_sweep lane_scan_models]
 
 launch_costs: host microseconds per call of each kernel wrapper (why prefill is captured in graphs);
 prefill_profile: cProfile of an eager-then-graphed 130m prefill; ssm_decode_sweep: its tiles at 2.8b's width;
@@ -26,7 +27,9 @@ persistent_small: the persistent step against the four kernels on whole 130m and
 token_window: bench_gpu's token row for windows of 5, 20 and 50 back-to-back tokens; prefill_pdl: a 2048-token
 prefill with the prefill's own kernels launched with PDL and without; gluon_scan_sweep: the Gluon scan's tiles and
 segments against the Triton scan (16 blocks); gluon_scan_models: both scans in whole-model prefills; scan_once:
-each scan once at 2.8b's width, for ncu.
+each scan once at 2.8b's width, for ncu; lane_scan_alone: the lane scan's tiles and segments against the others,
+alone at 2.8b's and 130m's widths; lane_scan_sweep: the same in context (16 blocks of each width); lane_scan_models:
+the lane scan against the "seq" scan in whole-model prefills.
 """
 import cProfile
 import io
@@ -178,8 +181,8 @@ def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1, chunk=None):
     if convs is None:
         convs = [("seq", 32, 128, 1, 3), ("seq", 32, 64, 1, 3), ("seq", 32, 128, 1, 4), ("seq", 64, 64, 2, 3),
                  ("seq", 32, 96, 1, 3), (32, 64, 4), (64, 64, 4), (32, 128, 4)]
-    default = ts.SCAN_CONFIG, tk.CONV_CONFIG, ts.SCAN_GLUON
-    ts.SCAN_GLUON = False  # SCAN_CONFIG is then the scan everywhere, the Gluon one included
+    default = ts.SCAN_CONFIG, tk.CONV_CONFIG, ts.SCAN_GLUON, ts.SCAN_LANE
+    ts.SCAN_GLUON = ts.SCAN_LANE = False  # SCAN_CONFIG is then the scan everywhere, the Gluon ones included
     runs = []
     for what, conf in [("scan", c) for c in scans] + [("conv", c) for c in convs]:
         ts.SCAN_CONFIG, tk.CONV_CONFIG = (conf, default[1]) if what == "scan" else (default[0], conf)
@@ -190,7 +193,7 @@ def prefill_sweep(scans=None, convs=None, model="2.8b", rounds=1, chunk=None):
             runs.append((f"{what} {conf}", dec, sl))
         except Exception as e:
             print(f"prefill {what} {conf}: failed {type(e).__name__}: {str(e)[:200]}")
-    ts.SCAN_CONFIG, tk.CONV_CONFIG, ts.SCAN_GLUON = default
+    ts.SCAN_CONFIG, tk.CONV_CONFIG, ts.SCAN_GLUON, ts.SCAN_LANE = default
     times = _prefill_rounds(runs, hidden, rounds)
     for name, _, _ in runs:
         each = " ".join(f"{t:.2f}" for t in times[name])
@@ -577,6 +580,41 @@ def scan_once(configs=(("seq", 32, 1, 0, 2), ("gluon", 32, 8))):
 def gluon_scan_models(rounds=4):
     """The Gluon scan against the Triton "seq" scan (triton_scan.SCAN_GLUON), whole models."""
     _whole_prefills("SCAN_GLUON", [("triton scan", False), ("gluon scan", True)], rounds)
+
+
+def lane_scan_alone():
+    """The scan alone (graphs of 4 calls, L2-cold inputs of 2048 tokens) at 2.8b's width and 130m's: the "seq" and
+    Gluon scans against the lane scan's turns, warps and segments."""
+    for name, width in (("2.8b", 5120), ("130m", 1536)):
+        args = scan_inputs_28b(2048)
+        args = tuple(a[:, :width] if k in (0, 1, 6) else a[:width] if k in (2, 5, 7) else a[:, :width]
+                     if k == 8 else a for k, a in enumerate(args))
+        args = tuple(a.contiguous() if k in (2, 5, 7, 8) else a for k, a in enumerate(args))
+        lane = [("lane", 16, 1), ("lane", 16, 2), ("lane", 16, 4), ("lane", 8, 1), ("lane", 32, 1), ("lane", 16, 1, 2),
+                ("lane", 16, 1, 4)]
+        if name == "130m":
+            lane += [("lane", 16, 1, 3), ("lane", 16, 1, 6), ("lane", 8, 1, 4)]
+        for config in [ts.SCAN_CONFIG, ts.GLUON_SCAN_CONFIG] + lane:
+            try:
+                ms = graph_ms(lambda: ts.selective_scan(*args, out_dtype=torch.bfloat16, config=config), reps=4,
+                              iters=7)
+                print(f"scan alone {name} width, 2048 tokens, {config}: {ms * 1e3:.1f} us", flush=True)
+            except Exception as e:
+                print(f"scan alone {name} {config}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def lane_scan_sweep(rounds=3):
+    """The lane scan's configs against the "seq" scan, in a 2048-token prefill through 16 blocks (graphs,
+    interleaved rounds), at 2.8b's and 130m's widths."""
+    prefill_sweep(scans=[ts.SCAN_CONFIG, ("lane", 16, 1), ("lane", 16, 2), ("lane", 8, 1), ("lane", 32, 1)],
+                  convs=[], rounds=rounds)
+    prefill_sweep(scans=[ts.SCAN_CONFIG, ("lane", 16, 1), ("lane", 16, 1, 2), ("lane", 16, 1, 4), ("lane", 16, 1, 6)],
+                  convs=[], rounds=rounds, model="130m")
+
+
+def lane_scan_models(rounds=4):
+    """The lane scan against the "seq" scan (triton_scan.SCAN_LANE), whole models."""
+    _whole_prefills("SCAN_LANE", [("seq scan", False), ("lane scan", True)], rounds)
 
 
 def token_window(rounds=3):

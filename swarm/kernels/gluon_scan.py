@@ -165,3 +165,161 @@ if _IMPORT_ERROR is None:
             gl.store(ds_ptr + (b * n_seg + seg) * I + i_d[None, :], dsum, mask=mi_d)
         elif seg == n_seg - 1:
             gl.store(h_ptrs, h, mask=m_l)
+
+
+# ---------------------------------------------------------------- the lane scan: one state element a thread
+#
+# The kernel above gives a thread 16 state elements (4 channels x 4 states) and runs two passes over segments of
+# the tokens, because 2.8b's 81920 (channel, state) recurrences make only 5120 such threads: the second pass
+# recomputes every exp2 of the first. Here a thread holds ONE state element, so the 81920 recurrences are 2560
+# warps (19 an SM on an H100) and the whole sequence runs in one pass (segments stay possible for narrow models):
+# half the exp2s, and 2 state registers (h, A) instead of 32. A turn's TT tokens sit in the thread's registers
+# along the tile's first axis: the recurrence over them is an in-thread associative scan (no shuffles), and C . h,
+# a sum over the 16 state lanes, is one layout change through shared memory (tokens move onto lanes, states into
+# registers) and 15 adds in the thread, instead of four shuffle levels per token.
+
+if _IMPORT_ERROR is None:
+    @gluon.jit
+    def _combine(a1, b1, a2, b2):
+        # h -> a1 h + b1, then h -> a2 h + b2, is h -> (a1 a2) h + (a2 b1 + b2)
+        return a1 * a2, a2 * b1 + b2
+
+    @gluon.jit
+    def _last(a, b):
+        return b
+
+    @gluon.jit
+    def _lane_turn(h, dacc, p_u, p_dl, p_z, p_b, p_c, p_y, t0, t_hi, t_y, t_n, t_3, su_t, sd_t, sz_t, sy_t,
+                   sb_t: gl.constexpr, sc_t: gl.constexpr, m_y, m_n, a2, d_skip, bias, TL: gl.constexpr,
+                   NL: gl.constexpr, R3: gl.constexpr, FULL: gl.constexpr, OFF64: gl.constexpr,
+                   MODE: gl.constexpr):
+        """TT tokens from t0 on the state h (BLOCK_I, BLOCK_N); returns h and dacc (MODE 1: + each token's dt).
+        FULL: all TT tokens are below t_hi. Otherwise those past it read token t_hi - 1 and get dt = 0 (the state
+        stays; their y is not stored)."""
+        ty = t0 + t_y  # (TT, 1), per-(token, channel) layout
+        if FULL:  # B and C: a pointer to token t0, then constant offsets (the loads' immediates)
+            t0_b = t0.to(gl.int64) if OFF64 else t0
+            p_b = p_b + t0_b * sb_t
+            p_c = p_c + t0_b * sc_t
+            tn = t_n
+        else:
+            ty = gl.minimum(ty, t_hi - 1)
+            tn = gl.minimum(t0 + t_n, t_hi - 1)
+        if OFF64:  # T times a token stride can pass 2**31
+            ty = ty.to(gl.int64)
+            tn = tn.to(gl.int64)
+        u = gl.load(p_u + ty * su_t, mask=m_y, other=0.0).to(gl.float32)
+        dl = gl.load(p_dl + ty * sd_t, mask=m_y, other=0.0).to(gl.float32)
+        # B and C are loaded as whole rows (a vector a thread, the warps sharing the tile), then spread to every
+        # channel lane through shared memory
+        b3 = gl.convert_layout(gl.load(p_b + tn * sb_t, mask=m_n, other=0.0).to(gl.float32), NL)[:, None, :]
+        m_t = m_y if FULL else m_y & (t0 + t_y < t_hi)
+        dt = gl.where(m_t, _softplus_poly(dl + bias, True), 0.0)  # (TT, BI)
+        if MODE == 1:
+            dacc += dt
+        dt3 = gl.convert_layout(dt, TL)[:, :, None]  # (TT, BI, 1) on every state lane
+        du3 = gl.convert_layout(dt * u, TL)[:, :, None]
+        da = gl.exp2(dt3 * a2[None, :, :])  # (TT, BI, BN)
+        # the recurrence h_j = da_j h_{j-1} + dt_j u_j B_j over the thread's tokens, h folded into the first
+        db = du3 * b3
+        db = gl.where(t_3 == 0, da * h[None, :, :] + db, db)
+        _, hs = gl.associative_scan((da, db), 0, _combine)  # the state after each token of the turn
+        h = gl.reduce(hs, 0, _last)
+        if MODE != 1:
+            c3 = gl.convert_layout(gl.load(p_c + tn * sc_t, mask=m_n, other=0.0).to(gl.float32), NL)[:, None, :]
+            yc = gl.convert_layout(hs * c3, R3)  # tokens onto the lanes, the states into the thread
+            z = gl.load(p_z + ty * sz_t, mask=m_y, other=0.0).to(gl.float32)
+            y = (gl.sum(yc, axis=2) + d_skip * u) * _silu_rcp(z, True)
+            gl.store(p_y + ty * sy_t, y.to(p_y.dtype.element_ty), mask=m_t)
+        return h, dacc
+
+    @gluon.jit
+    def _lane_scan_kernel(u_ptr, dl_ptr, z_ptr, bm_ptr, cm_ptr, a_ptr, d_ptr, bias_ptr, h_ptr, y_ptr, hs_ptr, ds_ptr,
+                          len_ptr, T, I, N: gl.constexpr, SEG, NSEG,
+                          su_b, su_i, su_t, sd_b, sd_i, sd_t, sz_b, sz_i, sz_t,
+                          sb_b, sb_t: gl.constexpr, sb_n, sc_b, sc_t: gl.constexpr, sc_n, sh_b, sh_i, sh_n,
+                          sy_b, sy_i, sy_t,
+                          MODE: gl.constexpr, HAS_LEN: gl.constexpr, BLOCK_I: gl.constexpr, BLOCK_N: gl.constexpr,
+                          TT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr):
+        # Same arguments, segments and modes as _scan_kernel, but the state width N and B and C's token strides are
+        # compile-time constants (B and C's rows then load as unmasked vectors with constant offsets). A program is num_warps warps;
+        # a warp holds 32 // BLOCK_N channels x BLOCK_N states (BLOCK_N <= 32), one element a lane.
+        NW: gl.constexpr = gl.num_warps()
+        CW: gl.constexpr = 32 // BLOCK_N  # channels a warp
+        gl.static_assert(BLOCK_I == CW * NW, "BLOCK_I is (32 // BLOCK_N) x num_warps")
+        # (TT, BLOCK_I, BLOCK_N): a thread holds TT tokens of one (channel, state)
+        L3: gl.constexpr = gl.BlockedLayout([TT, 1, 1], [1, CW, BLOCK_N], [1, NW, 1], [2, 1, 0])
+        HL: gl.constexpr = gl.SliceLayout(0, L3)  # (BLOCK_I, BLOCK_N): the state
+        TL: gl.constexpr = gl.SliceLayout(2, L3)  # (TT, BLOCK_I): dt, dt u on every state lane
+        NL: gl.constexpr = gl.SliceLayout(1, L3)  # (TT, BLOCK_N): B, C on every channel lane
+        # the same tile with the tokens on the lanes and the states in a thread: C . h sums in the thread
+        TW: gl.constexpr = 32 // CW if TT >= 32 // CW else TT  # token lanes
+        NR: gl.constexpr = 32 // (TW * CW)  # state lanes (where TT is short)
+        R3: gl.constexpr = gl.BlockedLayout([1, 1, BLOCK_N // NR], [TW, CW, NR], [1, NW, 1], [2, 1, 0])
+        YL: gl.constexpr = gl.SliceLayout(2, R3)  # (TT, BLOCK_I): the per-(token, channel) maths and y
+
+        _grid_wait(PDL)
+        if HAS_LEN:
+            T = gl.load(len_ptr).to(gl.int32)
+        i0 = gl.program_id(0) * BLOCK_I
+        b = gl.program_id(1).to(gl.int64)
+        seg = gl.program_id(2)
+        n_seg = NSEG  # not num_programs: MODE 1 runs one segment fewer
+
+        i_h = i0 + gl.arange(0, BLOCK_I, layout=gl.SliceLayout(1, HL))[:, None]
+        n_h = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, HL))[None, :]
+        m_h = (i_h < I) & (n_h < N)
+        a2 = gl.load(a_ptr + i_h * N + n_h, mask=m_h, other=0.0) * 1.4426950408889634  # exp(x) = exp2(x log2 e)
+        h_ptrs = h_ptr + b * sh_b + i_h * sh_i + n_h * sh_n
+        hs_row = hs_ptr + ((b * n_seg) * I + i_h) * N + n_h  # + s * I * N: segment s
+        h0_row = hs_row + (n_seg - 1) * I * N
+        if MODE == 1:
+            if seg == 0:
+                gl.store(h0_row, gl.load(h_ptrs, mask=m_h, other=0.0), mask=m_h)
+            h = gl.zeros([BLOCK_I, BLOCK_N], gl.float32, layout=HL)
+        elif MODE == 2:
+            h = gl.load(h0_row, mask=m_h, other=0.0)
+            i_s = i0 + gl.arange(0, BLOCK_I, layout=gl.SliceLayout(1, HL))
+            for s in range(0, seg):
+                ds = gl.load(ds_ptr + (b * n_seg + s) * I + i_s, mask=i_s < I, other=0.0)
+                h = gl.exp2(a2 * ds[:, None]) * h + gl.load(hs_row + s * I * N, mask=m_h, other=0.0)
+        else:
+            h = gl.load(h_ptrs, mask=m_h, other=0.0)
+
+        i_y = i0 + gl.arange(0, BLOCK_I, layout=gl.SliceLayout(0, YL))[None, :]
+        t_y = gl.arange(0, TT, layout=gl.SliceLayout(1, YL))[:, None]
+        m_y = i_y < I
+        d_skip = gl.load(d_ptr + i_y, mask=m_y, other=0.0)
+        bias = gl.load(bias_ptr + i_y, mask=m_y, other=0.0)
+        p_u = u_ptr + b * su_b + i_y * su_i
+        p_dl = dl_ptr + b * sd_b + i_y * sd_i
+        p_z = z_ptr + b * sz_b + i_y * sz_i
+        p_y = y_ptr + b * sy_b + i_y * sy_i
+        # (TT, BLOCK_N) rows of B and C as loaded: VB-element vectors, lanes along the states, then tokens and warps
+        VB: gl.constexpr = 8 if BLOCK_N >= 8 else BLOCK_N
+        BW: gl.constexpr = BLOCK_N // VB if BLOCK_N // VB < 32 else 32
+        BL: gl.constexpr = gl.BlockedLayout([1, VB], [32 // BW, BW], [NW, 1], [1, 0])
+        n_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, BL))[None, :]
+        t_n = gl.arange(0, TT, layout=gl.SliceLayout(1, BL))[:, None]
+        m_n = n_n < N
+        p_b = bm_ptr + b * sb_b + n_n * sb_n
+        p_c = cm_ptr + b * sc_b + n_n * sc_n
+        t_3 = gl.arange(0, TT, layout=gl.SliceLayout(1, TL))[:, None, None]
+
+        t_lo = seg * SEG
+        t_hi = gl.minimum(t_lo + SEG, T)
+        t_full = t_lo + (t_hi - t_lo) // TT * TT
+        dacc = gl.zeros([TT, BLOCK_I], gl.float32, layout=YL)
+        for t0 in range(t_lo, t_full, TT):
+            h, dacc = _lane_turn(h, dacc, p_u, p_dl, p_z, p_b, p_c, p_y, t0, t_hi, t_y, t_n, t_3, su_t, sd_t, sz_t,
+                                 sy_t, sb_t, sc_t, m_y, m_n, a2, d_skip, bias, TL, NL, R3, True, OFF64, MODE)
+        if t_full < t_hi:
+            h, dacc = _lane_turn(h, dacc, p_u, p_dl, p_z, p_b, p_c, p_y, t_full, t_hi, t_y, t_n, t_3, su_t, sd_t,
+                                 sz_t, sy_t, sb_t, sc_t, m_y, m_n, a2, d_skip, bias, TL, NL, R3, False, OFF64, MODE)
+        if MODE == 0:
+            gl.store(h_ptrs, h, mask=m_h)
+        elif MODE == 1:
+            gl.store(hs_row + seg * I * N, h, mask=m_h)
+            gl.store(ds_ptr + (b * n_seg + seg) * I + i_y, gl.sum(dacc, axis=0)[None, :], mask=m_y)
+        elif seg == n_seg - 1:
+            gl.store(h_ptrs, h, mask=m_h)

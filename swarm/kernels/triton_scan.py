@@ -38,6 +38,12 @@ GLUON_SCAN_CONFIG: tuple = ("gluon", 32, 8, 0)
 SCAN_GLUON: bool = False
 # the warps an SM holds of the second pass: uncapped (152 registers a thread: 13) and capped (SCAN_CAP: 16)
 GLUON_WAVE: tuple[int, int] = (13, 16)
+# The lane scan (gluon_scan._lane_scan_kernel: one state element a thread, a turn's tokens in registers, one pass
+# where the width gives enough warps): ("lane", TT, num_warps[, segments[, maxnreg]]); segments 0 take
+# _lane_segments(). LANE_WAVE: the warps an SM holds of it (92 registers a thread, sm_90: 21)
+LANE_SCAN_CONFIG: tuple = ("lane", 16, 1)
+SCAN_LANE: bool = False
+LANE_WAVE: int = 21
 # "seq" with segments 0 (_segments): one wave of programs, no segment under SCAN_MIN_SEGMENT tokens, and the
 # register cap only where more segments are wanted than fit a wave without it. SCAN_WAVE: the warps an SM holds of
 # the second pass uncapped (165 registers a thread: 12) and capped (SCAN_CAP registers, which spill a little
@@ -382,6 +388,15 @@ def _segments(t: int, programs: int, warps: int, device: torch.device,
     return (most, None) if most <= plain else (min(most, capped), SCAN_CAP)
 
 
+def _lane_segments(t: int, warps: int, device: torch.device) -> int:
+    """Time segments of the "lane" scan (a config's 0): one (a single pass) where a segment's warps fill a wave
+    of LANE_WAVE warps an SM, else as many as fill one wave, no segment under SCAN_MIN_SEGMENT tokens. Off CUDA
+    (no Gluon there: tests of this rule): 132 SMs."""
+    sms = _sm_count(torch.cuda.current_device() if device.index is None else device.index) if device.type == "cuda" \
+        else 132
+    return max(1, min(t // SCAN_MIN_SEGMENT, sms * LANE_WAVE // warps))
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
                    D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, ssm_state: torch.Tensor,
                    out_dtype: torch.dtype = torch.float32, config: tuple | None = None,
@@ -400,15 +415,25 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
                         out_dtype).unsqueeze(-1)
     y = torch.empty(bsz, t, dim, dtype=out_dtype, device=u.device).transpose(1, 2)  # (B, I, T)
     config = config or default_scan_config(u.device)
-    if length is not None and config[0] not in ("seq", "gluon"):
-        raise ValueError("selective_scan: a device-side length needs the 'seq' or 'gluon' kernel")
+    if length is not None and config[0] not in ("seq", "gluon", "lane"):
+        raise ValueError("selective_scan: a device-side length needs the 'seq', 'gluon' or 'lane' kernel")
     strides = (*u.stride(), *delta.stride(), *z.stride(), *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride())
-    if config[0] in ("seq", "gluon"):
-        if config[0] == "gluon":  # ("gluon", BLOCK_I, TT[, segments[, maxnreg]])
+    if config[0] in ("seq", "gluon", "lane"):
+        turn = 8  # segments are whole turns
+        if config[0] in ("gluon", "lane"):
             if not gluon_scan_available(u.device):
-                raise BackendUnavailable("selective_scan: the 'gluon' scan needs Gluon and a Hopper GPU")
-            _, block_i, tt = config[:3]
+                raise BackendUnavailable(f"selective_scan: the '{config[0]}' scan needs Gluon and a Hopper GPU")
             from swarm.kernels import gluon_scan  # it imports this module's maths
+        if config[0] == "lane":  # ("lane", TT, num_warps[, segments[, maxnreg]])
+            _, turn, warps = config[:3]
+            bn = triton.next_power_of_2(nst)
+            if bn > 32:
+                raise ValueError(f"selective_scan: the 'lane' scan holds at most 32 states a channel, not {nst}")
+            block_i, kernel = 32 // bn * warps, gluon_scan._lane_scan_kernel
+            cap = config[4] if len(config) > 4 else None
+            kw = dict(TT=turn, BLOCK_N=bn, num_warps=warps)
+        elif config[0] == "gluon":  # ("gluon", BLOCK_I, TT[, segments[, maxnreg]])
+            _, block_i, tt = config[:3]
             warps, wave, kernel = 1, GLUON_WAVE, gluon_scan._scan_kernel
             cap = config[4] if len(config) > 4 else None
             # the state's layout spreads BLOCK_N over 4 lanes and BLOCK_I over 8
@@ -422,9 +447,11 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
         n_i = triton.cdiv(dim, block_i)
         if len(config) > 3 and config[3]:
             n_seg = config[3]
+        elif config[0] == "lane":
+            n_seg = _lane_segments(t, n_i * bsz * warps, u.device)
         else:
             n_seg, cap = _segments(t, n_i * bsz, warps, u.device, wave)
-        seg_len = triton.cdiv(triton.cdiv(t, n_seg), 8) * 8
+        seg_len = triton.cdiv(triton.cdiv(t, n_seg), turn) * turn
         n_seg = triton.cdiv(t, seg_len)
         # token offsets in 32 bits where T times every token stride stays below SCAN_OFF64_FROM (2**31): the token
         # loop's SASS is 9% (first pass) and 7% (second) shorter
@@ -461,9 +488,10 @@ def gluon_scan_available(device: torch.device) -> bool:
 
 
 def default_scan_config(device: torch.device) -> tuple:
-    """GLUON_SCAN_CONFIG where the Gluon scan runs and SCAN_GLUON is on, else SCAN_CONFIG."""
-    if SCAN_GLUON and gluon_scan_available(device):
-        return GLUON_SCAN_CONFIG
+    """Where the Gluon kernels run: LANE_SCAN_CONFIG if SCAN_LANE is on, else GLUON_SCAN_CONFIG if SCAN_GLUON
+    is; SCAN_CONFIG otherwise."""
+    if (SCAN_LANE or SCAN_GLUON) and gluon_scan_available(device):
+        return LANE_SCAN_CONFIG if SCAN_LANE else GLUON_SCAN_CONFIG
     return SCAN_CONFIG
 
 

@@ -235,7 +235,9 @@ def test_softplus_poly_and_gate_against_torch(fast):
                                     ("seq", 16, 2, 4, 3), ("seq", 16, 1, 5, 2, 128),
                                     ("chunk", 16, 16, 4), ("chunk", 32, 8, 4),
                                     ("gluon", 32, 8), ("gluon", 16, 8, 3), ("gluon", 64, 8, 5, 128),
-                                    ("gluon", 8, 16, 2), ("gluon", 16, 16, 1)])
+                                    ("gluon", 8, 16, 2), ("gluon", 16, 16, 1),
+                                    ("lane", 16, 1), ("lane", 8, 2, 3), ("lane", 16, 4, 5), ("lane", 32, 1, 2),
+                                    ("lane", 16, 1, 1), ("lane", 4, 1, 0, 64)])
 @pytest.mark.parametrize("off64", [False, True])
 def test_selective_scan_configs(config, off64, monkeypatch):
     _skip_without_gluon(config)
@@ -250,8 +252,45 @@ def test_selective_scan_configs(config, off64, monkeypatch):
 
 
 def _skip_without_gluon(config):
-    if config and config[0] == "gluon" and not ts.gluon_scan_available(torch.device(DEVICE)):
-        pytest.skip("the Gluon scan needs a Hopper GPU")
+    if config and config[0] in ("gluon", "lane") and not ts.gluon_scan_available(torch.device(DEVICE)):
+        pytest.skip("the Gluon scans need a Hopper GPU")
+
+
+@pytest.mark.parametrize("n", [16, 5, 2, 32, 1])
+@pytest.mark.parametrize("r", [6, 16])  # B and C at 12 / 32 bytes into x_proj's rows: element loads / 16-byte vectors
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lane_scan_widths_and_alignment(n, r, dtype):
+    """The lane scan holds one state element a lane: widths that pad lanes (5), fill a warp with channels (1, 2) or
+    with states (32); B and C rows as vectors where they are aligned, one element a load where not."""
+    _skip_without_gluon(("lane",))
+    args = _scan_inputs(2, 72, 90, n, r, dtype, "block")
+    state_ref = args[-1].clone()
+    want = ref.selective_scan_ref(*args[:-1], state_ref)
+    for config in (("lane", 16, 2, 1), ("lane", 8, 1, 3)):
+        state = args[-1].clone()
+        out = ts.selective_scan(*args[:-1], state, out_dtype=dtype, config=config)
+        assert rel_err(out, want) < TOL[dtype] * (5 if dtype == torch.float32 else 1), config
+        assert rel_err(state, state_ref) < TOL[torch.float32], config
+
+
+def test_lane_scan_needs_at_most_32_states():
+    args = _scan_inputs(1, 8, 20, 33, 2, torch.float32, "block")
+    if not ts.gluon_scan_available(torch.device(DEVICE)):
+        with pytest.raises(BackendUnavailable, match="lane"):
+            ts.selective_scan(*args, config=("lane", 16, 1))
+    else:
+        with pytest.raises(ValueError, match="at most 32 states"):
+            ts.selective_scan(*args, config=("lane", 16, 1))
+
+
+def test_lane_scan_segments(monkeypatch):
+    """One pass where a segment's warps fill a wave; else segments up to one wave, none under SCAN_MIN_SEGMENT."""
+    monkeypatch.setattr(ts, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert ts._lane_segments(2048, 2560, cuda) == 1  # 2.8b's width: 5120 x 16 elements, 2560 warps
+    assert ts._lane_segments(2048, 768, cuda) == 132 * ts.LANE_WAVE // 768  # 130m's: 1536 x 16
+    assert ts._lane_segments(40, 768, cuda) == 1
+    assert ts._lane_segments(100, 96, cuda) == 100 // ts.SCAN_MIN_SEGMENT
 
 
 @pytest.mark.parametrize("n", [16, 5, 2, 32])
@@ -273,8 +312,10 @@ def test_scan_config_by_device():
         args = _scan_inputs(1, 16, 20, 4, 2, torch.float32, "block")
         with pytest.raises(BackendUnavailable, match="gluon"):
             ts.selective_scan(*args, config=("gluon", 16, 8))
+        with pytest.raises(BackendUnavailable, match="lane"):
+            ts.selective_scan(*args, config=("lane", 16, 1))
     else:
-        want = ts.GLUON_SCAN_CONFIG if ts.SCAN_GLUON else ts.SCAN_CONFIG
+        want = ts.LANE_SCAN_CONFIG if ts.SCAN_LANE else ts.GLUON_SCAN_CONFIG if ts.SCAN_GLUON else ts.SCAN_CONFIG
         assert ts.default_scan_config(torch.device(DEVICE)) == want
     assert ts.default_scan_config(torch.device("cpu")) == ts.SCAN_CONFIG
 
@@ -290,6 +331,20 @@ def test_scan_segments_fill_one_wave(monkeypatch):
     # the Gluon scan's second pass: 13 warps an SM uncapped, 16 capped
     assert ts._segments(1024, 160, 1, cuda, ts.GLUON_WAVE) == (13, ts.SCAN_CAP)
     assert ts._segments(1024, 48, 1, cuda, ts.GLUON_WAVE) == (32, None)
+
+
+@needs_cuda
+@pytest.mark.parametrize("t", [2048, 1000])
+def test_lane_scan_at_full_width(t):
+    """2.8b's width (5120 channels), B and C sliced from x_proj's rows as the block has them: one pass."""
+    _skip_without_gluon(("lane",))
+    args = _scan_inputs(1, 5120, t, 16, 160, torch.bfloat16, "block")
+    assert ts._lane_segments(t, 5120 * 16 // 32, torch.device(DEVICE)) == 1
+    state_ref = args[-1].clone()
+    want = ref.selective_scan_ref(*args[:-1], state_ref)
+    out = ts.selective_scan(*args, out_dtype=torch.bfloat16, config=ts.LANE_SCAN_CONFIG)
+    assert rel_err(out, want) < TOL[torch.bfloat16]
+    assert rel_err(args[-1], state_ref) < TOL[torch.float32]
 
 
 @needs_cuda
@@ -313,7 +368,9 @@ def test_selective_scan_wide_with_the_register_cap(kind):
                                             (520, 100, ("seq", 8, 2, 4)), (64, 63, ("seq", 16, 2, 3)),
                                             (16, 1, ("seq", 32, 1)), (520, 300, ("gluon", 8, 8, 4)),
                                             (520, 100, ("gluon", 16, 16, 4)), (64, 63, ("gluon", 32, 8)),
-                                            (16, 9, ("gluon", 8, 8, 1))])
+                                            (16, 9, ("gluon", 8, 8, 1)), (520, 300, ("lane", 16, 1, 4)),
+                                            (520, 100, ("lane", 16, 2, 4)), (64, 63, ("lane", 16, 1)),
+                                            (16, 9, ("lane", 8, 1, 1)), (40, 17, ("lane", 16, 4))])
 def test_selective_scan_device_length(t, length, config):
     """Only the first `length` tokens count: their outputs, and the state after them (segments past them too)."""
     _skip_without_gluon(config)
