@@ -308,7 +308,7 @@ if _IMPORT_ERROR is None:
 
         t_lo = seg * SEG
         t_hi = gl.minimum(t_lo + SEG, T)
-        t_full = t_lo + (t_hi - t_lo) // TT * TT
+        t_full = t_lo + gl.maximum(t_hi - t_lo, 0) // TT * TT  # segments past a device-side length: none
         dacc = gl.zeros([TT, BLOCK_I], gl.float32, layout=YL)
         for t0 in range(t_lo, t_full, TT):
             h, dacc = _lane_turn(h, dacc, p_u, p_dl, p_z, p_b, p_c, p_y, t0, t_hi, t_y, t_n, t_3, su_t, sd_t, sz_t,
