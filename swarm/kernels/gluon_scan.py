@@ -1,4 +1,5 @@
-"""The prefill's selective scan as a Gluon kernel (Hopper): triton_scan's "seq" scan with its register layout chosen.
+"""The prefill's selective scan as Gluon kernels (Hopper): _scan_kernel, triton_scan's "seq" scan with its register
+layout chosen, and _lane_scan_kernel, one state element a thread and one pass (its section below says why).
 
 triton_scan._scan_seq_kernel leaves the layout of its (BLOCK_I, BLOCK_N) state to Triton, which gives each thread
 one state lane of 16 channels: C . h then costs four shuffles and four adds per state element and token (SASS of

@@ -414,7 +414,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
         return ssm_step(u[:, :, 0], delta[:, :, 0], A, Bm[:, 0], Cm[:, 0], D, z[:, :, 0], delta_bias, ssm_state,
                         out_dtype).unsqueeze(-1)
     y = torch.empty(bsz, t, dim, dtype=out_dtype, device=u.device).transpose(1, 2)  # (B, I, T)
-    config = config or default_scan_config(u.device)
+    config = config or default_scan_config(u.device, nst)
     if length is not None and config[0] not in ("seq", "gluon", "lane"):
         raise ValueError("selective_scan: a device-side length needs the 'seq', 'gluon' or 'lane' kernel")
     strides = (*u.stride(), *delta.stride(), *z.stride(), *Bm.stride(), *Cm.stride(), *ssm_state.stride(), *y.stride())
@@ -487,11 +487,14 @@ def gluon_scan_available(device: torch.device) -> bool:
     return _sm_major(torch.cuda.current_device() if device.index is None else device.index) == 9
 
 
-def default_scan_config(device: torch.device) -> tuple:
-    """Where the Gluon kernels run: LANE_SCAN_CONFIG if SCAN_LANE is on, else GLUON_SCAN_CONFIG if SCAN_GLUON
-    is; SCAN_CONFIG otherwise."""
+def default_scan_config(device: torch.device, d_state: int = 16) -> tuple:
+    """Where the Gluon kernels run: LANE_SCAN_CONFIG if SCAN_LANE is on (and the state has at most 32 elements a
+    channel), else GLUON_SCAN_CONFIG if SCAN_GLUON is; SCAN_CONFIG otherwise."""
     if (SCAN_LANE or SCAN_GLUON) and gluon_scan_available(device):
-        return LANE_SCAN_CONFIG if SCAN_LANE else GLUON_SCAN_CONFIG
+        if SCAN_LANE and d_state <= 32:
+            return LANE_SCAN_CONFIG
+        if SCAN_GLUON:
+            return GLUON_SCAN_CONFIG
     return SCAN_CONFIG
 
 

@@ -317,6 +317,8 @@ def test_scan_config_by_device():
     else:
         want = ts.LANE_SCAN_CONFIG if ts.SCAN_LANE else ts.GLUON_SCAN_CONFIG if ts.SCAN_GLUON else ts.SCAN_CONFIG
         assert ts.default_scan_config(torch.device(DEVICE)) == want
+        wide = ts.GLUON_SCAN_CONFIG if ts.SCAN_GLUON else ts.SCAN_CONFIG  # the lane scan holds <= 32 states
+        assert ts.default_scan_config(torch.device(DEVICE), 64) == wide
     assert ts.default_scan_config(torch.device("cpu")) == ts.SCAN_CONFIG
 
 
