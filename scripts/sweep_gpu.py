@@ -591,9 +591,9 @@ def lane_scan_alone():
                      if k == 8 else a for k, a in enumerate(args))
         args = tuple(a.contiguous() if k in (2, 5, 7, 8) else a for k, a in enumerate(args))
         lane = [("lane", 16, 1), ("lane", 16, 2), ("lane", 16, 4), ("lane", 8, 1), ("lane", 32, 1), ("lane", 16, 1, 2),
-                ("lane", 16, 1, 4)]
+                ("lane", 16, 1, 0, None, 2), ("lane", 16, 2, 0, None, 2), ("lane", 16, 4, 0, None, 2)]
         if name == "130m":
-            lane += [("lane", 16, 1, 3), ("lane", 16, 1, 6), ("lane", 8, 1, 4)]
+            lane += [("lane", 16, 1, 4), ("lane", 16, 1, 6), ("lane", 16, 4, 4), ("lane", 16, 1, 8, None, 2)]
         for config in [ts.SCAN_CONFIG, ts.GLUON_SCAN_CONFIG] + lane:
             try:
                 ms = graph_ms(lambda: ts.selective_scan(*args, out_dtype=torch.bfloat16, config=config), reps=4,

@@ -241,22 +241,23 @@ if _IMPORT_ERROR is None:
                           sb_b, sb_t: gl.constexpr, sb_n, sc_b, sc_t: gl.constexpr, sc_n, sh_b, sh_i, sh_n,
                           sy_b, sy_i, sy_t,
                           MODE: gl.constexpr, HAS_LEN: gl.constexpr, BLOCK_I: gl.constexpr, BLOCK_N: gl.constexpr,
-                          TT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr):
+                          TT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr, CPT: gl.constexpr = 1):
         # Same arguments, segments and modes as _scan_kernel, but the state width N and B and C's token strides are
-        # compile-time constants (B and C's rows then load as unmasked vectors with constant offsets). A program is num_warps warps;
-        # a warp holds 32 // BLOCK_N channels x BLOCK_N states (BLOCK_N <= 32), one element a lane.
+        # compile-time constants (B and C's rows then load as unmasked vectors with constant offsets). A program is
+        # num_warps warps; a warp holds CPT x 32 // BLOCK_N channels x BLOCK_N states (BLOCK_N <= 32), CPT channels
+        # of one state a lane.
         NW: gl.constexpr = gl.num_warps()
         CW: gl.constexpr = 32 // BLOCK_N  # channels a warp
-        gl.static_assert(BLOCK_I == CW * NW, "BLOCK_I is (32 // BLOCK_N) x num_warps")
-        # (TT, BLOCK_I, BLOCK_N): a thread holds TT tokens of one (channel, state)
-        L3: gl.constexpr = gl.BlockedLayout([TT, 1, 1], [1, CW, BLOCK_N], [1, NW, 1], [2, 1, 0])
+        gl.static_assert(BLOCK_I == CPT * CW * NW, "BLOCK_I is CPT x (32 // BLOCK_N) x num_warps")
+        # (TT, BLOCK_I, BLOCK_N): a thread holds TT tokens of CPT (channel, state) elements
+        L3: gl.constexpr = gl.BlockedLayout([TT, CPT, 1], [1, CW, BLOCK_N], [1, NW, 1], [2, 1, 0])
         HL: gl.constexpr = gl.SliceLayout(0, L3)  # (BLOCK_I, BLOCK_N): the state
         TL: gl.constexpr = gl.SliceLayout(2, L3)  # (TT, BLOCK_I): dt, dt u on every state lane
         NL: gl.constexpr = gl.SliceLayout(1, L3)  # (TT, BLOCK_N): B, C on every channel lane
         # the same tile with the tokens on the lanes and the states in a thread: C . h sums in the thread
         TW: gl.constexpr = 32 // CW if TT >= 32 // CW else TT  # token lanes
         NR: gl.constexpr = 32 // (TW * CW)  # state lanes (where TT is short)
-        R3: gl.constexpr = gl.BlockedLayout([1, 1, BLOCK_N // NR], [TW, CW, NR], [1, NW, 1], [2, 1, 0])
+        R3: gl.constexpr = gl.BlockedLayout([1, CPT, BLOCK_N // NR], [TW, CW, NR], [1, NW, 1], [2, 1, 0])
         YL: gl.constexpr = gl.SliceLayout(2, R3)  # (TT, BLOCK_I): the per-(token, channel) maths and y
 
         _grid_wait(PDL)

@@ -39,11 +39,12 @@ SCAN_GLUON: bool = False
 # the warps an SM holds of the second pass: uncapped (152 registers a thread: 13) and capped (SCAN_CAP: 16)
 GLUON_WAVE: tuple[int, int] = (13, 16)
 # The lane scan (gluon_scan._lane_scan_kernel: one state element a thread, a turn's tokens in registers, one pass
-# where the width gives enough warps): ("lane", TT, num_warps[, segments[, maxnreg]]); segments 0 take
-# _lane_segments(). LANE_WAVE: the warps an SM holds of it (92 registers a thread, sm_90: 21)
+# where the width gives enough warps): ("lane", TT, num_warps[, segments[, maxnreg[, channels a thread]]]);
+# segments 0 take _lane_segments(). LANE_WAVE: the warps an SM holds of it by channels a thread (TT 16, sm_90: 92
+# registers a thread, 21 warps; 2 channels: 123 registers, 16 warps)
 LANE_SCAN_CONFIG: tuple = ("lane", 16, 1)
 SCAN_LANE: bool = False
-LANE_WAVE: int = 21
+LANE_WAVE: dict[int, int] = {1: 21, 2: 16}
 # "seq" with segments 0 (_segments): one wave of programs, no segment under SCAN_MIN_SEGMENT tokens, and the
 # register cap only where more segments are wanted than fit a wave without it. SCAN_WAVE: the warps an SM holds of
 # the second pass uncapped (165 registers a thread: 12) and capped (SCAN_CAP registers, which spill a little
@@ -388,13 +389,13 @@ def _segments(t: int, programs: int, warps: int, device: torch.device,
     return (most, None) if most <= plain else (min(most, capped), SCAN_CAP)
 
 
-def _lane_segments(t: int, warps: int, device: torch.device) -> int:
+def _lane_segments(t: int, warps: int, device: torch.device, wave: int) -> int:
     """Time segments of the "lane" scan (a config's 0): one (a single pass) where a segment's warps fill a wave
-    of LANE_WAVE warps an SM, else as many as fill one wave, no segment under SCAN_MIN_SEGMENT tokens. Off CUDA
+    of `wave` warps an SM, else as many as fill one wave, no segment under SCAN_MIN_SEGMENT tokens. Off CUDA
     (no Gluon there: tests of this rule): 132 SMs."""
     sms = _sm_count(torch.cuda.current_device() if device.index is None else device.index) if device.type == "cuda" \
         else 132
-    return max(1, min(t // SCAN_MIN_SEGMENT, sms * LANE_WAVE // warps))
+    return max(1, min(t // SCAN_MIN_SEGMENT, sms * wave // warps))
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
@@ -424,14 +425,15 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
             if not gluon_scan_available(u.device):
                 raise BackendUnavailable(f"selective_scan: the '{config[0]}' scan needs Gluon and a Hopper GPU")
             from swarm.kernels import gluon_scan  # it imports this module's maths
-        if config[0] == "lane":  # ("lane", TT, num_warps[, segments[, maxnreg]])
+        if config[0] == "lane":  # ("lane", TT, num_warps[, segments[, maxnreg[, channels a thread]]])
             _, turn, warps = config[:3]
             bn = triton.next_power_of_2(nst)
             if bn > 32:
                 raise ValueError(f"selective_scan: the 'lane' scan holds at most 32 states a channel, not {nst}")
-            block_i, kernel = 32 // bn * warps, gluon_scan._lane_scan_kernel
+            cpt = config[5] if len(config) > 5 else 1
+            block_i, kernel = cpt * (32 // bn) * warps, gluon_scan._lane_scan_kernel
             cap = config[4] if len(config) > 4 else None
-            kw = dict(TT=turn, BLOCK_N=bn, num_warps=warps)
+            kw = dict(TT=turn, BLOCK_N=bn, CPT=cpt, num_warps=warps)
         elif config[0] == "gluon":  # ("gluon", BLOCK_I, TT[, segments[, maxnreg]])
             _, block_i, tt = config[:3]
             warps, wave, kernel = 1, GLUON_WAVE, gluon_scan._scan_kernel
@@ -448,7 +450,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
         if len(config) > 3 and config[3]:
             n_seg = config[3]
         elif config[0] == "lane":
-            n_seg = _lane_segments(t, n_i * bsz * warps, u.device)
+            n_seg = _lane_segments(t, n_i * bsz * warps, u.device, LANE_WAVE[kw["CPT"]])
         else:
             n_seg, cap = _segments(t, n_i * bsz, warps, u.device, wave)
         seg_len = triton.cdiv(triton.cdiv(t, n_seg), turn) * turn

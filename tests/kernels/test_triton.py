@@ -237,7 +237,8 @@ def test_softplus_poly_and_gate_against_torch(fast):
                                     ("gluon", 32, 8), ("gluon", 16, 8, 3), ("gluon", 64, 8, 5, 128),
                                     ("gluon", 8, 16, 2), ("gluon", 16, 16, 1),
                                     ("lane", 16, 1), ("lane", 8, 2, 3), ("lane", 16, 4, 5), ("lane", 32, 1, 2),
-                                    ("lane", 16, 1, 1), ("lane", 4, 1, 0, 64)])
+                                    ("lane", 16, 1, 1), ("lane", 4, 1, 0, 64), ("lane", 16, 1, 0, None, 2),
+                                    ("lane", 8, 4, 3, None, 2)])
 @pytest.mark.parametrize("off64", [False, True])
 def test_selective_scan_configs(config, off64, monkeypatch):
     _skip_without_gluon(config)
@@ -266,7 +267,7 @@ def test_lane_scan_widths_and_alignment(n, r, dtype):
     args = _scan_inputs(2, 72, 90, n, r, dtype, "block")
     state_ref = args[-1].clone()
     want = ref.selective_scan_ref(*args[:-1], state_ref)
-    for config in (("lane", 16, 2, 1), ("lane", 8, 1, 3)):
+    for config in (("lane", 16, 2, 1), ("lane", 8, 1, 3), ("lane", 16, 1, 2, None, 2)):
         state = args[-1].clone()
         out = ts.selective_scan(*args[:-1], state, out_dtype=dtype, config=config)
         assert rel_err(out, want) < TOL[dtype] * (5 if dtype == torch.float32 else 1), config
@@ -287,10 +288,11 @@ def test_lane_scan_segments(monkeypatch):
     """One pass where a segment's warps fill a wave; else segments up to one wave, none under SCAN_MIN_SEGMENT."""
     monkeypatch.setattr(ts, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert ts._lane_segments(2048, 2560, cuda) == 1  # 2.8b's width: 5120 x 16 elements, 2560 warps
-    assert ts._lane_segments(2048, 768, cuda) == 132 * ts.LANE_WAVE // 768  # 130m's: 1536 x 16
-    assert ts._lane_segments(40, 768, cuda) == 1
-    assert ts._lane_segments(100, 96, cuda) == 100 // ts.SCAN_MIN_SEGMENT
+    assert ts._lane_segments(2048, 2560, cuda, 21) == 1  # 2.8b's width: 5120 x 16 elements, 2560 warps
+    assert ts._lane_segments(2048, 768, cuda, 21) == 3  # 130m's: 1536 x 16
+    assert ts._lane_segments(2048, 384, cuda, 16) == 5  # the same, 2 channels a thread
+    assert ts._lane_segments(40, 768, cuda, 21) == 1
+    assert ts._lane_segments(100, 96, cuda, 21) == 100 // ts.SCAN_MIN_SEGMENT
 
 
 @pytest.mark.parametrize("n", [16, 5, 2, 32])
@@ -341,7 +343,7 @@ def test_lane_scan_at_full_width(t):
     """2.8b's width (5120 channels), B and C sliced from x_proj's rows as the block has them: one pass."""
     _skip_without_gluon(("lane",))
     args = _scan_inputs(1, 5120, t, 16, 160, torch.bfloat16, "block")
-    assert ts._lane_segments(t, 5120 * 16 // 32, torch.device(DEVICE)) == 1
+    assert ts._lane_segments(t, 5120 * 16 // 32, torch.device(DEVICE), ts.LANE_WAVE[1]) == 1
     state_ref = args[-1].clone()
     want = ref.selective_scan_ref(*args[:-1], state_ref)
     out = ts.selective_scan(*args, out_dtype=torch.bfloat16, config=ts.LANE_SCAN_CONFIG)
