@@ -192,7 +192,7 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _lane_turn(h, dacc, p_u, p_dl, p_z, p_b, p_c, p_y, t0, t_hi, t_y, t_n, t_3, su_t, sd_t, sz_t, sy_t,
                    sb_t: gl.constexpr, sc_t: gl.constexpr, m_y, m_n, a2, d_skip, bias, TL: gl.constexpr,
-                   NL: gl.constexpr, R3: gl.constexpr, FULL: gl.constexpr, OFF64: gl.constexpr,
+                   NL: gl.constexpr, R3: gl.constexpr, YL: gl.constexpr, FULL: gl.constexpr, OFF64: gl.constexpr,
                    MODE: gl.constexpr):
         """TT tokens from t0 on the state h (BLOCK_I, BLOCK_N); returns h and dacc (MODE 1: + each token's dt).
         FULL: all TT tokens are below t_hi. Otherwise those past it read token t_hi - 1 and get dt = 0 (the state
@@ -230,7 +230,7 @@ if _IMPORT_ERROR is None:
             c3 = gl.convert_layout(gl.load(p_c + tn * sc_t, mask=m_n, other=0.0).to(gl.float32), NL)[:, None, :]
             yc = gl.convert_layout(hs * c3, R3)  # tokens onto the lanes, the states into the thread
             z = gl.load(p_z + ty * sz_t, mask=m_y, other=0.0).to(gl.float32)
-            y = (gl.sum(yc, axis=2) + d_skip * u) * _silu_rcp(z, True)
+            y = (gl.convert_layout(gl.sum(yc, axis=2), YL) + d_skip * u) * _silu_rcp(z, True)
             gl.store(p_y + ty * sy_t, y.to(p_y.dtype.element_ty), mask=m_t)
         return h, dacc
 
@@ -258,7 +258,11 @@ if _IMPORT_ERROR is None:
         TW: gl.constexpr = 32 // CW if TT >= 32 // CW else TT  # token lanes
         NR: gl.constexpr = 32 // (TW * CW)  # state lanes (where TT is short)
         R3: gl.constexpr = gl.BlockedLayout([1, CPT, BLOCK_N // NR], [TW, CW, NR], [1, NW, 1], [2, 1, 0])
-        YL: gl.constexpr = gl.SliceLayout(2, R3)  # (TT, BLOCK_I): the per-(token, channel) maths and y
+        # (TT, BLOCK_I) tiles of u, delta, z and y, and their per-(token, channel) maths: lanes along the channels
+        # (the program's), then tokens, warps along tokens; a warp's load then touches 32 // BLOCK_I token rows,
+        # not all TT of them (ncu: with the tokens on the lanes, L1 was 78% busy on those rows' wavefronts)
+        LC: gl.constexpr = BLOCK_I if BLOCK_I < 32 else 32
+        YL: gl.constexpr = gl.BlockedLayout([1, 1], [32 // LC, LC], [NW, 1], [1, 0])
 
         _grid_wait(PDL)
         if HAS_LEN:
@@ -314,10 +318,10 @@ if _IMPORT_ERROR is None:
         dacc = gl.zeros([TT, BLOCK_I], gl.float32, layout=YL)
         for t0 in range(t_lo, t_full, TT):
             h, dacc = _lane_turn(h, dacc, p_u, p_dl, p_z, p_b, p_c, p_y, t0, t_hi, t_y, t_n, t_3, su_t, sd_t, sz_t,
-                                 sy_t, sb_t, sc_t, m_y, m_n, a2, d_skip, bias, TL, NL, R3, True, OFF64, MODE)
+                                 sy_t, sb_t, sc_t, m_y, m_n, a2, d_skip, bias, TL, NL, R3, YL, True, OFF64, MODE)
         if t_full < t_hi:
             h, dacc = _lane_turn(h, dacc, p_u, p_dl, p_z, p_b, p_c, p_y, t_full, t_hi, t_y, t_n, t_3, su_t, sd_t,
-                                 sz_t, sy_t, sb_t, sc_t, m_y, m_n, a2, d_skip, bias, TL, NL, R3, False, OFF64, MODE)
+                                 sz_t, sy_t, sb_t, sc_t, m_y, m_n, a2, d_skip, bias, TL, NL, R3, YL, False, OFF64, MODE)
         if MODE == 0:
             gl.store(h_ptrs, h, mask=m_h)
         elif MODE == 1:
