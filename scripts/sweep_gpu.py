@@ -591,10 +591,11 @@ def lane_scan_alone():
         args = tuple(a[:, :width] if k in (0, 1, 6) else a[:width] if k in (2, 5, 7) else a[:, :width]
                      if k == 8 else a for k, a in enumerate(args))
         args = tuple(a.contiguous() if k in (2, 5, 7, 8) else a for k, a in enumerate(args))
-        lane = [("lane", 16, 1), ("lane", 16, 4), ("lane", 32, 4), ("lane", 16, 1, 0, None, 2),
-                ("lane", 16, 2, 0, None, 2), ("lane", 16, 4, 0, None, 2), ("lane", 16, 8, 0, None, 2)]
+        lane = [("lane", 16, 1), ("lane", 16, 4), ("lane", 16, 4, 0, None, 1, True), ("lane", 16, 1, 0, None, 2),
+                ("lane", 16, 4, 0, None, 2), ("lane", 16, 8, 0, None, 2), ("lane", 16, 4, 0, None, 2, True),
+                ("lane", 16, 2, 0, None, 2, True)]
         if name == "130m":
-            lane += [("lane", 16, 4, 4), ("lane", 16, 4, 6, None, 2), ("lane", 16, 8, 6, None, 2)]
+            lane += [("lane", 16, 4, 4), ("lane", 16, 4, 6, None, 2), ("lane", 16, 4, 6, None, 2, True)]
         for config in [ts.SCAN_CONFIG, ts.GLUON_SCAN_CONFIG] + lane:
             try:
                 ms = graph_ms(lambda: ts.selective_scan(*args, out_dtype=torch.bfloat16, config=config), reps=4,

@@ -190,35 +190,38 @@ if _IMPORT_ERROR is None:
         return b
 
     @gluon.jit
-    def _lane_turn(h, dacc, p_u, p_dl, p_z, p_b, p_c, p_y, t0, t_hi, t_y, t_n, t_3, su_t, sd_t, sz_t, sy_t,
-                   sb_t: gl.constexpr, sc_t: gl.constexpr, m_y, m_n, a2, d_skip, bias, TL: gl.constexpr,
-                   NL: gl.constexpr, R3: gl.constexpr, YL: gl.constexpr, FULL: gl.constexpr, OFF64: gl.constexpr,
-                   MODE: gl.constexpr):
-        """TT tokens from t0 on the state h (BLOCK_I, BLOCK_N); returns h and dacc (MODE 1: + each token's dt).
-        FULL: all TT tokens are below t_hi. Otherwise those past it read token t_hi - 1 and get dt = 0 (the state
-        stays; their y is not stored)."""
-        ty = t0 + t_y  # (TT, 1), per-(token, channel) layout
-        if FULL:  # B and C: a pointer to token t0, then constant offsets (the loads' immediates)
-            t0_b = t0.to(gl.int64) if OFF64 else t0
-            p_b = p_b + t0_b * sb_t
-            p_c = p_c + t0_b * sc_t
-            tn = t_n
-        else:
-            ty = gl.minimum(ty, t_hi - 1)
-            tn = gl.minimum(t0 + t_n, t_hi - 1)
+    def _lane_loads(p_u, p_dl, p_z, p_b, p_c, t0, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t: gl.constexpr,
+                    sc_t: gl.constexpr, m_y, m_n, OFF64: gl.constexpr, MODE: gl.constexpr):
+        """A turn's raw tiles from token t0: u, delta, z (TT, BLOCK_I) and B, C (TT, BLOCK_N) as stored. Tokens past
+        t_hi read token t_hi - 1 (_lane_turn gives them dt = 0); MODE 1 needs no z or C (u and B stand in)."""
+        ty = gl.minimum(t0 + t_y, t_hi - 1)
+        tn = gl.minimum(t0 + t_n, t_hi - 1)
         if OFF64:  # T times a token stride can pass 2**31
             ty = ty.to(gl.int64)
             tn = tn.to(gl.int64)
-        u = gl.load(p_u + ty * su_t, mask=m_y, other=0.0).to(gl.float32)
-        dl = gl.load(p_dl + ty * sd_t, mask=m_y, other=0.0).to(gl.float32)
-        # B and C are loaded as whole rows (a vector a thread, the warps sharing the tile), then spread to every
-        # channel lane through shared memory
-        b3 = gl.convert_layout(gl.load(p_b + tn * sb_t, mask=m_n, other=0.0).to(gl.float32), NL)[:, None, :]
+        u = gl.load(p_u + ty * su_t, mask=m_y, other=0.0)
+        dl = gl.load(p_dl + ty * sd_t, mask=m_y, other=0.0)
+        bt = gl.load(p_b + tn * sb_t, mask=m_n, other=0.0)
+        if MODE == 1:
+            return u, dl, u, bt, bt
+        return u, dl, gl.load(p_z + ty * sz_t, mask=m_y, other=0.0), bt, gl.load(p_c + tn * sc_t, mask=m_n, other=0.0)
+
+    @gluon.jit
+    def _lane_turn(h, dacc, u_t, dl_t, z_t, b_t, c_t, p_y, t0, t_hi, t_y, t_3, sy_t, m_y, a2, d_skip, bias,
+                   TL: gl.constexpr, NL: gl.constexpr, R3: gl.constexpr, YL: gl.constexpr, FULL: gl.constexpr,
+                   OFF64: gl.constexpr, MODE: gl.constexpr):
+        """TT tokens from t0 on the state h (BLOCK_I, BLOCK_N), from their raw tiles (_lane_loads); returns h and
+        dacc (MODE 1: + each token's dt). FULL: all TT tokens are below t_hi; otherwise those past it get dt = 0
+        (the state stays) and their y is not stored."""
+        u = u_t.to(gl.float32)
         m_t = m_y if FULL else m_y & (t0 + t_y < t_hi)
-        dt = gl.where(m_t, _softplus_poly(dl + bias, True), 0.0)  # (TT, BI)
+        dt = gl.where(m_t, _softplus_poly(dl_t.to(gl.float32) + bias, True), 0.0)  # (TT, BI)
         if MODE == 1:
             dacc += dt
-        dt3 = gl.convert_layout(dt, TL)[:, :, None]  # (TT, BI, 1) on every state lane
+        # B and C were loaded as whole rows (a vector a thread, the warps sharing the tile); they go to every
+        # channel lane through shared memory, as dt and dt u go to every state lane
+        b3 = gl.convert_layout(b_t.to(gl.float32), NL)[:, None, :]
+        dt3 = gl.convert_layout(dt, TL)[:, :, None]  # (TT, BI, 1)
         du3 = gl.convert_layout(dt * u, TL)[:, :, None]
         da = gl.exp2(dt3 * a2[None, :, :])  # (TT, BI, BN)
         # the recurrence h_j = da_j h_{j-1} + dt_j u_j B_j over the thread's tokens, h folded into the first
@@ -227,10 +230,12 @@ if _IMPORT_ERROR is None:
         _, hs = gl.associative_scan((da, db), 0, _combine)  # the state after each token of the turn
         h = gl.reduce(hs, 0, _last)
         if MODE != 1:
-            c3 = gl.convert_layout(gl.load(p_c + tn * sc_t, mask=m_n, other=0.0).to(gl.float32), NL)[:, None, :]
+            c3 = gl.convert_layout(c_t.to(gl.float32), NL)[:, None, :]
             yc = gl.convert_layout(hs * c3, R3)  # tokens onto the lanes, the states into the thread
-            z = gl.load(p_z + ty * sz_t, mask=m_y, other=0.0).to(gl.float32)
-            y = (gl.convert_layout(gl.sum(yc, axis=2), YL) + d_skip * u) * _silu_rcp(z, True)
+            y = (gl.convert_layout(gl.sum(yc, axis=2), YL) + d_skip * u) * _silu_rcp(z_t.to(gl.float32), True)
+            ty = t0 + t_y
+            if OFF64:
+                ty = ty.to(gl.int64)
             gl.store(p_y + ty * sy_t, y.to(p_y.dtype.element_ty), mask=m_t)
         return h, dacc
 
@@ -241,11 +246,12 @@ if _IMPORT_ERROR is None:
                           sb_b, sb_t: gl.constexpr, sb_n, sc_b, sc_t: gl.constexpr, sc_n, sh_b, sh_i, sh_n,
                           sy_b, sy_i, sy_t,
                           MODE: gl.constexpr, HAS_LEN: gl.constexpr, BLOCK_I: gl.constexpr, BLOCK_N: gl.constexpr,
-                          TT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr, CPT: gl.constexpr = 1):
+                          TT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr, CPT: gl.constexpr = 1,
+                          AHEAD: gl.constexpr = False):
         # Same arguments, segments and modes as _scan_kernel, but the state width N and B and C's token strides are
         # compile-time constants (B and C's rows then load as unmasked vectors with constant offsets). A program is
         # num_warps warps; a warp holds CPT x 32 // BLOCK_N channels x BLOCK_N states (BLOCK_N <= 32), CPT channels
-        # of one state a lane.
+        # of one state a lane. AHEAD: each turn's tiles are loaded a turn early.
         NW: gl.constexpr = gl.num_warps()
         CW: gl.constexpr = 32 // BLOCK_N  # channels a warp
         gl.static_assert(BLOCK_I == CPT * CW * NW, "BLOCK_I is CPT x (32 // BLOCK_N) x num_warps")
@@ -316,12 +322,27 @@ if _IMPORT_ERROR is None:
         t_hi = gl.minimum(t_lo + SEG, T)
         t_full = t_lo + gl.maximum(t_hi - t_lo, 0) // TT * TT  # segments past a device-side length: none
         dacc = gl.zeros([TT, BLOCK_I], gl.float32, layout=YL)
+        if AHEAD:  # each turn's tiles are loaded during the turn before: their latency hides behind its maths
+            nxt = _lane_loads(p_u, p_dl, p_z, p_b, p_c, t_lo, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t, sc_t, m_y, m_n,
+                              OFF64, MODE)
         for t0 in range(t_lo, t_full, TT):
-            h, dacc = _lane_turn(h, dacc, p_u, p_dl, p_z, p_b, p_c, p_y, t0, t_hi, t_y, t_n, t_3, su_t, sd_t, sz_t,
-                                 sy_t, sb_t, sc_t, m_y, m_n, a2, d_skip, bias, TL, NL, R3, YL, True, OFF64, MODE)
+            if AHEAD:
+                cur = nxt
+                nxt = _lane_loads(p_u, p_dl, p_z, p_b, p_c, t0 + TT, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t, sc_t,
+                                  m_y, m_n, OFF64, MODE)
+            else:
+                cur = _lane_loads(p_u, p_dl, p_z, p_b, p_c, t0, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t, sc_t, m_y,
+                                  m_n, OFF64, MODE)
+            h, dacc = _lane_turn(h, dacc, cur[0], cur[1], cur[2], cur[3], cur[4], p_y, t0, t_hi, t_y, t_3, sy_t, m_y,
+                                 a2, d_skip, bias, TL, NL, R3, YL, True, OFF64, MODE)
         if t_full < t_hi:
-            h, dacc = _lane_turn(h, dacc, p_u, p_dl, p_z, p_b, p_c, p_y, t_full, t_hi, t_y, t_n, t_3, su_t, sd_t,
-                                 sz_t, sy_t, sb_t, sc_t, m_y, m_n, a2, d_skip, bias, TL, NL, R3, YL, False, OFF64, MODE)
+            if AHEAD:
+                cur = nxt
+            else:
+                cur = _lane_loads(p_u, p_dl, p_z, p_b, p_c, t_full, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t, sc_t,
+                                  m_y, m_n, OFF64, MODE)
+            h, dacc = _lane_turn(h, dacc, cur[0], cur[1], cur[2], cur[3], cur[4], p_y, t_full, t_hi, t_y, t_3, sy_t,
+                                 m_y, a2, d_skip, bias, TL, NL, R3, YL, False, OFF64, MODE)
         if MODE == 0:
             gl.store(h_ptrs, h, mask=m_h)
         elif MODE == 1:

@@ -39,12 +39,12 @@ SCAN_GLUON: bool = False
 # the warps an SM holds of the second pass: uncapped (152 registers a thread: 13) and capped (SCAN_CAP: 16)
 GLUON_WAVE: tuple[int, int] = (13, 16)
 # The lane scan (gluon_scan._lane_scan_kernel: one state element a thread, a turn's tokens in registers, one pass
-# where the width gives enough warps): ("lane", TT, num_warps[, segments[, maxnreg[, channels a thread]]]);
-# segments 0 take _lane_segments(). LANE_WAVE: the warps an SM holds of it by channels a thread (TT 16, sm_90: 92
-# registers a thread, 21 warps; 2 channels: 123 registers, 16 warps)
+# where the width gives enough warps): ("lane", TT, num_warps[, segments[, maxnreg[, channels a thread[, ahead]]]]);
+# segments 0 take _lane_segments(). LANE_WAVE: the warps an SM holds of it by (channels a thread, loads a turn
+# ahead), TT 16 on sm_90: 84-96 registers a thread (1 channel), 128 (2), 148 (2, ahead)
 LANE_SCAN_CONFIG: tuple = ("lane", 16, 1)
 SCAN_LANE: bool = False
-LANE_WAVE: dict[int, int] = {1: 21, 2: 16}
+LANE_WAVE: dict[tuple[int, bool], int] = {(1, False): 21, (1, True): 20, (2, False): 16, (2, True): 12}
 # "seq" with segments 0 (_segments): one wave of programs, no segment under SCAN_MIN_SEGMENT tokens, and the
 # register cap only where more segments are wanted than fit a wave without it. SCAN_WAVE: the warps an SM holds of
 # the second pass uncapped (165 registers a thread: 12) and capped (SCAN_CAP registers, which spill a little
@@ -425,7 +425,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
             if not gluon_scan_available(u.device):
                 raise BackendUnavailable(f"selective_scan: the '{config[0]}' scan needs Gluon and a Hopper GPU")
             from swarm.kernels import gluon_scan  # it imports this module's maths
-        if config[0] == "lane":  # ("lane", TT, num_warps[, segments[, maxnreg[, channels a thread]]])
+        if config[0] == "lane":  # ("lane", TT, num_warps[, segments[, maxnreg[, channels a thread[, ahead]]]])
             _, turn, warps = config[:3]
             bn = triton.next_power_of_2(nst)
             if bn > 32:
@@ -433,7 +433,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
             cpt = config[5] if len(config) > 5 else 1
             block_i, kernel = cpt * (32 // bn) * warps, gluon_scan._lane_scan_kernel
             cap = config[4] if len(config) > 4 else None
-            kw = dict(TT=turn, BLOCK_N=bn, CPT=cpt, num_warps=warps)
+            kw = dict(TT=turn, BLOCK_N=bn, CPT=cpt, AHEAD=bool(config[6]) if len(config) > 6 else False,
+                      num_warps=warps)
         elif config[0] == "gluon":  # ("gluon", BLOCK_I, TT[, segments[, maxnreg]])
             _, block_i, tt = config[:3]
             warps, wave, kernel = 1, GLUON_WAVE, gluon_scan._scan_kernel
@@ -450,7 +451,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
         if len(config) > 3 and config[3]:
             n_seg = config[3]
         elif config[0] == "lane":
-            n_seg = _lane_segments(t, n_i * bsz * warps, u.device, LANE_WAVE[kw["CPT"]])
+            n_seg = _lane_segments(t, n_i * bsz * warps, u.device, LANE_WAVE[kw["CPT"], kw["AHEAD"]])
         else:
             n_seg, cap = _segments(t, n_i * bsz, warps, u.device, wave)
         seg_len = triton.cdiv(triton.cdiv(t, n_seg), turn) * turn

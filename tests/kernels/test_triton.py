@@ -238,7 +238,8 @@ def test_softplus_poly_and_gate_against_torch(fast):
                                     ("gluon", 8, 16, 2), ("gluon", 16, 16, 1),
                                     ("lane", 16, 1), ("lane", 8, 2, 3), ("lane", 16, 4, 5), ("lane", 32, 1, 2),
                                     ("lane", 16, 1, 1), ("lane", 4, 1, 0, 64), ("lane", 16, 1, 0, None, 2),
-                                    ("lane", 8, 4, 3, None, 2)])
+                                    ("lane", 8, 4, 3, None, 2), ("lane", 16, 4, 0, None, 2, True),
+                                    ("lane", 8, 2, 3, None, 1, True)])
 @pytest.mark.parametrize("off64", [False, True])
 def test_selective_scan_configs(config, off64, monkeypatch):
     _skip_without_gluon(config)
@@ -267,7 +268,8 @@ def test_lane_scan_widths_and_alignment(n, r, dtype):
     args = _scan_inputs(2, 72, 90, n, r, dtype, "block")
     state_ref = args[-1].clone()
     want = ref.selective_scan_ref(*args[:-1], state_ref)
-    for config in (("lane", 16, 2, 1), ("lane", 8, 1, 3), ("lane", 16, 1, 2, None, 2)):
+    for config in (("lane", 16, 2, 1), ("lane", 8, 1, 3), ("lane", 16, 1, 2, None, 2),
+                   ("lane", 16, 4, 3, None, 2, True)):
         state = args[-1].clone()
         out = ts.selective_scan(*args[:-1], state, out_dtype=dtype, config=config)
         assert rel_err(out, want) < TOL[dtype] * (5 if dtype == torch.float32 else 1), config
@@ -343,7 +345,7 @@ def test_lane_scan_at_full_width(t):
     """2.8b's width (5120 channels), B and C sliced from x_proj's rows as the block has them: one pass."""
     _skip_without_gluon(("lane",))
     args = _scan_inputs(1, 5120, t, 16, 160, torch.bfloat16, "block")
-    assert ts._lane_segments(t, 5120 * 16 // 32, torch.device(DEVICE), ts.LANE_WAVE[1]) == 1
+    assert ts._lane_segments(t, 5120 * 16 // 32, torch.device(DEVICE), ts.LANE_WAVE[1, False]) == 1
     state_ref = args[-1].clone()
     want = ref.selective_scan_ref(*args[:-1], state_ref)
     out = ts.selective_scan(*args, out_dtype=torch.bfloat16, config=ts.LANE_SCAN_CONFIG)
@@ -374,7 +376,8 @@ def test_selective_scan_wide_with_the_register_cap(kind):
                                             (520, 100, ("gluon", 16, 16, 4)), (64, 63, ("gluon", 32, 8)),
                                             (16, 9, ("gluon", 8, 8, 1)), (520, 300, ("lane", 16, 1, 4)),
                                             (520, 100, ("lane", 16, 2, 4)), (64, 63, ("lane", 16, 1)),
-                                            (16, 9, ("lane", 8, 1, 1)), (40, 17, ("lane", 16, 4))])
+                                            (16, 9, ("lane", 8, 1, 1)), (40, 17, ("lane", 16, 4)),
+                                            (520, 100, ("lane", 16, 4, 4, None, 2, True))])
 def test_selective_scan_device_length(t, length, config):
     """Only the first `length` tokens count: their outputs, and the state after them (segments past them too)."""
     _skip_without_gluon(config)
