@@ -177,7 +177,14 @@ if _IMPORT_ERROR is None:
 # half the exp2s, and 2 state registers (h, A) instead of 32. A turn's TT tokens sit in the thread's registers
 # along the tile's first axis: the recurrence over them is an in-thread associative scan (no shuffles), and C . h,
 # a sum over the 16 state lanes, is one layout change through shared memory (tokens move onto lanes, states into
-# registers) and 15 adds in the thread, instead of four shuffle levels per token.
+# registers) and 15 adds in the thread, instead of four shuffle levels per token. CPT > 1 gives a thread CPT
+# channels of its state (more independent work a warp, fewer warps).
+#
+# Measured on an H100 (docs/PERFORMANCE.md, fifteenth session): correct, and slower than the two-pass scans at
+# every width. The scan alone at 2.8b's width, 2048 tokens: 294 us at one channel a thread, 189 at 2 channels with
+# the loads a turn ahead, against 166 for "seq" and 163 for the Gluon two-pass kernel. ncu: issue 28% busy, under
+# one eligible warp a scheduler: a warp's turn is a long chain (loads, softplus, three layout changes, exp2, the
+# scan, the sum), and the warps an SM are too few to hide it. triton_scan.SCAN_LANE stays off.
 
 if _IMPORT_ERROR is None:
     @gluon.jit

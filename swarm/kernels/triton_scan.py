@@ -41,8 +41,10 @@ GLUON_WAVE: tuple[int, int] = (13, 16)
 # The lane scan (gluon_scan._lane_scan_kernel: one state element a thread, a turn's tokens in registers, one pass
 # where the width gives enough warps): ("lane", TT, num_warps[, segments[, maxnreg[, channels a thread[, ahead]]]]);
 # segments 0 take _lane_segments(). LANE_WAVE: the warps an SM holds of it by (channels a thread, loads a turn
-# ahead), TT 16 on sm_90: 84-96 registers a thread (1 channel), 128 (2), 148 (2, ahead)
-LANE_SCAN_CONFIG: tuple = ("lane", 16, 1)
+# ahead), TT 16 on sm_90: 84-96 registers a thread (1 channel), 128 (2), 148 (2, ahead). Off: slower than "seq" at
+# every width (H100, the scan alone, 2048 tokens: 2.8b 188.9 us at this config against 166.2, 130m 79.5-81.0 against
+# 65.2; ncu: latency-bound, 28% issue at 19 warps an SM with one channel a thread)
+LANE_SCAN_CONFIG: tuple = ("lane", 16, 4, 0, None, 2, True)
 SCAN_LANE: bool = False
 LANE_WAVE: dict[tuple[int, bool], int] = {(1, False): 21, (1, True): 20, (2, False): 16, (2, True): 12}
 # "seq" with segments 0 (_segments): one wave of programs, no segment under SCAN_MIN_SEGMENT tokens, and the

@@ -341,14 +341,17 @@ def test_scan_segments_fill_one_wave(monkeypatch):
 
 @needs_cuda
 @pytest.mark.parametrize("t", [2048, 1000])
-def test_lane_scan_at_full_width(t):
+@pytest.mark.parametrize("config", [("lane", 16, 1), ("lane", 16, 4, 0, None, 2, True)])
+def test_lane_scan_at_full_width(t, config):
     """2.8b's width (5120 channels), B and C sliced from x_proj's rows as the block has them: one pass."""
     _skip_without_gluon(("lane",))
     args = _scan_inputs(1, 5120, t, 16, 160, torch.bfloat16, "block")
-    assert ts._lane_segments(t, 5120 * 16 // 32, torch.device(DEVICE), ts.LANE_WAVE[1, False]) == 1
+    cpt, ahead = (config[5], config[6]) if len(config) > 6 else (1, False)
+    warps = 5120 // (cpt * 2 * config[2]) * config[2]
+    assert ts._lane_segments(t, warps, torch.device(DEVICE), ts.LANE_WAVE[cpt, ahead]) == 1
     state_ref = args[-1].clone()
     want = ref.selective_scan_ref(*args[:-1], state_ref)
-    out = ts.selective_scan(*args, out_dtype=torch.bfloat16, config=ts.LANE_SCAN_CONFIG)
+    out = ts.selective_scan(*args, out_dtype=torch.bfloat16, config=config)
     assert rel_err(out, want) < TOL[torch.bfloat16]
     assert rel_err(args[-1], state_ref) < TOL[torch.float32]
 
