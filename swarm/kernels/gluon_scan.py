@@ -256,7 +256,7 @@ if _IMPORT_ERROR is None:
                           TT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr, CPT: gl.constexpr = 1,
                           AHEAD: gl.constexpr = False):
         # Same arguments, segments and modes as _scan_kernel, but the state width N and B and C's token strides are
-        # compile-time constants (B and C's rows then load as unmasked vectors with constant offsets). A program is
+        # compile-time constants (B and C's rows then load as unmasked 16-byte vectors where aligned). A program is
         # num_warps warps; a warp holds CPT x 32 // BLOCK_N channels x BLOCK_N states (BLOCK_N <= 32), CPT channels
         # of one state a lane. AHEAD: each turn's tiles are loaded a turn early.
         NW: gl.constexpr = gl.num_warps()
