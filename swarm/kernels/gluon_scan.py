@@ -17,7 +17,7 @@ MUFU 56-71% of peak, most stalls waits on fixed-latency results and on loads), s
 
 from __future__ import annotations
 
-from swarm.kernels.triton_scan import _grid_wait, _silu_rcp, _softplus_poly
+from swarm.kernels.triton_scan import _combine, _grid_wait, _silu_rcp, _softplus_poly
 
 try:  # Gluon is experimental: without it (or with another API), triton_scan keeps its own kernel
     from triton.experimental import gluon
@@ -188,36 +188,14 @@ if _IMPORT_ERROR is None:
 
 if _IMPORT_ERROR is None:
     @gluon.jit
-    def _combine(a1, b1, a2, b2):
-        # h -> a1 h + b1, then h -> a2 h + b2, is h -> (a1 a2) h + (a2 b1 + b2)
-        return a1 * a2, a2 * b1 + b2
-
-    @gluon.jit
     def _last(a, b):
         return b
-
-    @gluon.jit
-    def _lane_loads(p_u, p_dl, p_z, p_b, p_c, t0, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t: gl.constexpr,
-                    sc_t: gl.constexpr, m_y, m_n, OFF64: gl.constexpr, MODE: gl.constexpr):
-        """A turn's raw tiles from token t0: u, delta, z (TT, BLOCK_I) and B, C (TT, BLOCK_N) as stored. Tokens past
-        t_hi read token t_hi - 1 (_lane_turn gives them dt = 0); MODE 1 needs no z or C (u and B stand in)."""
-        ty = gl.minimum(t0 + t_y, t_hi - 1)
-        tn = gl.minimum(t0 + t_n, t_hi - 1)
-        if OFF64:  # T times a token stride can pass 2**31
-            ty = ty.to(gl.int64)
-            tn = tn.to(gl.int64)
-        u = gl.load(p_u + ty * su_t, mask=m_y, other=0.0)
-        dl = gl.load(p_dl + ty * sd_t, mask=m_y, other=0.0)
-        bt = gl.load(p_b + tn * sb_t, mask=m_n, other=0.0)
-        if MODE == 1:
-            return u, dl, u, bt, bt
-        return u, dl, gl.load(p_z + ty * sz_t, mask=m_y, other=0.0), bt, gl.load(p_c + tn * sc_t, mask=m_n, other=0.0)
 
     @gluon.jit
     def _lane_turn(h, dacc, u_t, dl_t, z_t, b_t, c_t, p_y, t0, t_hi, t_y, t_3, sy_t, m_y, a2, d_skip, bias,
                    TL: gl.constexpr, NL: gl.constexpr, R3: gl.constexpr, YL: gl.constexpr, FULL: gl.constexpr,
                    OFF64: gl.constexpr, MODE: gl.constexpr):
-        """TT tokens from t0 on the state h (BLOCK_I, BLOCK_N), from their raw tiles (_lane_loads); returns h and
+        """TT tokens from t0 on the state h (BLOCK_I, BLOCK_N), from their raw tiles (_turn); returns h and
         dacc (MODE 1: + each token's dt). FULL: all TT tokens are below t_hi; otherwise those past it get dt = 0
         (the state stays) and their y is not stored."""
         u = u_t.to(gl.float32)
@@ -330,24 +308,24 @@ if _IMPORT_ERROR is None:
         t_full = t_lo + gl.maximum(t_hi - t_lo, 0) // TT * TT  # segments past a device-side length: none
         dacc = gl.zeros([TT, BLOCK_I], gl.float32, layout=YL)
         if AHEAD:  # each turn's tiles are loaded during the turn before: their latency hides behind its maths
-            nxt = _lane_loads(p_u, p_dl, p_z, p_b, p_c, t_lo, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t, sc_t, m_y, m_n,
-                              OFF64, MODE)
+            nxt = _turn(p_u, p_dl, p_z, p_b, p_c, t_lo, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t, sc_t, m_y, m_n,
+                        OFF64, MODE)
         for t0 in range(t_lo, t_full, TT):
             if AHEAD:
                 cur = nxt
-                nxt = _lane_loads(p_u, p_dl, p_z, p_b, p_c, t0 + TT, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t, sc_t,
-                                  m_y, m_n, OFF64, MODE)
+                nxt = _turn(p_u, p_dl, p_z, p_b, p_c, t0 + TT, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t, sc_t, m_y,
+                            m_n, OFF64, MODE)
             else:
-                cur = _lane_loads(p_u, p_dl, p_z, p_b, p_c, t0, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t, sc_t, m_y,
-                                  m_n, OFF64, MODE)
+                cur = _turn(p_u, p_dl, p_z, p_b, p_c, t0, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t, sc_t, m_y, m_n,
+                            OFF64, MODE)
             h, dacc = _lane_turn(h, dacc, cur[0], cur[1], cur[2], cur[3], cur[4], p_y, t0, t_hi, t_y, t_3, sy_t, m_y,
                                  a2, d_skip, bias, TL, NL, R3, YL, True, OFF64, MODE)
         if t_full < t_hi:
             if AHEAD:
                 cur = nxt
             else:
-                cur = _lane_loads(p_u, p_dl, p_z, p_b, p_c, t_full, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t, sc_t,
-                                  m_y, m_n, OFF64, MODE)
+                cur = _turn(p_u, p_dl, p_z, p_b, p_c, t_full, t_hi, t_y, t_n, su_t, sd_t, sz_t, sb_t, sc_t, m_y,
+                            m_n, OFF64, MODE)
             h, dacc = _lane_turn(h, dacc, cur[0], cur[1], cur[2], cur[3], cur[4], p_y, t_full, t_hi, t_y, t_3, sy_t,
                                  m_y, a2, d_skip, bias, TL, NL, R3, YL, False, OFF64, MODE)
         if MODE == 0:
